@@ -1,0 +1,207 @@
+"""Configuration: every setting from the environment, read once, validated at start.
+
+`load_settings()` either returns a frozen `Settings` or raises `ConfigError`
+whose message is one line naming the offending variable. `__main__` prints that
+line and exits 2; nothing else in the daemon reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import environs
+import marshmallow
+
+SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting; `str()` is one line naming the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    nats_url: str
+    nats_tls_ca: Path
+    nats_tls_cert: Path
+    nats_tls_key: Path
+    nats_consumer_durable_name: str
+    nats_connect_timeout_s: float
+
+    db_host: str
+    db_port: int
+    db_name: str
+    db_user: str
+    db_password: str
+    db_max_conns: int
+    db_min_conns: int
+    db_ssl_mode: str
+    db_ssl_root_cert: Path | None
+
+    gateway_buffer_size: int
+    heartbeat_tick_ms: int
+    heartbeat_grace_period_ms: int
+    alert_config_refresh_ms: int
+    alert_config_default_timeout_ms: int
+    alert_config_max_retries: int
+    alert_config_initial_backoff_ms: int
+    alert_config_max_backoff_ms: int
+
+    metrics_host: str
+    metrics_port: int
+
+    # Our own additions (README: Configuration).
+    telemetry_batch_size: int = 1000
+    telemetry_flush_ms: int = 200
+    telemetry_max_body_bytes: int = 16384
+    telemetry_pipeline_depth: int = 2
+    rejected_body_max_bytes: int = 16384
+    liveness_query_concurrency: int = 32
+    shutdown_drain_ms: int = 10000
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:  # never print the password
+        return f"Settings(nats_url={self.nats_url!r}, db_host={self.db_host!r}, ...)"
+
+    def db_conninfo(self) -> str:
+        """libpq keyword/value string for psycopg (password included)."""
+        from psycopg.conninfo import make_conninfo
+
+        params: dict[str, Any] = {
+            "host": self.db_host,
+            "port": self.db_port,
+            "dbname": self.db_name,
+            "user": self.db_user,
+            "password": self.db_password,
+            "sslmode": self.db_ssl_mode,
+            "application_name": "notip-trio",
+        }
+        if self.db_ssl_root_cert is not None:
+            params["sslrootcert"] = str(self.db_ssl_root_cert)
+        return make_conninfo(**params)
+
+
+def _parse_addr(name: str, value: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(f"{name}: expected [host]:port, got {value!r}")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port_s)
+
+
+def _readable_file(name: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{name}: file not found or not a file: {value}")
+    return path
+
+
+def load_settings() -> Settings:
+    """Read and validate every setting; raise ConfigError naming the first bad one."""
+    return _load(environs.Env(eager=True, expand_vars=False))
+
+
+def _load(env: environs.Env) -> Settings:
+    def req_str(name: str) -> str:
+        try:
+            value: str = env.str(name)
+        except environs.EnvError:
+            raise ConfigError(f"{name}: required but not set") from None
+        if not value.strip():
+            raise ConfigError(f"{name}: required but empty")
+        return value.strip()
+
+    def opt_str(name: str, default: str) -> str:
+        value: str = env.str(name, default).strip()
+        if not value:
+            raise ConfigError(f"{name}: must not be empty")
+        return value
+
+    def pos_int(name: str, default: int, *, minimum: int = 1) -> int:
+        try:
+            value: int = env.int(name, default)
+        except (environs.EnvError, marshmallow.ValidationError):
+            raise ConfigError(f"{name}: not an integer: {os.environ.get(name)!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+        return value
+
+    nats_url = req_str("NATS_URL")
+    if "://" not in nats_url:
+        raise ConfigError(f"NATS_URL: expected a URL such as tls://nats:4222, got {nats_url!r}")
+    nats_tls_ca = _readable_file("NATS_TLS_CA", req_str("NATS_TLS_CA"))
+    nats_tls_cert = _readable_file("NATS_TLS_CERT", req_str("NATS_TLS_CERT"))
+    nats_tls_key = _readable_file("NATS_TLS_KEY", req_str("NATS_TLS_KEY"))
+
+    db_host = req_str("DB_HOST")
+    db_name = req_str("DB_NAME")
+    db_user = req_str("DB_USER")
+    password_file = _readable_file("DB_PASSWORD_FILE", req_str("DB_PASSWORD_FILE"))
+    try:
+        db_password = password_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"DB_PASSWORD_FILE: cannot read {password_file}: {exc}") from None
+
+    db_port = pos_int("DB_PORT", 5432)
+    if db_port > 65535:
+        raise ConfigError(f"DB_PORT: must be <= 65535, got {db_port}")
+    db_max_conns = pos_int("DB_MAX_CONNS", 10)
+    db_min_conns = pos_int("DB_MIN_CONNS", 2, minimum=0)
+    if db_min_conns > db_max_conns:
+        raise ConfigError(f"DB_MIN_CONNS: {db_min_conns} exceeds DB_MAX_CONNS {db_max_conns}")
+    db_ssl_mode = opt_str("DB_SSL_MODE", "require")
+    if db_ssl_mode not in SSL_MODES:
+        raise ConfigError(
+            f"DB_SSL_MODE: must be one of {', '.join(SSL_MODES)}, got {db_ssl_mode!r}"
+        )
+    root_cert_s = env.str("DB_SSL_ROOT_CERT", "").strip()
+    db_ssl_root_cert: Path | None = None
+    if root_cert_s:
+        db_ssl_root_cert = _readable_file("DB_SSL_ROOT_CERT", root_cert_s)
+    elif db_ssl_mode in ("verify-ca", "verify-full"):
+        raise ConfigError(f"DB_SSL_ROOT_CERT: required when DB_SSL_MODE={db_ssl_mode}")
+
+    metrics_host, metrics_port = _parse_addr("METRICS_ADDR", opt_str("METRICS_ADDR", ":9090"))
+
+    log_level = opt_str("LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+
+    return Settings(
+        nats_url=nats_url,
+        nats_tls_ca=nats_tls_ca,
+        nats_tls_cert=nats_tls_cert,
+        nats_tls_key=nats_tls_key,
+        nats_consumer_durable_name=opt_str("NATS_CONSUMER_DURABLE_NAME", "data-consumer-telemetry"),
+        nats_connect_timeout_s=float(pos_int("NATS_CONNECT_TIMEOUT_SECONDS", 10)),
+        db_host=db_host,
+        db_port=db_port,
+        db_name=db_name,
+        db_user=db_user,
+        db_password=db_password,
+        db_max_conns=db_max_conns,
+        db_min_conns=db_min_conns,
+        db_ssl_mode=db_ssl_mode,
+        db_ssl_root_cert=db_ssl_root_cert,
+        gateway_buffer_size=pos_int("GATEWAY_BUFFER_SIZE", 1000),
+        heartbeat_tick_ms=pos_int("HEARTBEAT_TICK_MS", 10000),
+        heartbeat_grace_period_ms=pos_int("HEARTBEAT_GRACE_PERIOD_MS", 120000, minimum=0),
+        alert_config_refresh_ms=pos_int("ALERT_CONFIG_REFRESH_MS", 120000),
+        alert_config_default_timeout_ms=pos_int("ALERT_CONFIG_DEFAULT_TIMEOUT_MS", 60000),
+        alert_config_max_retries=pos_int("ALERT_CONFIG_MAX_RETRIES", 10),
+        alert_config_initial_backoff_ms=pos_int("ALERT_CONFIG_INITIAL_BACKOFF_MS", 1000),
+        alert_config_max_backoff_ms=pos_int("ALERT_CONFIG_MAX_BACKOFF_MS", 30000),
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        telemetry_batch_size=pos_int("TELEMETRY_BATCH_SIZE", 1000),
+        telemetry_flush_ms=pos_int("TELEMETRY_FLUSH_MS", 200),
+        telemetry_max_body_bytes=pos_int("TELEMETRY_MAX_BODY_BYTES", 16384),
+        telemetry_pipeline_depth=pos_int("TELEMETRY_PIPELINE_DEPTH", 2),
+        rejected_body_max_bytes=pos_int("REJECTED_BODY_MAX_BYTES", 16384, minimum=0),
+        liveness_query_concurrency=pos_int("LIVENESS_QUERY_CONCURRENCY", 32),
+        shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS", 10000),
+        log_level=log_level,
+    )

@@ -1,0 +1,129 @@
+"""Prometheus metrics: the fixed names of SPEC.md plus our own, on one registry.
+
+One `Metrics` object is made in `app` and handed to every part; no module-level
+collectors, so tests get a fresh registry each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_P = "notip_consumer_"
+
+WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+TICK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+@dataclass(eq=False)
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        # --- fixed names (SPEC.md) ---
+        self.messages_received = Counter(
+            _P + "messages_received", "Telemetry messages fetched from JetStream", registry=r
+        )
+        self.message_parsing_errors = Counter(
+            _P + "message_parsing_errors",
+            "Telemetry messages rejected as bad input, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_written = Counter(
+            _P + "messages_written",
+            "Telemetry messages committed to the database and acked",
+            registry=r,
+        )
+        self.write_errors = Counter(_P + "write_errors", "Failed batch writes", registry=r)
+        self.alerts_published = Counter(
+            _P + "alerts_published", "Offline alerts acknowledged by JetStream", registry=r
+        )
+        self.alert_publish_errors = Counter(
+            _P + "alert_publish_errors", "Offline alerts that could not be published", registry=r
+        )
+        self.status_update_errors = Counter(
+            _P + "status_update_errors", "Gateway status updates that failed", registry=r
+        )
+        self.status_update_dropped = Counter(
+            _P + "status_update_dropped",
+            "Gateway status updates dropped because the queue was full",
+            registry=r,
+        )
+        self.alert_cache_refresh_errors = Counter(
+            _P + "alert_cache_refresh_errors", "Failed alert-config fetches", registry=r
+        )
+        self.nats_reconnects = Counter(_P + "nats_reconnects", "NATS reconnections", registry=r)
+        self.lifecycle_query_errors = Counter(
+            _P + "lifecycle_query_errors", "Failed or invalid get-status queries", registry=r
+        )
+        self.heartbeat_map_size = Gauge(
+            _P + "heartbeat_map_size", "Gateways tracked for liveness", registry=r
+        )
+        self.dispatch_queue_length = Gauge(
+            _P + "dispatch_queue_length", "Status updates waiting in the queue", registry=r
+        )
+        self.alert_cache_last_success = Gauge(
+            _P + "alert_cache_last_success_timestamp",
+            "Unix time of the last successful alert-config fetch",
+            registry=r,
+        )
+        self.write_duration = Histogram(
+            _P + "write_duration_seconds",
+            "Time to write one batch",
+            buckets=WRITE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            _P + "batch_size", "Messages per written batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.heartbeat_tick_duration = Histogram(
+            _P + "heartbeat_tick_duration_seconds",
+            "Time spent in one heartbeat tick",
+            buckets=TICK_BUCKETS,
+            registry=r,
+        )
+        # --- our own ---
+        self.duplicates_skipped = Counter(
+            _P + "duplicate_messages_skipped",
+            "Redelivered telemetry messages whose row already existed",
+            registry=r,
+        )
+        self.rejected_stored = Counter(
+            _P + "rejected_messages_stored", "Bad messages kept in telemetry_rejected", registry=r
+        )
+        self.consumer_pending = Gauge(
+            _P + "consumer_pending_messages",
+            "Messages in the stream not yet delivered to the durable consumer (lag)",
+            registry=r,
+        )
+        self.consumer_ack_pending = Gauge(
+            _P + "consumer_ack_pending_messages",
+            "Messages delivered to the durable consumer and awaiting ack",
+            registry=r,
+        )
+        self.dispatch_queue_capacity = Gauge(
+            _P + "dispatch_queue_capacity", "Size of the status-update queue", registry=r
+        )
+        self.gateways_online = Gauge(
+            _P + "gateways_online", "Tracked gateways currently online", registry=r
+        )
+        self.gateways_offline = Gauge(
+            _P + "gateways_offline", "Tracked gateways currently offline", registry=r
+        )
+        self.alerts_suppressed_paused = Counter(
+            _P + "alerts_suppressed_paused", "Offline candidates skipped as paused", registry=r
+        )
+        self.decommission_rejected = Counter(
+            _P + "decommission_rejected",
+            "Decommission messages terminated because their subject was malformed",
+            registry=r,
+        )
+        self.gateways_decommissioned = Counter(
+            _P + "gateways_decommissioned",
+            "Decommission messages handled (gateway removed from liveness tracking)",
+            registry=r,
+        )

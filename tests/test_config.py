@@ -1,0 +1,120 @@
+"""Configuration: every rule of SPEC.md's table, one line naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from notip_trio.config import ConfigError, load_settings
+
+REQUIRED = (
+    "NATS_URL",
+    "NATS_TLS_CA",
+    "NATS_TLS_CERT",
+    "NATS_TLS_KEY",
+    "DB_HOST",
+    "DB_NAME",
+    "DB_USER",
+    "DB_PASSWORD_FILE",
+)
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name in ("ca.pem", "cert.pem", "key.pem", "root.pem"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "pw").write_text("  s3cret \n")
+    values = {
+        "NATS_URL": "tls://nats:4222",
+        "NATS_TLS_CA": str(tmp_path / "ca.pem"),
+        "NATS_TLS_CERT": str(tmp_path / "cert.pem"),
+        "NATS_TLS_KEY": str(tmp_path / "key.pem"),
+        "DB_HOST": "db",
+        "DB_NAME": "notip",
+        "DB_USER": "notip",
+        "DB_PASSWORD_FILE": str(tmp_path / "pw"),
+    }
+    import os
+
+    for key in list(os.environ):
+        if key.startswith(("NATS_", "DB_", "HEARTBEAT_", "ALERT_", "GATEWAY_", "METRICS_")):
+            monkeypatch.delenv(key)
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+def test_defaults_match_the_spec(env: dict[str, str]) -> None:
+    s = load_settings()
+    assert s.db_password == "s3cret"  # trimmed
+    assert (s.db_port, s.db_max_conns, s.db_min_conns, s.db_ssl_mode) == (5432, 10, 2, "require")
+    assert s.nats_consumer_durable_name == "data-consumer-telemetry"
+    assert s.nats_connect_timeout_s == 10
+    assert s.gateway_buffer_size == 1000
+    assert (s.heartbeat_tick_ms, s.heartbeat_grace_period_ms) == (10000, 120000)
+    assert s.alert_config_refresh_ms == 120000
+    assert s.alert_config_default_timeout_ms == 60000
+    assert (s.alert_config_max_retries, s.alert_config_initial_backoff_ms) == (10, 1000)
+    assert s.alert_config_max_backoff_ms == 30000
+    assert (s.metrics_host, s.metrics_port) == ("0.0.0.0", 9090)
+    assert "s3cret" not in repr(s)
+    assert "password=s3cret" in s.db_conninfo()
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_each_missing_required_variable_is_named(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.delenv(name)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(f"{name}:")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("DB_SSL_MODE", "bogus", "must be one of"),
+        ("DB_PORT", "abc", "not an integer"),
+        ("DB_PORT", "70000", "<= 65535"),
+        ("HEARTBEAT_TICK_MS", "0", ">= 1"),
+        ("HEARTBEAT_TICK_MS", "-5", ">= 1"),
+        ("GATEWAY_BUFFER_SIZE", "1.5", "not an integer"),
+        ("METRICS_ADDR", "nonsense", "host]:port"),
+        ("NATS_URL", "nats-without-scheme", "URL"),
+        ("NATS_TLS_CA", "/does/not/exist", "file not found"),
+        ("DB_MIN_CONNS", "20", "exceeds DB_MAX_CONNS"),
+        ("TELEMETRY_BATCH_SIZE", "x", "not an integer"),
+    ],
+)
+def test_invalid_values_are_named(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(f"{name}:")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["verify-ca", "verify-full"])
+def test_verify_modes_need_a_root_cert(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: str
+) -> None:
+    monkeypatch.setenv("DB_SSL_MODE", mode)
+    with pytest.raises(ConfigError, match=r"^DB_SSL_ROOT_CERT: required when DB_SSL_MODE="):
+        load_settings()
+    monkeypatch.setenv("DB_SSL_ROOT_CERT", str(tmp_path / "root.pem"))
+    s = load_settings()
+    assert s.db_ssl_root_cert == tmp_path / "root.pem"
+    assert "sslrootcert=" in s.db_conninfo()
+
+
+def test_metrics_addr_forms(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_ADDR", "127.0.0.1:0")
+    assert (load_settings().metrics_host, load_settings().metrics_port) == ("127.0.0.1", 0)
+    monkeypatch.setenv("METRICS_ADDR", "[::1]:9100")
+    assert load_settings().metrics_host == "::1"
