@@ -1,0 +1,222 @@
+"""Telemetry ingest: pulled batches → strict decode → one COPY per batch → ack.
+
+Two stages joined by a bounded channel, so the next batch is decoded while the
+current one is written:
+
+    pull slots ──list[JsMsg]──▶ decode ──Prepared──▶ write (thread) ──▶ ack / term
+                                   └──Heartbeats──▶ liveness
+
+A message is acked only after the transaction holding its row commits; a bad
+message is terminated only after its `telemetry_rejected` record commits. When
+the write fails, the whole batch is nak'ed with a delay (it comes back by
+redelivery) and the writer backs off; nothing is acked, nothing is lost.
+Closing the input channel means "drain and stop": what is in hand is written
+and acked before `run_ingest` returns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from .envelope import Rejection, Row, decode
+from .jetstream import JsMsg
+from .liveness import Heartbeats
+from .log import get_logger
+from .metrics import Metrics
+from .storage import DatabaseError, RejectedRecord, WriteResult
+
+log = get_logger(__name__)
+
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class Acker(Protocol):
+    async def ack(self, msgs: Sequence[JsMsg]) -> None: ...
+    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None: ...
+    async def term(self, msgs: Sequence[JsMsg]) -> None: ...
+
+
+class Writer(Protocol):
+    async def write_batch(
+        self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
+    ) -> WriteResult: ...
+
+
+@dataclass(slots=True)
+class Prepared:
+    good: list[JsMsg] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    bad: list[JsMsg] = field(default_factory=list)
+    rejected: list[RejectedRecord] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class IngestState:
+    """What /readyz needs to know about ingest."""
+
+    running: bool = False
+    last_write_ok: bool = True
+    last_error: str = ""
+
+
+def stream_seq(reply: str) -> int | None:
+    """The stream sequence from a `$JS.ACK...` reply subject (v1 and v2 forms)."""
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[5])
+        if len(tokens) >= 11:
+            return int(tokens[7])
+    except ValueError:
+        return None
+    return None
+
+
+def prepare(
+    msgs: Sequence[JsMsg], *, max_body: int, rejected_body_max: int, metrics: Metrics
+) -> tuple[Prepared, set[tuple[str, str]]]:
+    """Decode a pulled batch; returns the batch and the gateways heard in it."""
+    out = Prepared()
+    heard: set[tuple[str, str]] = set()
+    now: dt.datetime | None = None
+    for msg in msgs:
+        result = decode(msg.subject, msg.data, max_body=max_body)
+        if isinstance(result, Row):
+            out.good.append(msg)
+            out.rows.append(result)
+            heard.add((result.tenant_id, result.gateway_id))
+            continue
+        if now is None:
+            now = dt.datetime.now(dt.UTC)
+        out.bad.append(msg)
+        out.rejected.append(_rejected(msg, result, now, rejected_body_max))
+        metrics.message_parsing_errors.labels(result.reason).inc()
+        # Logged once per delivery; no blobs: subject, reason, sizes only.
+        log.warning(
+            "message_rejected",
+            reason=result.reason,
+            detail=result.detail[:200],
+            subject=msg.subject[:200],
+            body_length=len(msg.data),
+            stream_seq=stream_seq(msg.reply),
+        )
+    metrics.messages_received.inc(len(msgs))
+    return out, heard
+
+
+def _rejected(msg: JsMsg, why: Rejection, now: dt.datetime, cap: int) -> RejectedRecord:
+    return RejectedRecord(
+        received_at=now,
+        subject=msg.subject,
+        reason=why.reason,
+        detail=why.detail,
+        body=bytes(msg.data[:cap]),
+        body_length=len(msg.data),
+        stream_seq=stream_seq(msg.reply),
+    )
+
+
+async def run_ingest(
+    pulled: trio.MemoryReceiveChannel[list[JsMsg]],
+    writer: Writer,
+    acker: Acker,
+    heartbeats: trio.MemorySendChannel[Heartbeats],
+    metrics: Metrics,
+    state: IngestState,
+    *,
+    max_body: int,
+    rejected_body_max: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run both stages until `pulled` is closed and drained, then return.
+
+    Closes `heartbeats` on the way out.
+    """
+    prepared_tx, prepared_rx = trio.open_memory_channel[Prepared](1)
+    state.running = True
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _decode_stage, pulled, prepared_tx, heartbeats, metrics, max_body, rejected_body_max
+            )
+            nursery.start_soon(_write_stage, prepared_rx, writer, acker, metrics, state)
+            task_status.started()
+    finally:
+        state.running = False
+
+
+async def _decode_stage(
+    pulled: trio.MemoryReceiveChannel[list[JsMsg]],
+    prepared_tx: trio.MemorySendChannel[Prepared],
+    heartbeats: trio.MemorySendChannel[Heartbeats],
+    metrics: Metrics,
+    max_body: int,
+    rejected_body_max: int,
+) -> None:
+    async with pulled, prepared_tx, heartbeats:
+        async for msgs in pulled:
+            batch, heard = prepare(
+                msgs, max_body=max_body, rejected_body_max=rejected_body_max, metrics=metrics
+            )
+            if heard:
+                # Arrival time is the moment the batch reached us; liveness never
+                # waits on the management API, so this send only waits on a dict update.
+                await heartbeats.send(
+                    Heartbeats(trio.current_time(), dt.datetime.now(dt.UTC), heard)
+                )
+            await prepared_tx.send(batch)
+
+
+async def _write_stage(
+    prepared_rx: trio.MemoryReceiveChannel[Prepared],
+    writer: Writer,
+    acker: Acker,
+    metrics: Metrics,
+    state: IngestState,
+) -> None:
+    backoff = 0.0
+    async with prepared_rx:
+        async for batch in prepared_rx:
+            started = trio.current_time()
+            try:
+                result = await writer.write_batch(batch.rows, batch.rejected)
+            except DatabaseError as exc:
+                backoff = min(max(backoff * 2, BACKOFF_INITIAL_S), BACKOFF_MAX_S)
+                metrics.write_errors.inc()
+                state.last_write_ok, state.last_error = False, str(exc)[:300]
+                log.error(
+                    "batch_write_failed",
+                    error=state.last_error,
+                    messages=len(batch.good) + len(batch.bad),
+                    retry_in_s=backoff,
+                )
+                await acker.nak(batch.good + batch.bad, delay_s=backoff)
+                await trio.sleep(backoff)
+                continue
+            if not state.last_write_ok:
+                log.info("batch_write_recovered")
+            backoff = 0.0
+            state.last_write_ok, state.last_error = True, ""
+            elapsed = trio.current_time() - started
+            metrics.write_duration.observe(elapsed)
+            log.debug(
+                "batch_written",
+                rows=result.inserted,
+                duplicates=result.duplicates,
+                rejected=len(batch.rejected),
+                seconds=round(elapsed, 4),
+            )
+            metrics.batch_size.observe(len(batch.rows))
+            await acker.ack(batch.good)
+            await acker.term(batch.bad)
+            metrics.messages_written.inc(result.inserted)
+            metrics.rejected_stored.inc(len(batch.rejected))
+            if result.duplicates:
+                metrics.duplicates_skipped.inc(result.duplicates)
+                log.info("duplicates_skipped", count=result.duplicates)

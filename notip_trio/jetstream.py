@@ -1,0 +1,431 @@
+"""JetStream and core-NATS access for the Trio side of the daemon.
+
+nats-py runs inside trio-asyncio. Everything here crosses the asyncio bridge
+once per *batch*, never once per message (a crossing costs ~66 µs).
+
+Public surface used by the rest of the daemon:
+
+- `JsMsg`: one delivered JetStream message (subject, body, ack reply subject).
+- `BatchSource`: a pull consumer that hands over lists of `JsMsg` and acks,
+  naks or terminates them in bulk.
+- `Requester`: core-NATS request-reply, one attempt, no timeout of its own
+  (callers put a `trio.fail_after` scope around it).
+- `AlertPublisher`: JetStream publish that returns only after the PubAck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+import trio_asyncio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from .log import get_logger
+from .metrics import Metrics
+
+log = get_logger(__name__)
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class JsMsg:
+    subject: str
+    data: bytes
+    reply: str  # the $JS.ACK... subject used to ack/nak/term this delivery
+
+
+class BatchSource(Protocol):
+    async def next_batch(self) -> list[JsMsg]:
+        """Wait for the next non-empty batch of delivered messages."""
+        ...
+
+    async def ack(self, msgs: Sequence[JsMsg]) -> None: ...
+
+    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None: ...
+
+    async def term(self, msgs: Sequence[JsMsg]) -> None: ...
+
+
+class Requester(Protocol):
+    async def request(self, subject: str, payload: bytes) -> bytes:
+        """One core-NATS request; waits for the reply until cancelled.
+
+        Raises `NatsRequestError` when there are no responders or the
+        connection fails.
+        """
+        ...
+
+
+class AlertPublisher(Protocol):
+    async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
+        """Publish to JetStream; return once the PubAck arrives, raise otherwise.
+
+        `msg_id` goes into the `Nats-Msg-Id` header for server-side dedup.
+        """
+        ...
+
+
+class ChannelBatchSource:
+    """A `BatchSource` over a channel fed by `NatsBridge.run_pull`."""
+
+    def __init__(self, batches: trio.MemoryReceiveChannel[list[JsMsg]], acker: NatsBridge) -> None:
+        self._batches = batches
+        self._acker = acker
+
+    async def next_batch(self) -> list[JsMsg]:
+        return await self._batches.receive()
+
+    async def ack(self, msgs: Sequence[JsMsg]) -> None:
+        await self._acker.ack(msgs)
+
+    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None:
+        await self._acker.nak(msgs, delay_s)
+
+    async def term(self, msgs: Sequence[JsMsg]) -> None:
+        await self._acker.term(msgs)
+
+
+class NatsRequestError(Exception):
+    """A request or publish that failed for a reason other than cancellation."""
+
+
+# ---------------------------------------------------------------------------
+# The real thing: nats-py inside trio-asyncio.
+# ---------------------------------------------------------------------------
+
+
+class StartupError(Exception):
+    """A fatal problem found at start (missing stream, unusable durable, no connection)."""
+
+
+def _aio(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Run an asyncio coroutine function from Trio: one bridge crossing per call."""
+    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class PullSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    batch: int
+    expires_s: float
+    depth: int  # pull requests outstanding at once
+    max_ack_pending: int
+
+
+class NatsBridge:
+    """One nats-py connection and the operations the daemon needs on it."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    # ---- connection ------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        ca: str,
+        cert: str,
+        key: str,
+        connect_timeout_s: float,
+        metrics: Metrics | None = None,
+        name: str = "notip-trio",
+    ) -> NatsBridge:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.load_cert_chain(cert, key)
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+        async def on_disconnected() -> None:
+            log.warning("nats_disconnected")
+
+        async def on_reconnected() -> None:
+            if metrics is not None:
+                metrics.nats_reconnects.inc()
+            log.info("nats_reconnected")
+
+        async def _connect() -> NatsClient:
+            nc = NatsClient()
+            await nc.connect(
+                servers=[url],
+                tls=ctx,
+                connect_timeout=int(max(1, connect_timeout_s)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                name=name,
+            )
+            return nc
+
+        try:
+            with trio.fail_after(connect_timeout_s + 1):
+                nc = await _aio(_connect)()
+        except trio.TooSlowError:
+            raise StartupError(
+                f"NATS: no connection to {url} within {connect_timeout_s:g}s"
+            ) from None
+        except (OSError, nats.errors.Error, ssl.SSLError) as exc:
+            raise StartupError(
+                f"NATS: cannot connect to {url}: {type(exc).__name__}: {exc}"
+            ) from None
+        return cls(nc)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def close(self) -> None:
+        async def _close() -> None:
+            with contextlib.suppress(Exception):  # flushing is best effort on the way out
+                await self.nc.flush(timeout=2)
+            await self.nc.close()
+
+        await _aio(_close)()
+
+    # ---- JetStream management -------------------------------------------
+
+    async def require_streams(self, names: Sequence[str]) -> None:
+        async def _check(name: str) -> bool:
+            try:
+                await self.js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                return False
+            return True
+
+        for name in names:
+            if not await _aio(_check)(name):
+                raise StartupError(
+                    f"JetStream stream {name} does not exist; the platform must create it"
+                )
+
+    async def ensure_pull_consumer(self, spec: PullSpec) -> None:
+        """Create the durable pull consumer, or check that the existing one is usable."""
+
+        async def _ensure() -> None:
+            try:
+                info = await self.js.consumer_info(spec.stream, spec.durable)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_consumer(
+                    spec.stream,
+                    config=ConsumerConfig(
+                        durable_name=spec.durable,
+                        ack_policy=AckPolicy.EXPLICIT,
+                        deliver_policy=DeliverPolicy.ALL,
+                        filter_subject=spec.filter_subject,
+                        max_ack_pending=spec.max_ack_pending,
+                        ack_wait=30.0,
+                        max_waiting=512,
+                    ),
+                )
+                log.info("consumer_created", stream=spec.stream, durable=spec.durable)
+                return
+            cfg = info.config
+            if cfg.deliver_subject:
+                raise StartupError(
+                    f"durable consumer {spec.durable} on stream {spec.stream} is a push "
+                    "consumer; notip-trio needs a pull consumer (README: Migrating from "
+                    "the Go service)"
+                )
+            if cfg.ack_policy != AckPolicy.EXPLICIT:
+                raise StartupError(
+                    f"durable consumer {spec.durable} on stream {spec.stream} has ack policy "
+                    f"{cfg.ack_policy}; explicit is required"
+                )
+            if cfg.max_ack_pending is not None and 0 < cfg.max_ack_pending < spec.max_ack_pending:
+                log.warning(
+                    "consumer_max_ack_pending_low",
+                    durable=spec.durable,
+                    max_ack_pending=cfg.max_ack_pending,
+                    wanted=spec.max_ack_pending,
+                )
+
+        await _aio(_ensure)()
+
+    async def consumer_lag(self, stream: str, durable: str) -> tuple[int, int]:
+        """(messages not yet delivered, messages awaiting ack) for a durable."""
+
+        async def _info() -> tuple[int, int]:
+            info = await self.js.consumer_info(stream, durable)
+            return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+        return await _aio(_info)()
+
+    # ---- Requester / AlertPublisher -------------------------------------
+
+    async def request(self, subject: str, payload: bytes) -> bytes:
+        async def _request() -> bytes:
+            # The caller bounds the wait with a Trio scope; this is only a backstop.
+            msg = await self.nc.request(subject, payload, timeout=3600)
+            return bytes(msg.data)
+
+        try:
+            return await _aio(_request)()
+        except (nats.errors.Error, OSError) as exc:
+            raise NatsRequestError(f"{subject}: {type(exc).__name__}: {exc}") from None
+
+    async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
+        async def _publish() -> None:
+            await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+
+        try:
+            await _aio(_publish)()
+        except (nats.errors.Error, OSError) as exc:
+            raise NatsRequestError(f"{subject}: {type(exc).__name__}: {exc}") from None
+
+    # ---- acks --------------------------------------------------------------
+
+    async def ack(self, msgs: Sequence[JsMsg]) -> None:
+        await self._reply_all(msgs, b"+ACK")
+
+    async def term(self, msgs: Sequence[JsMsg]) -> None:
+        await self._reply_all(msgs, b"+TERM")
+
+    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None:
+        body = b"-NAK"
+        if delay_s is not None:
+            body += b" " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
+        await self._reply_all(msgs, body)
+
+    async def _reply_all(self, msgs: Sequence[JsMsg], body: bytes) -> None:
+        if not msgs:
+            return
+        replies = [m.reply for m in msgs]
+
+        async def _send() -> None:
+            publish = self.nc.publish
+            for reply in replies:
+                await publish(reply, body)
+
+        try:
+            await _aio(_send)()
+        except (nats.errors.Error, OSError) as exc:
+            # Not fatal: an unacked message is redelivered and deduplicated.
+            log.warning("ack_failed", count=len(replies), error=f"{type(exc).__name__}: {exc}")
+
+    # ---- pulling -----------------------------------------------------------
+
+    async def run_pull(
+        self,
+        spec: PullSpec,
+        out: trio.MemorySendChannel[list[JsMsg]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep `spec.depth` pull requests outstanding; send each non-empty batch to `out`.
+
+        Never returns unless cancelled or `out` is closed by its receiver. Each
+        delivered batch crosses the asyncio bridge once.
+        """
+        slots = [_PullSlot(self.nc, spec, i) for i in range(spec.depth)]
+        for slot in slots:
+            await _aio(slot.subscribe)()
+        async with out:
+            task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    for slot in slots:
+                        nursery.start_soon(self._pull_loop, slot, out.clone())
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    for slot in slots:
+                        await _aio(slot.unsubscribe)()
+
+    async def _pull_loop(self, slot: _PullSlot, out: trio.MemorySendChannel[list[JsMsg]]) -> None:
+        async with out:
+            fetch = _aio(slot.fetch)
+            while True:
+                if not self.connected:
+                    await trio.sleep(0.2)
+                    continue
+                batch = await fetch()
+                if batch:
+                    try:
+                        await out.send(batch)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+
+
+class _PullSlot:
+    """One pull request at a time on its own inbox. Lives in asyncio land.
+
+    Deliveries go to `msgs` from the subscription callback; a request ends when
+    `batch` new messages arrived, a status message (408 expired, 409, 404) for
+    the current inbox arrived, or the client-side deadline passed (a request lost
+    in a reconnect gets no 408). Messages that arrive late stay in `msgs` and go
+    out with the next batch, so no delivery is dropped on the floor.
+    """
+
+    def __init__(self, nc: NatsClient, spec: PullSpec, index: int) -> None:
+        self._nc = nc
+        self._spec = spec
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
+        self._prefix = f"_INBOX.notip.{uuid.uuid4().hex}.{index}"
+        self._seq = 0
+        self._inbox = ""
+        self._msgs: list[JsMsg] = []
+        self._want = 0
+        self._done: asyncio.Future[None] | None = None
+        self._sub: Any = None
+        self._request = json.dumps(
+            {"batch": spec.batch, "expires": int(spec.expires_s * 1e9)}
+        ).encode()
+
+    async def subscribe(self) -> None:
+        self._sub = await self._nc.subscribe(
+            self._prefix + ".*", cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+
+    async def unsubscribe(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if not msg.reply:  # a status message: 408 expired, 404/409, 100 heartbeat
+            status = msg.headers.get("Status") if msg.headers else None
+            if status != "100" and msg.subject == self._inbox:
+                self._finish()
+            return
+        self._msgs.append(JsMsg(msg.subject, msg.data, msg.reply))
+        if len(self._msgs) >= self._want:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def fetch(self) -> list[JsMsg]:
+        self._seq += 1
+        self._inbox = f"{self._prefix}.{self._seq}"
+        self._want = len(self._msgs) + self._spec.batch
+        self._done = asyncio.get_running_loop().create_future()
+        await self._nc.publish(self._api, self._request, reply=self._inbox)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), self._spec.expires_s + 2.0)
+        except TimeoutError:
+            pass
+        finally:
+            self._done = None
+        msgs, self._msgs = self._msgs, []
+        return msgs

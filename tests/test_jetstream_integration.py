@@ -1,0 +1,95 @@
+"""NatsBridge against a real mTLS nats-server: start-up checks and the pull path."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio_asyncio
+from nats.js.api import ConsumerConfig
+
+from notip_trio.jetstream import JsMsg, NatsBridge, PullSpec, StartupError
+
+
+async def _bridge(server) -> NatsBridge:
+    client = server.client("notip-trio")
+    return await NatsBridge.connect(
+        server.url,
+        ca=str(client.ca),
+        cert=str(client.cert),
+        key=str(client.key),
+        connect_timeout_s=5,
+    )
+
+
+SPEC = PullSpec("TELEMETRY", "data-consumer-telemetry", "telemetry.data.>", 100, 0.2, 2, 1000)
+
+
+async def test_a_push_durable_from_the_go_service_is_refused_with_one_clear_line(
+    private_nats_server, aio_loop
+) -> None:
+    with trio.fail_after(30):
+        bridge = await _bridge(private_nats_server)
+        try:
+
+            async def add_push() -> None:
+                await bridge.js.add_consumer(
+                    "TELEMETRY",
+                    config=ConsumerConfig(
+                        durable_name=SPEC.durable, deliver_subject="go.push.deliver"
+                    ),
+                )
+
+            await trio_asyncio.aio_as_trio(add_push)()
+            with pytest.raises(StartupError, match="is a push consumer") as info:
+                await bridge.ensure_pull_consumer(SPEC)
+            assert "\n" not in str(info.value)
+        finally:
+            await bridge.close()
+
+
+async def test_missing_stream_is_named(private_nats_server, aio_loop) -> None:
+    with trio.fail_after(30):
+        bridge = await _bridge(private_nats_server)
+        try:
+            await trio_asyncio.aio_as_trio(bridge.js.delete_stream)("ALERTS")
+            with pytest.raises(StartupError, match="stream ALERTS does not exist"):
+                await bridge.require_streams(("TELEMETRY", "ALERTS", "DECOMMISSION"))
+        finally:
+            await bridge.close()
+
+
+async def test_pull_batches_ack_and_late_deliveries_are_not_dropped(
+    private_nats_server, aio_loop
+) -> None:
+    with trio.fail_after(60):
+        bridge = await _bridge(private_nats_server)
+        try:
+            await bridge.ensure_pull_consumer(SPEC)
+
+            async def publish(n: int) -> None:
+                for i in range(n):
+                    await bridge.nc.publish(f"telemetry.data.t.g{i % 7}", b"%d" % i)
+                await bridge.nc.flush()
+
+            await trio_asyncio.aio_as_trio(publish)(1234)
+            seen: list[JsMsg] = []
+            tx, rx = trio.open_memory_channel[list[JsMsg]](2)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bridge.run_pull, SPEC, tx)
+                async with rx:
+                    async for batch in rx:
+                        assert 0 < len(batch) <= SPEC.batch * 2
+                        seen.extend(batch)
+                        await bridge.ack(batch)
+                        if len(seen) >= 1234:
+                            break
+                nursery.cancel_scope.cancel()
+            assert sorted(int(m.data) for m in seen) == list(range(1234))
+            pending, ack_pending = 1, 1
+            with trio.move_on_after(10):
+                while (pending, ack_pending) != (0, 0):
+                    pending, ack_pending = await bridge.consumer_lag("TELEMETRY", SPEC.durable)
+                    await trio.sleep(0.1)
+            assert (pending, ack_pending) == (0, 0)
+        finally:
+            await bridge.close()

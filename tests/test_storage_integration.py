@@ -1,0 +1,146 @@
+"""Storage on a real PostgreSQL: migrations (incl. a table the Go service filled),
+COPY writes, redelivery dedup, rejected records."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg
+import pytest
+import trio
+
+from notip_trio.envelope import Row
+from notip_trio.storage import RejectedRecord, Storage
+
+T0 = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
+GO_SCHEMA = """
+CREATE TABLE telemetry (
+    time TIMESTAMPTZ NOT NULL, tenant_id TEXT NOT NULL, gateway_id TEXT NOT NULL,
+    sensor_id TEXT NOT NULL, sensor_type TEXT NOT NULL, encrypted_data TEXT NOT NULL,
+    iv TEXT NOT NULL, auth_tag TEXT NOT NULL, key_version INTEGER NOT NULL);
+CREATE INDEX idx_telemetry_tenant_gateway_time ON telemetry (tenant_id, gateway_id, time DESC);
+"""
+
+
+def _row(i: int, blob: str = "QUJD", sensor: str = "s1") -> Row:
+    return Row(
+        T0 + dt.timedelta(seconds=i), "t1", "g1", sensor, "humidity", blob, "aXY=", "dGFn", 1
+    )
+
+
+def _scalar(conninfo: str, sql: str) -> int:
+    with psycopg.connect(conninfo) as conn:
+        row = conn.execute(sql).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def _storage(conninfo: str) -> Storage:
+    storage = Storage.create(conninfo, min_size=1, max_size=2)
+    await storage.open(timeout_s=10)
+    return storage
+
+
+async def test_fresh_database_migrates_idempotently_and_dedups(pg_database) -> None:
+    storage = await _storage(pg_database.conninfo)
+    try:
+        first = await storage.migrate()
+        second = await storage.migrate()
+        assert first == second
+        assert first.dedup_index and not first.hypertable
+        rows = [_row(i) for i in range(300)]
+        result = await storage.write_batch(rows[:200], [])
+        assert (result.inserted, result.duplicates) == (200, 0)
+        # A redelivered overlap: only the 100 new rows land.
+        result = await storage.write_batch(rows[100:], [])
+        assert (result.inserted, result.duplicates) == (100, 100)
+        # Duplicates inside one batch collapse too.
+        result = await storage.write_batch([_row(1000), _row(1000)], [])
+        assert (result.inserted, result.duplicates) == (1, 1)
+    finally:
+        await storage.close()
+    assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 301
+
+
+async def test_rejected_records_are_kept_once_per_stream_sequence(pg_database) -> None:
+    storage = await _storage(pg_database.conninfo)
+    record = RejectedRecord(T0, "telemetry.data.t1", "bad_subject", "d", b"\x00\xff", 2, 42)
+    try:
+        await storage.migrate()
+        await storage.write_batch([_row(1)], [record])
+        await storage.write_batch([], [record])  # redelivered
+    finally:
+        await storage.close()
+    with psycopg.connect(pg_database.conninfo) as conn:
+        kept = conn.execute("SELECT reason, body, body_length FROM telemetry_rejected").fetchall()
+    assert kept == [("bad_subject", b"\x00\xff", 2)]
+
+
+async def test_go_filled_table_with_exact_duplicates_gets_its_index(pg_database) -> None:
+    with psycopg.connect(pg_database.conninfo) as conn:
+        conn.execute(GO_SCHEMA)
+        with conn.cursor().copy("COPY telemetry FROM STDIN") as copy:
+            for i in range(50):
+                copy.write_row(_row(i))
+                if i % 5 == 0:
+                    copy.write_row(_row(i))  # the Go service wrote this one twice
+    storage = await _storage(pg_database.conninfo)
+    try:
+        info = await storage.migrate()
+        assert info.exact_duplicates_removed == 10
+        assert info.dedup_index and info.conflicting_keys == 0
+    finally:
+        await storage.close()
+    assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 50
+
+
+async def test_go_filled_table_with_differing_rows_under_one_key_keeps_them(
+    pg_database,
+) -> None:
+    with psycopg.connect(pg_database.conninfo) as conn:
+        conn.execute(GO_SCHEMA)
+        with conn.cursor().copy("COPY telemetry FROM STDIN") as copy:
+            for i in range(20):
+                copy.write_row(_row(i))
+            copy.write_row(_row(3))  # exact duplicate: removed
+            copy.write_row(_row(7, blob="T1RIRVI="))  # same key, another reading: kept
+    storage = await _storage(pg_database.conninfo)
+    try:
+        info = await storage.migrate()
+        assert info.exact_duplicates_removed == 1
+        assert not info.dedup_index
+        assert info.conflicting_keys == 1
+        # Still effectively once, through the NOT EXISTS fallback.
+        result = await storage.write_batch([_row(5), _row(100)], [])
+        assert (result.inserted, result.duplicates) == (1, 1)
+        # A restart finds the same state and still starts.
+        assert await storage.migrate() == info.__class__(False, False, 0, 1)
+    finally:
+        await storage.close()
+    assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 22
+    assert (
+        _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry WHERE encrypted_data <> 'QUJD'")
+        == 1
+    )
+
+
+async def test_hypertable_when_timescaledb_is_available(timescaledb_database) -> None:
+    storage = await _storage(timescaledb_database.conninfo)
+    try:
+        info = await storage.migrate()
+        assert info.hypertable and info.dedup_index
+        await storage.write_batch([_row(i) for i in range(10)], [])
+        assert (await storage.write_batch([_row(1)], [])).duplicates == 1
+    finally:
+        await storage.close()
+
+
+async def test_unreachable_database_is_a_clear_error() -> None:
+    from notip_trio.storage import DatabaseError
+
+    storage = Storage.create(
+        "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=1", min_size=1, max_size=1
+    )
+    with trio.fail_after(20), pytest.raises(DatabaseError, match="cannot connect to PostgreSQL"):
+        await storage.open(timeout_s=2)
+    await storage.close()
