@@ -1,0 +1,180 @@
+"""In-memory fakes at the Protocol boundaries of the liveness parts (jetstream.py,
+dispatch.py), and a `Settings` factory. Every fake records Trio virtual times so
+tests can assert exact schedules on `autojump_clock`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from notip_trio.config import Settings
+from notip_trio.dispatch import StatusUpdate
+from notip_trio.jetstream import JsMsg, NatsRequestError
+from notip_trio.metrics import Metrics
+
+# Wall time that corresponds to Trio time 0 in tests (see `wall_at`).
+WALL0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def wall_at(t: float) -> datetime:
+    return WALL0 + timedelta(seconds=t)
+
+
+def trio_wall_clock() -> datetime:
+    """A wall clock that follows Trio's virtual clock: deterministic timestamps."""
+    return wall_at(trio.current_time())
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base = Settings(
+        nats_url="tls://127.0.0.1:4222",
+        nats_tls_ca=Path("ca.pem"),
+        nats_tls_cert=Path("client.pem"),
+        nats_tls_key=Path("client.key"),
+        nats_consumer_durable_name="data-consumer-telemetry",
+        nats_connect_timeout_s=10.0,
+        db_host="localhost",
+        db_port=5432,
+        db_name="notip",
+        db_user="notip",
+        db_password="secret",
+        db_max_conns=10,
+        db_min_conns=2,
+        db_ssl_mode="disable",
+        db_ssl_root_cert=None,
+        gateway_buffer_size=1000,
+        heartbeat_tick_ms=10_000,
+        heartbeat_grace_period_ms=0,
+        alert_config_refresh_ms=120_000,
+        alert_config_default_timeout_ms=30_000,
+        alert_config_max_retries=10,
+        alert_config_initial_backoff_ms=1000,
+        alert_config_max_backoff_ms=30_000,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """Current value of a sample (0.0 if never touched)."""
+    value = metrics.registry.get_sample_value("notip_consumer_" + name, labels or None)
+    return 0.0 if value is None else value
+
+
+Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+class FakeRequester:
+    """`Requester` whose replies come from per-subject async handlers.
+
+    `calls` records (virtual time, subject, decoded payload or None).
+    """
+
+    def __init__(self, handlers: dict[str, Handler] | None = None) -> None:
+        self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.calls: list[tuple[float, str, Any]] = []
+
+    async def request(self, subject: str, payload: bytes) -> bytes:
+        self.calls.append((trio.current_time(), subject, json.loads(payload) if payload else None))
+        handler = self.handlers.get(subject)
+        if handler is None:
+            raise NatsRequestError(f"{subject}: no responders")
+        return await handler(payload)
+
+    def times(self, subject: str) -> list[float]:
+        return [t for t, s, _ in self.calls if s == subject]
+
+
+def status_handler(
+    states: dict[tuple[str, str], str] | None = None, *, delay_s: float = 0.0
+) -> Handler:
+    """get-status handler: the state from `states`, else online, after `delay_s`."""
+    states = states if states is not None else {}
+
+    async def handle(payload: bytes) -> bytes:
+        req = json.loads(payload)
+        if delay_s:
+            await trio.sleep(delay_s)
+        state = states.get((req["tenant_id"], req["gateway_id"]), "online")
+        return json.dumps({"gateway_id": req["gateway_id"], "state": state}).encode()
+
+    return handle
+
+
+class FakePublisher:
+    """`AlertPublisher` recording (virtual time, subject, body, msg_id) per PubAck.
+
+    `failures` makes the next N publishes raise NatsRequestError; `delay_s`
+    delays the PubAck; `attempts` records every call, failed or not.
+    """
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.failures = 0
+        self.published: list[tuple[float, str, dict[str, Any], str]] = []
+        self.attempts: list[tuple[float, str]] = []  # (time, msg_id)
+
+    async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
+        self.attempts.append((trio.current_time(), msg_id))
+        if self.delay_s:
+            await trio.sleep(self.delay_s)
+        if self.failures:
+            self.failures -= 1
+            raise NatsRequestError(f"{subject}: no PubAck")
+        self.published.append((trio.current_time(), subject, json.loads(payload), msg_id))
+
+
+class RecordingSink:
+    """`StatusSink` keeping every submitted update in order."""
+
+    def __init__(self) -> None:
+        self.updates: list[StatusUpdate] = []
+        self.closed = False
+
+    def submit(self, update: StatusUpdate) -> bool:
+        self.updates.append(update)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def brief(self) -> list[tuple[str, str, datetime]]:
+        return [(u.gateway_id, u.status, u.last_seen_at) for u in self.updates]
+
+
+class FakeBatchSource:
+    """`BatchSource` fed through `send`; records acked/naked/terminated subjects.
+
+    After `send`, `await trio.testing.wait_all_tasks_blocked()` lets the
+    consumer settle the batch.
+    """
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[list[JsMsg]](10)
+        self.acked: list[str] = []
+        self.termed: list[str] = []
+        self.naked: list[str] = []
+
+    async def send(self, subjects: Sequence[str]) -> None:
+        batch = [JsMsg(s, b'{"gatewayId":"x"}', f"$JS.ACK.{i}") for i, s in enumerate(subjects)]
+        await self._send.send(batch)
+
+    async def next_batch(self) -> list[JsMsg]:
+        return await self._receive.receive()
+
+    async def ack(self, msgs: Sequence[JsMsg]) -> None:
+        self.acked += [m.subject for m in msgs]
+
+    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None:
+        self.naked += [m.subject for m in msgs]
+
+    async def term(self, msgs: Sequence[JsMsg]) -> None:
+        self.termed += [m.subject for m in msgs]

@@ -1,0 +1,461 @@
+"""Liveness: offline detection, alerts, status updates, races with heartbeats.
+
+Rules for this file: everything runs on `autojump_clock`; the management API is
+a `FakeRequester` behind the real `MgmtClient` (so its retry policy is part of
+the timings), JetStream a `FakePublisher`, the dispatcher a `RecordingSink`.
+The wall clock follows Trio's (`wall_at(t)`), so wire timestamps are exact.
+Heartbeats and checks are placed at times that never coincide with a tick
+(ticks at 10, 20, ...; default timeout 30 s; grace 0 unless stated). Every
+test has a hang guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from notip_trio.alertconfig import AlertConfigCache
+from notip_trio.liveness import Heartbeats, LivenessTracker, run_liveness
+from notip_trio.metrics import Metrics
+from notip_trio.mgmt import SUBJECT_GET_STATUS, AlertConfig, MgmtClient
+from tests.liveness_fakes import (
+    FakePublisher,
+    FakeRequester,
+    RecordingSink,
+    make_settings,
+    sample,
+    status_handler,
+    trio_wall_clock,
+    wall_at,
+)
+
+GUARD_S = 3600
+GW1 = ("t1", "gw1")
+GW2 = ("t1", "gw2")
+
+
+class Rig:
+    """A tracker wired to fakes; `running()` runs `run_liveness` around a block."""
+
+    def __init__(
+        self,
+        *,
+        configs: list[AlertConfig] | None = None,
+        status_delay_s: float = 0.0,
+        publish_delay_s: float = 0.0,
+        **overrides: Any,
+    ) -> None:
+        self.settings = make_settings(**overrides)
+        self.metrics = Metrics()
+        self.cache = AlertConfigCache(self.settings.alert_config_default_timeout_ms)
+        if configs:
+            self.cache.replace(configs)
+        self.states: dict[tuple[str, str], str] = {}
+        self.requester = FakeRequester(
+            {SUBJECT_GET_STATUS: status_handler(self.states, delay_s=status_delay_s)}
+        )
+        self.publisher = FakePublisher(delay_s=publish_delay_s)
+        self.sink = RecordingSink()
+        self.tracker = LivenessTracker(
+            self.cache,
+            MgmtClient(self.requester),
+            self.publisher,
+            self.sink,
+            self.settings,
+            self.metrics,
+            wall_clock=trio_wall_clock,
+        )
+        self._send: trio.MemorySendChannel[Heartbeats] | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        send, receive = trio.open_memory_channel[Heartbeats](16)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_liveness, self.tracker, receive)
+            self._send = send
+            yield
+            nursery.cancel_scope.cancel()
+
+    async def beat_at(self, t: float, *gateways: tuple[str, str]) -> None:
+        await trio.sleep_until(t)
+        assert self._send is not None
+        await self._send.send(Heartbeats(t, wall_at(t), gateways))
+        await trio.testing.wait_all_tasks_blocked()
+
+    def published(self) -> list[tuple[float, str, str]]:
+        """(time, subject, gatewayId) of each acknowledged alert."""
+        return [(t, subject, body["gatewayId"]) for t, subject, body, _ in self.publisher.published]
+
+    def status_query_times(self) -> list[float]:
+        return self.requester.times(SUBJECT_GET_STATUS)
+
+
+@pytest.mark.parametrize(
+    ("seen", "fires", "last_seen", "detected"),
+    [
+        (5, 40, "2024-05-01T12:00:05Z", "2024-05-01T12:00:40Z"),
+        (10.5, 50, "2024-05-01T12:00:10.5Z", "2024-05-01T12:00:50Z"),
+        (19.25, 50, "2024-05-01T12:00:19.25Z", "2024-05-01T12:00:50Z"),
+    ],
+)
+async def test_alert_fires_after_timeout_within_one_tick(
+    autojump_clock: trio.abc.Clock, seen: float, fires: float, last_seen: str, detected: str
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        async with rig.running():
+            await rig.beat_at(seen, GW1)
+            await trio.sleep_until(fires - 0.5)
+            assert rig.publisher.published == []  # not before
+            assert rig.tracker.status(*GW1) == "online"
+            await trio.sleep_until(fires + 0.5)
+        (t, subject, body, msg_id) = rig.publisher.published[0]
+        assert len(rig.publisher.published) == 1
+        assert t == fires  # at the first tick after last-seen + timeout
+        assert subject == "alert.t1.gw_offline"
+        assert body == {
+            "gatewayId": "gw1",
+            "lastSeen": last_seen,
+            "timeoutMs": 30_000,
+            "timestamp": detected,
+        }
+        assert msg_id == f"gw_offline.t1.gw1.{last_seen}"
+        assert rig.tracker.status(*GW1) == "offline"
+        # first seen -> online; after the PubAck -> offline with the last-seen time.
+        assert rig.sink.brief() == [
+            ("gw1", "online", wall_at(seen)),
+            ("gw1", "offline", wall_at(seen)),
+        ]
+        assert sample(rig.metrics, "alerts_published_total") == 1
+
+
+async def test_steady_heartbeats_never_alert(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        async with rig.running():
+            for t in range(1, 200, 25):
+                await rig.beat_at(t + 0.5, GW1)
+        assert rig.publisher.published == []
+        assert rig.status_query_times() == []
+        assert rig.sink.brief() == [("gw1", "online", wall_at(1.5))]
+
+
+async def test_grace_period_suppresses_alerts(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(heartbeat_grace_period_ms=60_000)
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(59)
+            assert rig.publisher.published == []
+            assert rig.status_query_times() == []  # not even asked during the grace
+            await trio.sleep_until(61)
+        assert rig.published() == [(60, "alert.t1.gw_offline", "gw1")]
+
+
+async def test_timeout_precedence_gateway_then_tenant_then_default(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        configs = [AlertConfig("t1", 20_000), AlertConfig("t1", 50_000, "gwA")]
+        rig = Rig(configs=configs)
+        async with rig.running():
+            await rig.beat_at(1, ("t1", "gwA"), ("t1", "gwB"), ("t2", "gwC"))
+            await trio.sleep_until(65)
+        # gwB: tenant 20 s -> 30; gwC: default 30 s -> 40; gwA: own 50 s -> 60.
+        assert [(t, gw) for t, _, gw in rig.published()] == [(30, "gwB"), (40, "gwC"), (60, "gwA")]
+        timeouts = {b["gatewayId"]: b["timeoutMs"] for _, _, b, _ in rig.publisher.published}
+        assert timeouts == {"gwA": 50_000, "gwB": 20_000, "gwC": 30_000}
+
+
+@pytest.mark.parametrize(("new_timeout_ms", "fires"), [(100_000, 110), (10_000, 20)])
+@pytest.mark.parametrize("gateway_entry", [False, True])
+async def test_config_change_applies_to_tracked_gateways(
+    autojump_clock: trio.abc.Clock, new_timeout_ms: int, fires: float, gateway_entry: bool
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await rig.beat_at(2, ("t2", "gw9"))  # stays on the default: alert at 40
+            await trio.sleep_until(5)
+            entry_gw = "gw1" if gateway_entry else None
+            rig.cache.replace([AlertConfig("t1", new_timeout_ms, entry_gw)])
+            await trio.sleep_until(fires + 1)
+            await rig.beat_at(fires + 1.5, GW1)  # back, on the moved gateway's new timeout
+            await rig.beat_at(fires + 2.5, ("t1", "gw3"))  # a newcomer gets the new timeout
+            await trio.sleep_until(fires + 200)
+        timeout_s = new_timeout_ms / 1000
+        expected = {
+            (fires, "gw1"),
+            (40, "gw9"),
+            (10 * ((fires + 1.5 + timeout_s) // 10 + 1), "gw1"),
+        }
+        if not gateway_entry:
+            expected.add((10 * ((fires + 2.5 + timeout_s) // 10 + 1), "gw3"))
+        else:
+            expected.add((10 * ((fires + 2.5 + 30) // 10 + 1), "gw3"))
+        assert {(t, gw) for t, _, gw in rig.published()} == expected
+
+
+async def test_paused_gives_no_alert_and_no_update(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=3)
+        rig.states[GW1] = "paused"
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(75)
+            # Asked every tick, on the fixed schedule despite the 3 s queries.
+            assert rig.status_query_times() == [40, 50, 60, 70]
+            assert rig.publisher.published == []
+            assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
+            assert rig.tracker.status(*GW1) == "online"
+            rig.states[GW1] = "online"  # resumed, still silent
+            await trio.sleep_until(85)
+        assert rig.published() == [(83, "alert.t1.gw_offline", "gw1")]
+        assert sample(rig.metrics, "alerts_suppressed_paused_total") == 4
+
+
+@pytest.mark.parametrize("state", ["online", "offline", "provisioning"])
+async def test_any_other_state_alerts(autojump_clock: trio.abc.Clock, state: str) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.states[GW1] = state
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(45)
+        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+
+
+async def _no_responders(payload: bytes) -> bytes:
+    from notip_trio.jetstream import NatsRequestError
+
+    raise NatsRequestError("no responders")
+
+
+async def _wrong_gateway(payload: bytes) -> bytes:
+    return b'{"gateway_id": "someone-else", "state": "paused"}'
+
+
+async def _unknown_state(payload: bytes) -> bytes:
+    return b'{"gateway_id": "gw1", "state": "sleeping"}'
+
+
+@pytest.mark.parametrize("handler", [_no_responders, _wrong_gateway, _unknown_state])
+async def test_failed_or_invalid_status_query_fails_open(
+    autojump_clock: trio.abc.Clock, handler: Any
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.requester.handlers[SUBJECT_GET_STATUS] = handler
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(50)
+        # Tick at 40, the client's retries after 1, 2 and 4 s, then the alert.
+        assert rig.status_query_times() == [40, 41, 43, 47]
+        assert rig.published() == [(47, "alert.t1.gw_offline", "gw1")]
+        assert sample(rig.metrics, "lifecycle_query_errors_total") == 1
+        assert rig.tracker.status(*GW1) == "offline"
+
+
+async def test_failed_publish_stays_online_and_next_tick_retries_same_msg_id(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.publisher.failures = 1
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(45)
+            assert rig.publisher.published == []
+            assert rig.tracker.status(*GW1) == "online"
+            assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
+            assert sample(rig.metrics, "alert_publish_errors_total") == 1
+            await trio.sleep_until(55)
+        assert [t for t, _ in rig.publisher.attempts] == [40, 50]
+        assert len({msg_id for _, msg_id in rig.publisher.attempts}) == 1
+        assert rig.published() == [(50, "alert.t1.gw_offline", "gw1")]
+        assert rig.sink.brief()[-1] == ("gw1", "offline", wall_at(1))
+
+
+async def test_first_seen_and_recovery_each_give_one_online_update(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        async with rig.running():
+            await rig.beat_at(1, GW1, GW2)
+            await rig.beat_at(2, GW1)
+            await rig.beat_at(35.5, GW2)  # gw2 stays alive
+            await trio.sleep_until(45)
+            assert rig.tracker.status(*GW1) == "offline"
+            await rig.beat_at(45.5, GW1)  # back
+            await rig.beat_at(46.5, GW1)
+            await rig.beat_at(47.5, GW1, GW2)
+        assert rig.sink.brief() == [
+            ("gw1", "online", wall_at(1)),
+            ("gw2", "online", wall_at(1)),
+            ("gw1", "offline", wall_at(2)),
+            ("gw1", "online", wall_at(45.5)),
+        ]
+        assert sample(rig.metrics, "gateways_online") == 2
+        assert sample(rig.metrics, "gateways_offline") == 0
+        assert sample(rig.metrics, "heartbeat_map_size") == 2
+
+
+async def test_decommissioned_gateway_gets_no_alert_and_is_first_seen_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        async with rig.running():
+            await rig.beat_at(1, GW1, GW2)
+            await trio.sleep_until(5)
+            assert rig.tracker.remove(*GW1)
+            assert not rig.tracker.remove(*GW1)  # idempotent
+            assert sample(rig.metrics, "heartbeat_map_size") == 1
+            await trio.sleep_until(95)
+            assert rig.published() == [(40, "alert.t1.gw_offline", "gw2")]
+            await rig.beat_at(95.5, GW1)
+        assert rig.tracker.status(*GW1) == "online"
+        assert [u for u in rig.sink.brief() if u[0] == "gw1"] == [
+            ("gw1", "online", wall_at(1)),
+            ("gw1", "online", wall_at(95.5)),  # first seen again
+        ]
+
+
+async def test_many_candidates_are_queried_concurrently(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=3, liveness_query_concurrency=100)
+        gateways = [("t1", f"gw{i}") for i in range(100)]
+        async with rig.running():
+            await rig.beat_at(1, *gateways)
+            await trio.sleep_until(45)
+        # 100 queries of 3 s each: one query time, not 300 s.
+        assert rig.status_query_times() == [40] * 100
+        assert [t for t, _, _ in rig.published()] == [43] * 100
+        assert sample(rig.metrics, "heartbeat_tick_duration_seconds_sum") == 3
+
+
+async def test_concurrency_is_bounded(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(liveness_query_concurrency=10)
+        in_flight = peak = 0
+
+        async def slow_status(payload: bytes) -> bytes:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await trio.sleep(3)
+            in_flight -= 1
+            return await status_handler()(payload)
+
+        rig.requester.handlers[SUBJECT_GET_STATUS] = slow_status
+        async with rig.running():
+            await rig.beat_at(1, *[("t1", f"gw{i}") for i in range(100)])
+            await trio.sleep_until(75)
+        assert peak == 10
+        assert sorted({t for t, _, _ in rig.published()}) == [43 + 3 * k for k in range(10)]
+        assert len(rig.published()) == 100
+
+
+async def test_heartbeat_during_status_query_cancels_the_alert(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=3)
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await rig.beat_at(41.5, GW1)  # while the 40 s check is asking get-status
+            await trio.sleep_until(79)
+            assert rig.publisher.published == []
+            assert rig.tracker.status(*GW1) == "online"
+            await trio.sleep_until(85)
+        # The new silence is detected on its own schedule, with its own last-seen.
+        (t, _, body, _) = rig.publisher.published[0]
+        assert (t, body["lastSeen"]) == (83, "2024-05-01T12:00:41.5Z")
+        assert rig.sink.brief() == [
+            ("gw1", "online", wall_at(1)),
+            ("gw1", "offline", wall_at(41.5)),
+        ]
+
+
+async def test_heartbeat_during_publish_reports_offline_then_online(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(publish_delay_s=2)
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await rig.beat_at(41, GW1)  # the alert is in flight from 40 to 42
+            await trio.sleep_until(43)
+            assert rig.published() == [(42, "alert.t1.gw_offline", "gw1")]
+            assert rig.tracker.status(*GW1) == "online"
+            assert rig.sink.brief() == [
+                ("gw1", "online", wall_at(1)),
+                ("gw1", "offline", wall_at(1)),  # what the alert announced
+                ("gw1", "online", wall_at(41)),  # and the heartbeat that followed
+            ]
+            await trio.sleep_until(85)
+        assert [t for t, _, _ in rig.published()] == [42, 82]
+        ids = [msg_id for _, _, _, msg_id in rig.publisher.published]
+        assert ids[0] != ids[1]  # a new silence, a new alert
+
+
+async def test_decommission_during_check_gives_no_alert(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=3)
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(41)
+            rig.tracker.remove(*GW1)
+            await trio.sleep_until(100)
+        assert rig.status_query_times() == [40]
+        assert rig.publisher.published == []
+        assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
+
+
+async def test_run_liveness_ends_with_the_heartbeat_channel(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        send, receive = trio.open_memory_channel[Heartbeats](4)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_liveness, rig.tracker, receive)
+            await send.send(Heartbeats(0, wall_at(0), [GW1]))
+            await trio.sleep(5)
+            await send.aclose()
+        assert trio.current_time() == 5  # returned at once, no more ticks
+        assert rig.sink.closed
+        assert rig.publisher.published == []
+
+
+async def test_out_of_order_batch_is_clamped(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.tracker.record(Heartbeats(20, wall_at(20), [GW1]))
+        rig.tracker.record(Heartbeats(10, wall_at(10), [GW2]))  # arrived late
+        await trio.sleep_until(49.5)
+        await rig.tracker.tick()
+        assert rig.publisher.published == []  # both count as seen at 20
+        await trio.sleep_until(50.5)
+        await rig.tracker.tick()
+        assert sorted(gw for _, _, gw in rig.published()) == ["gw1", "gw2"]
+
+
+async def test_tick_refuses_to_run_twice_at_once(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=3)
+        rig.tracker.record(Heartbeats(0, wall_at(0), [GW1]))
+        await trio.sleep_until(31)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.tracker.tick)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(RuntimeError, match="already running"):
+                await rig.tracker.tick()
+        assert len(rig.published()) == 1
