@@ -1,0 +1,283 @@
+"""The task tree: one root nursery supervising every part of the daemon.
+
+Start order (each `nursery.start` returns only when its task is truly ready):
+
+    metrics/health server ─ alert configs ─ status dispatcher ─ liveness
+      ─ ingest (writer ready) ─ telemetry pull ─ decommission pull ─ lag poller
+      ─ signal watcher
+
+Channels (all bounded):
+
+    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──Heartbeats (64)──▶ liveness
+    liveness ──StatusUpdate (GATEWAY_BUFFER_SIZE, never blocks)──▶ dispatcher ──▶ mgmt API
+    decommission pull ──list[JsMsg] (1)──▶ decommission ──▶ liveness.remove
+
+Shutdown (SIGTERM/SIGINT): stop pulling, let ingest write and ack what it
+holds (bounded by SHUTDOWN_DRAIN_MS), stop liveness, drain the status queue
+(bounded), close NATS and the pool, return. Any unexpected exception cancels
+the whole tree and propagates to `__main__`, which exits non-zero.
+"""
+
+from __future__ import annotations
+
+# trio_asyncio must be imported before psycopg (NOTES.md).
+import trio_asyncio  # isort: split
+
+import functools
+import signal
+from dataclasses import dataclass
+
+import trio
+
+from .alertconfig import AlertConfigCache, run_alert_configs
+from .config import Settings
+from .decommission import run_decommission
+from .dispatch import Dispatcher
+from .http import run_http_server
+from .ingest import IngestState, run_ingest
+from .jetstream import ChannelBatchSource, JsMsg, NatsBridge, PullSpec, StartupError
+from .liveness import Heartbeats, LivenessTracker, run_liveness
+from .log import get_logger, setup_logging
+from .metrics import Metrics
+from .mgmt import MgmtClient
+from .storage import DatabaseError, Storage
+
+log = get_logger(__name__)
+
+STREAMS = ("TELEMETRY", "ALERTS", "DECOMMISSION")
+DECOMMISSION_DURABLE = "data-consumer-decommission-listener"
+LAG_POLL_S = 5.0
+
+
+@dataclass(eq=False)
+class Health:
+    """What /readyz looks at."""
+
+    storage: Storage
+    bridge: NatsBridge
+    ingest: IngestState
+
+    async def reasons(self) -> list[str]:
+        out: list[str] = []
+        if not self.bridge.connected:
+            out.append("nats: not connected")
+        if not self.ingest.running:
+            out.append("ingest: not running")
+        try:
+            await self.storage.ping(timeout_s=1.5)
+        except DatabaseError as exc:
+            out.append(f"database: {exc}")
+        return out
+
+
+def telemetry_spec(settings: Settings) -> PullSpec:
+    batch = settings.telemetry_batch_size
+    depth = settings.telemetry_pipeline_depth
+    return PullSpec(
+        stream="TELEMETRY",
+        durable=settings.nats_consumer_durable_name,
+        filter_subject="telemetry.data.>",
+        batch=batch,
+        expires_s=settings.telemetry_flush_ms / 1000,
+        depth=depth,
+        # Slots + the pulled channel + the decode stage + the write stage hold batches.
+        max_ack_pending=max(1000, batch * (2 * depth + 3)),
+    )
+
+
+def decommission_spec() -> PullSpec:
+    return PullSpec(
+        stream="DECOMMISSION",
+        durable=DECOMMISSION_DURABLE,
+        filter_subject="gateway.decommissioned.>",
+        batch=100,
+        expires_s=5.0,
+        depth=1,
+        max_ack_pending=1000,
+    )
+
+
+async def run_daemon(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    stop: trio.Event | None = None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until SIGTERM/SIGINT or `stop` is set (then drain and return), or a
+    failure (then raise). `task_status.started(metrics_port)` once everything runs.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    stop = stop if stop is not None else trio.Event()
+    async with trio_asyncio.open_loop():
+        storage = Storage.create(
+            settings.db_conninfo(), min_size=settings.db_min_conns, max_size=settings.db_max_conns
+        )
+        await storage.open(timeout_s=30.0)
+        try:
+            schema = await storage.migrate()
+            log.info(
+                "database_ready",
+                storage="timescaledb hypertable" if schema.hypertable else "plain PostgreSQL",
+                dedup_index=schema.dedup_index,
+                host=settings.db_host,
+                database=settings.db_name,
+            )
+            bridge = await NatsBridge.connect(
+                settings.nats_url,
+                ca=str(settings.nats_tls_ca),
+                cert=str(settings.nats_tls_cert),
+                key=str(settings.nats_tls_key),
+                connect_timeout_s=settings.nats_connect_timeout_s,
+                metrics=metrics,
+            )
+            try:
+                await bridge.require_streams(STREAMS)
+                await bridge.ensure_pull_consumer(telemetry_spec(settings))
+                await bridge.ensure_pull_consumer(decommission_spec())
+                log.info("nats_ready", url=settings.nats_url)
+                await _serve(settings, metrics, storage, bridge, stop, task_status)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await bridge.close()
+        finally:
+            with trio.CancelScope(shield=True):
+                await storage.close()
+    log.info("stopped")
+
+
+async def _serve(
+    settings: Settings,
+    metrics: Metrics,
+    storage: Storage,
+    bridge: NatsBridge,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[int],
+) -> None:
+    ingest_state = IngestState()
+    health = Health(storage, bridge, ingest_state)
+    mgmt = MgmtClient(bridge)
+    cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
+    dispatcher = Dispatcher(mgmt, settings, metrics)
+    tracker = LivenessTracker(cache, mgmt, bridge, dispatcher, settings, metrics)
+    heartbeats_tx, heartbeats_rx = trio.open_memory_channel[Heartbeats](64)
+    pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
+    decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
+    drain_s = settings.shutdown_drain_ms / 1000
+
+    async with trio.open_nursery() as root:
+        port = await root.start(
+            run_http_server,
+            settings.metrics_host,
+            settings.metrics_port,
+            metrics.registry,
+            health.reasons,
+        )
+        await root.start(run_alert_configs, mgmt, cache, settings, metrics)
+        dispatch_done = trio.Event()
+        root.start_soon(_run_then_set, dispatcher.run, dispatch_done)
+        # Returns when ingest closes the heartbeat channel; then closes the dispatcher.
+        await root.start(run_liveness, tracker, heartbeats_rx)
+        root.start_soon(_poll_lag, bridge, settings, metrics)
+        root.start_soon(_watch_signals, stop)
+
+        with trio.CancelScope() as ingest_scope:
+            async with trio.open_nursery() as ingest:
+                await ingest.start(
+                    functools.partial(
+                        run_ingest,
+                        max_body=settings.telemetry_max_body_bytes,
+                        rejected_body_max=settings.rejected_body_max_bytes,
+                    ),
+                    pulled_rx,
+                    storage,
+                    bridge,
+                    heartbeats_tx,
+                    metrics,
+                    ingest_state,
+                )
+                async with trio.open_nursery() as intake:
+                    intake.start_soon(bridge.run_pull, telemetry_spec(settings), pulled_tx)
+                    intake.start_soon(bridge.run_pull, decommission_spec(), decom_tx)
+                    intake.start_soon(
+                        run_decommission, ChannelBatchSource(decom_rx, bridge), tracker, metrics
+                    )
+                    log.info(
+                        "started",
+                        metrics_port=port,
+                        durable=settings.nats_consumer_durable_name,
+                        batch_size=settings.telemetry_batch_size,
+                        flush_ms=settings.telemetry_flush_ms,
+                    )
+                    task_status.started(port)
+                    await stop.wait()
+                    log.info("shutdown_requested", drain_s=drain_s)
+                    # Stop fetching. The closed pull channel drains ingest, which
+                    # closes the heartbeat channel, which ends liveness and closes
+                    # the status queue, which the dispatcher drains (bounded).
+                    intake.cancel_scope.cancel()
+                ingest_scope.deadline = trio.current_time() + drain_s
+        if ingest_scope.cancelled_caught:
+            log.warning("ingest_drain_timeout", drain_s=drain_s)
+        with trio.move_on_after(drain_s + 1):
+            await dispatch_done.wait()
+        root.cancel_scope.cancel()
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            stop.set()
+
+
+async def _run_then_set(fn: object, done: trio.Event) -> None:
+    try:
+        await fn()  # type: ignore[operator]
+    finally:
+        done.set()
+
+
+async def _poll_lag(bridge: NatsBridge, settings: Settings, metrics: Metrics) -> None:
+    """Consumer lag for /metrics; failures only log (NATS may be reconnecting)."""
+    durable = settings.nats_consumer_durable_name
+    while True:
+        try:
+            with trio.fail_after(LAG_POLL_S):
+                pending, ack_pending = await bridge.consumer_lag("TELEMETRY", durable)
+        except Exception as exc:
+            log.debug("consumer_lag_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            metrics.consumer_pending.set(pending)
+            metrics.consumer_ack_pending.set(ack_pending)
+        await trio.sleep(LAG_POLL_S)
+
+
+def run_app(settings: Settings) -> int:
+    """Run the daemon in a fresh Trio run; return the process exit code."""
+    setup_logging(settings.log_level)
+    code = 0
+    try:
+        trio.run(run_daemon, settings)
+    except* (StartupError, DatabaseError) as group:
+        log.error("startup_failed", error=_describe(group))
+        code = 1
+    except* KeyboardInterrupt:
+        code = 130
+    except* BaseException as group:  # the one place that reports a crash
+        log.error("fatal", error=_describe(group), exc_info=True)
+        code = 1
+    return code
+
+
+def _describe(group: BaseExceptionGroup[BaseException]) -> str:
+    """The leaf exceptions of a group, as one line."""
+    leaves: list[str] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(reversed(exc.exceptions))
+        else:
+            leaves.append(f"{type(exc).__name__}: {exc}")
+    return "; ".join(leaves)

@@ -1,0 +1,268 @@
+"""Ingest end to end, in-process, on real mTLS NATS and PostgreSQL.
+
+Rules: servers come from the fixtures (port 0 style, throwaway); the daemon
+runs in the test's nursery and stops through its `stop` event; every test has
+an absolute hang guard; waits poll real state with a deadline, never fixed sleeps
+as assertions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import psycopg
+import pytest
+import trio
+
+from notip_trio.app import run_daemon
+from notip_trio.config import Settings, load_settings
+from notip_trio.devstack import simulator
+from notip_trio.devstack.env import daemon_env
+from notip_trio.metrics import Metrics
+
+from . import _js
+
+DURABLE = "data-consumer-telemetry"
+
+
+def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **extra: str) -> Settings:
+    for key in [
+        k for k in os.environ if k.startswith(("NATS_", "DB_", "HEARTBEAT_", "TELEMETRY_"))
+    ]:
+        monkeypatch.delenv(key)
+    base = {"HEARTBEAT_GRACE_PERIOD_MS": "600000", "SHUTDOWN_DRAIN_MS": "2000"}
+    for key, value in {**env, **base, **extra}.items():
+        monkeypatch.setenv(key, value)
+    return load_settings()
+
+
+@asynccontextmanager
+async def running_daemon(settings: Settings, metrics: Metrics) -> AsyncIterator[int]:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(run_daemon, settings, metrics, stop)
+        try:
+            yield port
+        finally:
+            stop.set()
+
+
+def _envelopes(n: int, gateways: int, tenant: str = "t1", seed: int = 7) -> list[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    base = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
+    out = []
+    for i in range(n):
+        gw = f"gw-{i % gateways:03d}"
+        body = simulator.make_envelope(
+            gw, f"s{i % 3}", "temperature", base + dt.timedelta(seconds=i), rng=rng
+        )
+        out.append((f"telemetry.data.{tenant}.{gw}", body))
+    return out
+
+
+def _count(conninfo: str, sql: str = "SELECT count(*) FROM telemetry") -> int:
+    with psycopg.connect(conninfo) as conn:
+        row = conn.execute(sql).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _drained(server: object, durable: str) -> bool:
+    state = _js.consumer_state(server, "TELEMETRY", durable)  # type: ignore[arg-type]
+    return state.num_pending == 0 and state.num_ack_pending == 0
+
+
+async def _until(check: Callable[[], bool], limit_s: float, what: str) -> None:
+    """Poll real state (in a thread) until `check` holds; fail after `limit_s`."""
+    with trio.move_on_after(limit_s):
+        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110 - external state
+            await trio.sleep(0.1)
+        return
+    pytest.fail(f"timed out waiting for {what}")
+
+
+async def test_10k_messages_exactly_once_blobs_identical(
+    private_nats_server, pg_server, pg_database, monkeypatch
+):
+    env = daemon_env(private_nats_server, pg_server, pg_database.name)
+    settings = _settings(env, monkeypatch)
+    msgs = _envelopes(10_000, 100)
+    metrics = Metrics()
+    with trio.fail_after(120):
+        async with running_daemon(settings, metrics):
+            await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
+            await _until(lambda: _count(pg_database.conninfo) >= 10_000, 60, "10,000 rows")
+            await _until(
+                lambda: (
+                    _js.consumer_state(private_nats_server, "TELEMETRY", DURABLE).num_ack_pending
+                    == 0
+                ),
+                30,
+                "all acks",
+            )
+        state = await trio.to_thread.run_sync(
+            _js.consumer_state, private_nats_server, "TELEMETRY", DURABLE
+        )
+    assert state.num_pending == 0
+    assert state.num_ack_pending == 0
+    assert _count(pg_database.conninfo) == 10_000
+    assert metrics.messages_written._value.get() == 10_000
+    # Blobs byte-identical (Rule Zero): compare every published triple with the table.
+    import json
+
+    published = {
+        (json.loads(b)["gatewayId"], json.loads(b)["sensorId"], json.loads(b)["timestamp"]): (
+            json.loads(b)["encryptedData"],
+            json.loads(b)["iv"],
+            json.loads(b)["authTag"],
+        )
+        for _, b in msgs
+    }
+    with psycopg.connect(pg_database.conninfo) as conn:
+        rows = conn.execute(
+            "SELECT gateway_id, sensor_id, time, encrypted_data, iv, auth_tag, tenant_id,"
+            " key_version, sensor_type FROM telemetry"
+        ).fetchall()
+    stored = {
+        (gw, s, t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")): (e, iv, tag)
+        for gw, s, t, e, iv, tag, *_ in rows
+    }
+    norm = {(g, s, ts[:19]): v for (g, s, ts), v in published.items()}
+    assert stored == norm
+    assert {r[6] for r in rows} == {"t1"}
+    assert {r[8] for r in rows} == {"temperature"}
+
+
+async def test_redelivery_from_a_new_durable_adds_no_rows(
+    private_nats_server, pg_server, pg_database, monkeypatch
+):
+    env = daemon_env(private_nats_server, pg_server, pg_database.name)
+    msgs = _envelopes(10_000, 100, seed=11)
+    await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
+    with trio.fail_after(120):
+        for durable in ("first-durable", "second-durable"):
+            settings = _settings(env, monkeypatch, NATS_CONSUMER_DURABLE_NAME=durable)
+            metrics = Metrics()
+            async with running_daemon(settings, metrics):
+                await _until(
+                    lambda d=durable: _drained(private_nats_server, d),
+                    60,
+                    f"{durable} to drain",
+                )
+            assert _count(pg_database.conninfo) == 10_000
+    # The second pass found every row already there.
+    assert metrics.messages_written._value.get() == 0
+    assert metrics.duplicates_skipped._value.get() == 10_000
+
+
+BAD_CASES = [
+    ("telemetry.data.t1.gw-1", b'{"gatewayId": "gw-1", ', "malformed_json"),
+    ("telemetry.data.t1.gw-1", None, "missing_field"),
+    ("telemetry.data.t1.gw-1", "keyVersion", "invalid_field"),
+    ("telemetry.data.t1.gw-1", "sensorType", "unknown_sensor_type"),
+    ("telemetry.data.t1.gw-1", "timestamp", "invalid_timestamp"),
+    ("telemetry.data.t1", "subject", "bad_subject"),
+    ("telemetry.data.t1.gw-2", "mismatch", "gateway_mismatch"),
+    ("telemetry.data.t1.gw-1", "oversized", "oversized"),
+]
+
+
+def _bad_body(kind: object) -> bytes:
+    import json
+
+    good = json.loads(
+        simulator.make_envelope(
+            "gw-1",
+            "s-bad",
+            "humidity",
+            dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            rng=random.Random(1),
+        )
+    )
+    if isinstance(kind, bytes):
+        return kind
+    if kind is None:
+        del good["iv"]
+    elif kind == "keyVersion":
+        good["keyVersion"] = "1"
+    elif kind == "sensorType":
+        good["sensorType"] = "radiation"
+    elif kind == "timestamp":
+        good["timestamp"] = "yesterday"
+    elif kind == "oversized":
+        good["encryptedData"] = "A" * 40_000
+    return json.dumps(good).encode()
+
+
+async def test_each_bad_input_kept_once_terminated_and_good_ones_written(
+    private_nats_server, pg_server, pg_database, monkeypatch
+):
+    env = daemon_env(private_nats_server, pg_server, pg_database.name)
+    settings = _settings(env, monkeypatch, TELEMETRY_MAX_BODY_BYTES="16384")
+    good = _envelopes(200, 10, seed=3)
+    msgs: list[tuple[str, bytes]] = []
+    for i, (subject, kind, _reason) in enumerate(BAD_CASES):
+        msgs.extend(good[i * 20 : (i + 1) * 20])
+        msgs.append((subject, _bad_body(kind)))
+    msgs.extend(good[len(BAD_CASES) * 20 :])
+    metrics = Metrics()
+    with trio.fail_after(90):
+        async with running_daemon(settings, metrics):
+            await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
+            await _until(
+                lambda: _drained(private_nats_server, DURABLE),
+                60,
+                "the consumer to drain",
+            )
+    assert _count(pg_database.conninfo) == 200
+    with psycopg.connect(pg_database.conninfo) as conn:
+        kept = conn.execute(
+            "SELECT reason, subject, body, body_length FROM telemetry_rejected ORDER BY id"
+        ).fetchall()
+    assert sorted(r[0] for r in kept) == sorted(reason for *_, reason in BAD_CASES)
+    for reason, subject, body, length in kept:
+        case = next(c for c in BAD_CASES if c[2] == reason)
+        assert subject == case[0]
+        assert length == len(_bad_body(case[1]))
+        assert bytes(body) == _bad_body(case[1])[:16384]
+    for *_, reason in BAD_CASES:
+        assert metrics.message_parsing_errors.labels(reason)._value.get() == 1
+    # Not redelivered: nothing pending, nothing awaiting ack, nothing redelivered.
+    state = _js.consumer_state(private_nats_server, "TELEMETRY", DURABLE)
+    assert (state.num_pending, state.num_ack_pending, state.num_redelivered) == (0, 0, 0)
+
+
+async def test_database_outage_loses_nothing_and_daemon_recovers(
+    private_nats_server, private_pg_server, monkeypatch
+):
+    db = private_pg_server.create_database()
+    env = daemon_env(private_nats_server, private_pg_server, db.name)
+    settings = _settings(env, monkeypatch)
+    msgs = _envelopes(2_000, 50, seed=5)
+    metrics = Metrics()
+    with trio.fail_after(180):
+        async with running_daemon(settings, metrics):
+            await trio.to_thread.run_sync(private_pg_server.stop)
+            await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
+            await trio.sleep(10)  # the outage lasts 10 s (scenario length, not an assertion)
+            assert metrics.write_errors._value.get() >= 1
+            await trio.to_thread.run_sync(private_pg_server.start)
+            await _until(lambda: _count(db.conninfo) >= 2_000, 90, "2,000 rows after the outage")
+            await _until(
+                lambda: _drained(private_nats_server, DURABLE),
+                60,
+                "the consumer to drain",
+            )
+    assert _count(db.conninfo) == 2_000
+    assert (
+        _count(
+            db.conninfo,
+            "SELECT count(*) FROM"
+            " (SELECT DISTINCT tenant_id, gateway_id, sensor_id, time FROM telemetry) d",
+        )
+        == 2_000
+    )
