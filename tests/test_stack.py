@@ -1,0 +1,136 @@
+"""The developer stack (`scripts/trio-run`): its pieces, and one short run of the whole.
+
+The whole-stack run starts real servers and the daemon as subprocesses; it is
+marked `integration` and skipped where nats-server or PostgreSQL is missing.
+Child processes get an absolute timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from notip_trio.devstack import natsd, postgres, simulator, stack
+from notip_trio.devstack._children import Child, exit_status
+from notip_trio.devstack._common import free_port
+from notip_trio.devstack._summary import Summary, db_counts, readiness, scrape
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+def test_missing_servers_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(natsd, "find_nats_server", lambda: None)
+    monkeypatch.setattr(postgres, "find_pg_bindir", lambda: None)
+    args = stack._parse_args(["--state-dir", str(tmp_path / "state")])
+    assert stack.run_stack(args, stack._Signals()) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install nats-server postgresql" in err
+    assert not (tmp_path / "state").exists()  # nothing started, nothing made
+
+
+def test_only_the_missing_package_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(natsd, "find_nats_server", lambda: "/usr/sbin/nats-server")
+    monkeypatch.setattr(postgres, "find_pg_bindir", lambda: None)
+    assert stack.missing_servers() == [("PostgreSQL server (initdb, pg_ctl)", "postgresql")]
+
+
+def test_stand_in_configuration_names_simulated_gateways() -> None:
+    fleet = {(g.tenant_id, g.gateway_id) for g in simulator.make_fleet(2, 40)}
+    tenants = {t for t, _ in fleet}
+    for config in stack.alert_configs():
+        assert config["tenant_id"] in tenants
+        if "gateway_id" in config:
+            assert (config["tenant_id"], config["gateway_id"]) in fleet
+    paused = [tuple(item.split("/")) for item in stack.paused_gateways(2, 40)]
+    assert paused
+    assert set(paused) <= fleet
+    assert {t for t, _ in paused} == tenants  # some of every tenant
+
+
+def test_child_stop_takes_its_whole_group(tmp_path: Path) -> None:
+    # a child that ignores SIGTERM and has a grandchild that does too
+    script = "trap '' TERM; sleep 60 & echo $! > grandchild; wait"
+    child = Child.spawn("stubborn", ["sh", "-c", script], tmp_path / "log", cwd=tmp_path)
+    pid_file = tmp_path / "grandchild"
+    try:
+        deadline = time.monotonic() + 5
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            assert time.monotonic() < deadline, "no grandchild"
+            time.sleep(0.02)
+        grandchild = int(pid_file.read_text())
+        assert exit_status(child.stop(0.3)) == 128 + signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while _alive(grandchild):
+            assert time.monotonic() < deadline, "grandchild survived"
+            time.sleep(0.02)
+    finally:
+        child.stop(0)
+    assert not child.running
+    assert child.stop(0) == -signal.SIGKILL  # idempotent
+
+
+def test_child_stop_is_sigterm_first(tmp_path: Path) -> None:
+    child = Child.spawn(
+        "polite", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log"
+    )
+    assert exit_status(child.stop(10)) == 128 + signal.SIGTERM
+
+
+def test_summary_line_with_nothing_running() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    assert scrape(f"{base}/metrics") is None
+    assert readiness(f"{base}/readyz") == "down"
+    conninfo = f"host=127.0.0.1 port={port} dbname=x user=x password=x"
+    assert db_counts(conninfo) == (None, None)
+    line = Summary(f"{base}/metrics", f"{base}/readyz", conninfo, 5).line(12.0)
+    assert line.startswith("[    12s] down | rows - |")
+    assert "alerts - |" in line
+
+
+@pytest.mark.integration
+def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
+    if stack.missing_servers():
+        pytest.skip(f"not installed: {stack.missing_servers()}")
+    state = tmp_path / "state"
+    cmd = [
+        sys.executable, "-m", "notip_trio.devstack.stack", "--duration", "12",
+        "--metrics-port", "0", "--state-dir", str(state), "--summary-every", "2",
+        "--gateways", "6", "--rate", "60", "--silent-seconds", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    out = proc.stdout
+    assert proc.returncode == 0, f"{out}\n{proc.stderr}"
+    assert "notip-trio dev stack is up" in out
+    status_lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert any(line.split("] ")[1].startswith("ready") for line in status_lines), out
+    assert "stopping daemon ... exit status 0" in out
+    assert out.index("stopping daemon") < out.index("stopping simulator")
+    assert out.index("stopping mgmt-standin") < out.index("stopping PostgreSQL")
+    assert out.rstrip().endswith("trio-run: stopped")
+    # nothing left behind that this stack started
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(state)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert leftovers == []
+    assert not (state / "postgres.json").exists()
