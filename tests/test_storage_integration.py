@@ -47,7 +47,8 @@ async def test_fresh_database_migrates_idempotently_and_dedups(pg_database) -> N
         first = await storage.migrate()
         second = await storage.migrate()
         assert first == second
-        assert first.dedup_index and not first.hypertable
+        assert first.dedup_index
+        assert not first.hypertable
         rows = [_row(i) for i in range(300)]
         result = await storage.write_batch(rows[:200], [])
         assert (result.inserted, result.duplicates) == (200, 0)
@@ -88,7 +89,8 @@ async def test_go_filled_table_with_exact_duplicates_gets_its_index(pg_database)
     try:
         info = await storage.migrate()
         assert info.exact_duplicates_removed == 10
-        assert info.dedup_index and info.conflicting_keys == 0
+        assert info.dedup_index
+        assert info.conflicting_keys == 0
     finally:
         await storage.close()
     assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 50
@@ -119,7 +121,9 @@ async def test_go_filled_table_with_differing_rows_under_one_key_keeps_them(
         await storage.close()
     assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 22
     assert (
-        _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry WHERE encrypted_data <> 'QUJD'")
+        _scalar(
+            pg_database.conninfo, "SELECT count(*) FROM telemetry WHERE encrypted_data <> 'QUJD'"
+        )
         == 1
     )
 
@@ -128,7 +132,8 @@ async def test_hypertable_when_timescaledb_is_available(timescaledb_database) ->
     storage = await _storage(timescaledb_database.conninfo)
     try:
         info = await storage.migrate()
-        assert info.hypertable and info.dedup_index
+        assert info.hypertable
+        assert info.dedup_index
         await storage.write_batch([_row(i) for i in range(10)], [])
         assert (await storage.write_batch([_row(1)], [])).duplicates == 1
     finally:
