@@ -91,7 +91,8 @@ def decommission_spec() -> PullSpec:
         durable=DECOMMISSION_DURABLE,
         filter_subject="gateway.decommissioned.>",
         batch=100,
-        expires_s=5.0,
+        # A decommission is acted on within about a second, even when it comes alone.
+        expires_s=1.0,
         depth=1,
         max_ack_pending=1000,
     )

@@ -422,7 +422,10 @@ class _PullSlot:
         self._done = asyncio.get_running_loop().create_future()
         await self._nc.publish(self._api, self._request, reply=self._inbox)
         try:
-            await asyncio.wait_for(asyncio.shield(self._done), self._spec.expires_s + 2.0)
+            # The server ends a request with a 408 at `expires`; should that status
+            # never come (a request lost in a reconnect, or dropped by the server),
+            # move on shortly after. Late deliveries still go out with the next batch.
+            await asyncio.wait_for(asyncio.shield(self._done), self._spec.expires_s + 0.5)
         except TimeoutError:
             pass
         finally:

@@ -63,6 +63,22 @@ def test_replies_follow_the_state() -> None:
     assert [u["gateway_id"] for u in standin.updates] == ["gw1", "gwF"]
 
 
+def test_invalid_status_replies_and_the_record_file(tmp_path: Any) -> None:
+    record = tmp_path / "requests.jsonl"
+    standin = MgmtStandin(invalid_status={("t1", "gwI")}, record=record)
+    asked = {"gateway_id": "gwI", "tenant_id": "t1"}
+    reply = standin.reply_for(SUBJECT_GET_STATUS, _req(asked))
+    assert reply["state"] not in ("online", "offline", "paused", "provisioning")
+    update = {"gateway_id": "gwI", "status": "offline", "last_seen_at": "2024-05-01T12:00:00Z"}
+    standin.reply_for(SUBJECT_UPDATE_STATUS, _req(update))
+    standin.reply_for(SUBJECT_LIST_CONFIGS, b"")  # not recorded
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert lines == [
+        {"subject": SUBJECT_GET_STATUS, "request": asked},
+        {"subject": SUBJECT_UPDATE_STATUS, "request": update},
+    ]
+
+
 def test_cli_rejects_bad_arguments(capsys: Any) -> None:
     with pytest.raises(SystemExit) as info:
         main(
