@@ -25,6 +25,7 @@ import trio_asyncio  # isort: split
 
 import functools
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -217,11 +218,18 @@ async def _serve(
                     # closes the heartbeat channel, which ends liveness and closes
                     # the status queue, which the dispatcher drains (bounded).
                     intake.cancel_scope.cancel()
-                ingest_scope.deadline = trio.current_time() + drain_s
+                # One drain budget for the whole shutdown, ingest first.
+                deadline = trio.current_time() + drain_s
+                ingest_scope.deadline = deadline
         if ingest_scope.cancelled_caught:
             log.warning("ingest_drain_timeout", drain_s=drain_s)
-        with trio.move_on_after(drain_s + 1):
+        # The status queue gets what is left of the budget (at least a second).
+        with trio.move_on_at(max(deadline, trio.current_time() + 1.0)):
             await dispatch_done.wait()
+        if not dispatch_done.is_set():
+            left = dispatcher.queued()
+            metrics.status_update_dropped.inc(left)
+            log.warning("status_updates_drain_timeout", left=left, drain_s=drain_s)
         root.cancel_scope.cancel()
 
 
@@ -232,9 +240,9 @@ async def _watch_signals(stop: trio.Event) -> None:
             stop.set()
 
 
-async def _run_then_set(fn: object, done: trio.Event) -> None:
+async def _run_then_set(fn: Callable[[], Awaitable[None]], done: trio.Event) -> None:
     try:
-        await fn()  # type: ignore[operator]
+        await fn()
     finally:
         done.set()
 

@@ -347,9 +347,19 @@ class NatsBridge:
                     for slot in slots:
                         nursery.start_soon(self._pull_loop, slot, out.clone())
             finally:
+                # Deliveries still in a slot were never handed over: give them back
+                # at once (NAK) instead of leaving them to ack_wait (30 s). Every
+                # slot stops receiving first, or a NAK'd message could be redelivered
+                # straight into a sibling slot's open request.
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    leftovers: list[JsMsg] = []
                     for slot in slots:
-                        await _aio(slot.unsubscribe)()
+                        leftovers += await _aio(slot.close)()
+                    if leftovers:
+                        await self.nak(leftovers)
+                        log.info(
+                            "pull_leftovers_returned", stream=spec.stream, count=len(leftovers)
+                        )
 
     async def _pull_loop(self, slot: _PullSlot, out: trio.MemorySendChannel[list[JsMsg]]) -> None:
         async with out:
@@ -363,7 +373,11 @@ class NatsBridge:
                     try:
                         await out.send(batch)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        slot.give_back(batch)
                         return
+                    except trio.Cancelled:
+                        slot.give_back(batch)  # NAK'd with the leftovers at close
+                        raise
 
 
 class _PullSlot:
@@ -396,10 +410,18 @@ class _PullSlot:
             self._prefix + ".*", cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
 
-    async def unsubscribe(self) -> None:
+    def give_back(self, msgs: list[JsMsg]) -> None:
+        """Return a batch that could not be handed over; `close` will hand it back."""
+        self._msgs[:0] = msgs
+
+    async def close(self) -> list[JsMsg]:
+        """Stop receiving; return the deliveries not handed over yet."""
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
+        self._finish()
+        msgs, self._msgs = self._msgs, []
+        return msgs
 
     async def _on_msg(self, msg: Msg) -> None:
         if not msg.reply:  # a status message: 408 expired, 404/409, 100 heartbeat

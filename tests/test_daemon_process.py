@@ -1,0 +1,324 @@
+"""The daemon as a real process: `python -m notip_trio`, configured only by its environment.
+
+Rules for this file: each daemon is its own subprocess (tests/_daemon.py) with
+the variables of `daemon_env` and nothing inherited, stderr captured in a file,
+and killed on teardown if still running. Servers are throwaway: a fresh
+`private_nats_server` per test (the daemon makes durable consumers on it) and a
+fresh database. Every async test has an absolute `trio.fail_after` hang guard;
+every blocking call has its own timeout. Waits poll real state (the process, its
+HTTP endpoints, the table, the server's monitoring endpoint) with a deadline.
+
+Deadlines are those of SPEC.md and of the issues (exit "at once" on a bad
+setting, within 5 s of a signal when idle, within 10 s under load) and are
+checked as upper bounds only, never as speed figures. "At once" is checked as
+under CONFIG_EXIT_LIMIT_S (3 s): a start takes about 0.2 s here, the margin
+is for a loaded two-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from notip_trio.config import load_settings
+from notip_trio.devstack import certs, simulator
+from notip_trio.devstack.env import daemon_env
+from notip_trio.devstack.natsd import NatsServer
+
+from . import _js
+from ._daemon import PROJECT_ROOT, assert_logs_clean, process_env, run_nats, spawn_daemon
+from ._daemon import spawn_mgmt_standin as spawn_mgmt
+
+DURABLE = "data-consumer-telemetry"
+CONFIG_EXIT_LIMIT_S = 3.0  # "at once"; measured about 0.2 s
+IDLE_EXIT_LIMIT_S = 5.0
+LOAD_EXIT_LIMIT_S = 10.0
+
+
+# --- 1. configuration errors -------------------------------------------------
+
+REQUIRED = (
+    "NATS_URL",
+    "NATS_TLS_CA",
+    "NATS_TLS_CERT",
+    "NATS_TLS_KEY",
+    "DB_HOST",
+    "DB_NAME",
+    "DB_USER",
+    "DB_PASSWORD_FILE",
+)
+
+
+def _valid_env(pki: certs.Pki, tmp_path: Path) -> dict[str, str]:
+    """A complete, valid configuration pointing at nothing (port 1): never reached."""
+    client = pki.client("notip-trio")
+    password = tmp_path / "db-password"
+    password.write_text("config-test-password\n", encoding="utf-8")
+    return {
+        "NATS_URL": "tls://127.0.0.1:1",
+        "NATS_TLS_CA": str(client.ca),
+        "NATS_TLS_CERT": str(client.cert),
+        "NATS_TLS_KEY": str(client.key),
+        "DB_HOST": "127.0.0.1",
+        "DB_PORT": "1",
+        "DB_NAME": "notip",
+        "DB_USER": "notip",
+        "DB_PASSWORD_FILE": str(password),
+        "DB_SSL_MODE": "disable",
+        "METRICS_ADDR": "127.0.0.1:0",
+    }
+
+
+# (test id, variables to drop, variables to set, the variable the line must name)
+CONFIG_CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
+    *((f"missing-{name}", (name,), {}, name) for name in REQUIRED),
+    ("verify-full-without-root-cert", (), {"DB_SSL_MODE": "verify-full"}, "DB_SSL_ROOT_CERT"),
+    ("verify-ca-without-root-cert", (), {"DB_SSL_MODE": "verify-ca"}, "DB_SSL_ROOT_CERT"),
+    ("bogus-ssl-mode", (), {"DB_SSL_MODE": "bogus"}, "DB_SSL_MODE"),
+    ("non-integer-tick", (), {"HEARTBEAT_TICK_MS": "ten"}, "HEARTBEAT_TICK_MS"),
+    ("empty-required", (), {"DB_HOST": "  "}, "DB_HOST"),
+]
+
+
+def test_the_base_configuration_is_valid(pki, tmp_path, monkeypatch):
+    """Each case below breaks exactly one thing in an otherwise valid configuration."""
+    for key, value in process_env(_valid_env(pki, tmp_path)).items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.db_ssl_mode == "disable"
+
+
+@pytest.mark.parametrize(
+    ("drop", "setenv", "variable"),
+    [pytest.param(*case[1:], id=case[0]) for case in CONFIG_CASES],
+)
+def test_bad_setting_exits_at_once_with_one_line_naming_it(pki, tmp_path, drop, setenv, variable):
+    env = {k: v for k, v in _valid_env(pki, tmp_path).items() if k not in drop} | setenv
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "notip_trio"],
+        env=process_env(env),
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,  # hang guard: a wrongly accepted setting would try to connect
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    print(f"config error {variable}: exit {done.returncode} after {elapsed:.3f} s")
+    stderr = done.stderr.decode()
+    lines = stderr.splitlines()
+    assert done.returncode == 2, stderr  # __main__: 2 means a bad setting
+    assert len(lines) == 1, stderr
+    assert variable in lines[0]
+    assert "Traceback" not in stderr
+    assert done.stdout == b""
+    assert elapsed < CONFIG_EXIT_LIMIT_S
+
+
+# --- 2. signals ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_to_an_idle_daemon_exits_0_within_5_s(
+    sig, private_nats_server, pg_server, pg_database, tmp_path
+):
+    env = daemon_env(private_nats_server, pg_server, pg_database.name)
+    with trio.fail_after(120), spawn_daemon(env, tmp_path / "daemon.log") as daemon:
+        await daemon.wait_ready()
+        daemon.signal(sig)
+        code, seconds = await daemon.wait_exit(30)
+    print(f"{sig.name} idle: exit {code} after {seconds:.3f} s")
+    assert code == 0, daemon.tail()
+    assert seconds < IDLE_EXIT_LIMIT_S
+    logs = daemon.json_logs()
+    assert any(e["event"] == "signal_received" and e["signal"] == sig.name for e in logs)
+    assert logs[-1]["event"] == "stopped"
+    assert [e for e in logs if e["level"] == "error"] == []
+    assert_logs_clean(daemon, {pg_server.password})
+
+
+# --- 3. a missing stream ---------------------------------------------------------
+
+
+def _delete_stream(server: NatsServer, stream: str) -> None:
+    async def fn(nc: Any) -> None:
+        await nc.jetstream().delete_stream(stream)
+
+    run_nats(server, fn)
+
+
+@pytest.mark.parametrize("stream", ["TELEMETRY", "ALERTS", "DECOMMISSION"])
+async def test_missing_stream_exits_non_zero_with_one_line_naming_it(
+    stream, private_nats_server, pg_server, pg_database, tmp_path
+):
+    await trio.to_thread.run_sync(_delete_stream, private_nats_server, stream)
+    env = daemon_env(private_nats_server, pg_server, pg_database.name)
+    with trio.fail_after(120), spawn_daemon(env, tmp_path / "daemon.log") as daemon:
+        code, _ = await daemon.wait_exit(60)
+    assert code == 1, daemon.tail()
+    logs = daemon.json_logs()
+    naming = [e for e in logs if f"stream {stream}" in str(e)]
+    errors = [e for e in logs if e["level"] in ("error", "critical")]
+    assert len(naming) == 1, daemon.tail()
+    assert errors == naming
+    assert "traceback" not in errors[0]
+    # The daemon does not create streams (SPEC.md): it is still missing.
+    state = await trio.to_thread.run_sync(_stream_names, private_nats_server)
+    assert stream not in state
+
+
+def _stream_names(server: NatsServer) -> set[str]:
+    async def fn(nc: Any) -> set[str]:
+        return {s.config.name for s in await nc.jetstream().streams_info()}
+
+    result: set[str] = run_nats(server, fn)
+    return result
+
+
+# --- 6. SIGTERM under load ---------------------------------------------------------
+
+TOTAL = 20_000
+CHUNK = 100
+PERIOD_S = 0.05  # 2,000 messages/s: about 10 s of publishing
+BASE = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
+
+
+@dataclass
+class _Publisher:
+    """Publishes TOTAL valid envelopes at a steady rate with the simulator (blocking)."""
+
+    server: NatsServer
+    sent: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        async def fn(nc: Any) -> None:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for k in range(TOTAL // CHUNK):
+                # Chunk k's timestamps are BASE + k s + i µs: every key is distinct.
+                await simulator.publish_burst(
+                    nc,
+                    CHUNK,
+                    tenants=2,
+                    gateways_per_tenant=10,
+                    rng=random.Random(k),
+                    start=BASE + dt.timedelta(seconds=k),
+                )
+                self.sent += CHUNK
+                await asyncio.sleep(max(0.0, t0 + (k + 1) * PERIOD_S - loop.time()))
+            js = nc.jetstream()
+            while (await js.stream_info("TELEMETRY")).state.messages < TOTAL:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        try:
+            run_nats(self.server, fn, "gateway-sim")
+        finally:
+            self.done.set()
+
+
+def _count(conninfo: str, sql: str = "SELECT count(*) FROM telemetry") -> int:
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        row = conn.execute(sql).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def _until(check: Any, limit_s: float, what: str, state: Any = None) -> None:
+    """Poll `check` (blocking, run in a thread) until true; fail after `limit_s`,
+    saying what `state()` shows then."""
+    with trio.move_on_after(limit_s):
+        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110 - external state
+            await trio.sleep(0.1)
+        return
+    seen = f" ({state()})" if state is not None else ""
+    pytest.fail(f"timed out after {limit_s} s waiting for {what}{seen}")
+
+
+async def test_sigterm_under_load_exits_0_and_a_restart_loses_and_duplicates_nothing(
+    private_nats_server, pg_server, pg_database, tmp_path
+):
+    nats, conninfo = private_nats_server, pg_database.conninfo
+    env = daemon_env(nats, pg_server, pg_database.name)
+    publisher = _Publisher(nats)
+    with trio.fail_after(600), spawn_mgmt(nats, tmp_path / "mgmt.log"):
+        with spawn_daemon(env, tmp_path / "first.log") as first:
+            await first.wait_ready()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, publisher.run))
+                await _until(lambda: _count(conninfo) >= 2_000, 120, "ingest under way")
+                sent_at_signal = publisher.sent
+                first.signal(signal.SIGTERM)
+                code, seconds = await first.wait_exit(60)
+                print(f"SIGTERM under load: exit {code} after {seconds:.3f} s")
+                assert code == 0, first.tail()
+                assert seconds < LOAD_EXIT_LIMIT_S
+                assert sent_at_signal < TOTAL  # the signal came mid-stream
+                assert not publisher.done.is_set()
+                # "Write and ack what is in hand": every row it wrote was acked.
+                # A message the server delivered twice during the run (its one
+                # redelivery) can be both a row and a NAK'd leftover: allow for it.
+                await _until(
+                    lambda: _acked(nats) + _redelivered(nats) >= _count(conninfo),
+                    15,
+                    "the first run's rows all acked",
+                    lambda: (
+                        f"{_js.consumer_state(nats, 'TELEMETRY', DURABLE)}, rows {_count(conninfo)}"
+                    ),
+                )
+            # The publisher is done: the stream holds all TOTAL messages.
+        first_rows = _count(conninfo)
+        assert first_rows < TOTAL  # the rest waited in the stream for the restart
+
+        with spawn_daemon(env, tmp_path / "second.log") as second:
+            await second.wait_ready()
+            await _until(
+                lambda: _count(conninfo) >= TOTAL and _drained(nats), 300, "the restart to drain"
+            )
+            second.signal(signal.SIGTERM)
+            code, _ = await second.wait_exit(60)
+            assert code == 0, second.tail()
+
+    assert _count(conninfo) == TOTAL
+    distinct = (
+        "SELECT count(*) FROM"
+        " (SELECT DISTINCT tenant_id, gateway_id, sensor_id, time FROM telemetry) d"
+    )
+    assert _count(conninfo, distinct) == TOTAL
+    state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
+    assert (state.num_pending, state.num_ack_pending) == (0, 0)
+    for daemon in (first, second):
+        assert [e for e in daemon.json_logs() if e["level"] == "error"] == [], daemon.tail()
+        assert_logs_clean(daemon, {pg_server.password})
+    print(f"rows after the first run: {first_rows}")
+
+
+def _acked(server: NatsServer) -> int:
+    """Messages the consumer saw acked: delivered (in stream order) less those awaiting
+    an ack. Deliveries given back at shutdown (NAK) stay ack-pending until redelivered."""
+    state = _js.consumer_state(server, "TELEMETRY", DURABLE)
+    return state.delivered - state.num_ack_pending
+
+
+def _redelivered(server: NatsServer) -> int:
+    return _js.consumer_state(server, "TELEMETRY", DURABLE).num_redelivered
+
+
+def _drained(server: NatsServer) -> bool:
+    state = _js.consumer_state(server, "TELEMETRY", DURABLE)
+    return state.num_pending == 0 and state.num_ack_pending == 0
