@@ -3,7 +3,7 @@
 Start order (each `nursery.start` returns only when its task is truly ready):
 
     metrics/health server ─ alert configs ─ status dispatcher ─ liveness
-      ─ ingest (writer ready) ─ telemetry pull ─ decommission pull ─ lag poller
+      ─ ingest (writer ready) ─ telemetry pull ─ decommission pull
       ─ signal watcher
 
 Channels (all bounded):
@@ -47,7 +47,6 @@ log = get_logger(__name__)
 
 STREAMS = ("TELEMETRY", "ALERTS", "DECOMMISSION")
 DECOMMISSION_DURABLE = "data-consumer-decommission-listener"
-LAG_POLL_S = 5.0
 
 
 @dataclass(eq=False)
@@ -180,7 +179,6 @@ async def _serve(
         root.start_soon(_run_then_set, dispatcher.run, dispatch_done)
         # Returns when ingest closes the heartbeat channel; then closes the dispatcher.
         await root.start(run_liveness, tracker, heartbeats_rx)
-        root.start_soon(_poll_lag, bridge, settings, metrics)
         root.start_soon(_watch_signals, stop)
 
         with trio.CancelScope() as ingest_scope:
@@ -245,21 +243,6 @@ async def _run_then_set(fn: Callable[[], Awaitable[None]], done: trio.Event) -> 
         await fn()
     finally:
         done.set()
-
-
-async def _poll_lag(bridge: NatsBridge, settings: Settings, metrics: Metrics) -> None:
-    """Consumer lag for /metrics; failures only log (NATS may be reconnecting)."""
-    durable = settings.nats_consumer_durable_name
-    while True:
-        try:
-            with trio.fail_after(LAG_POLL_S):
-                pending, ack_pending = await bridge.consumer_lag("TELEMETRY", durable)
-        except Exception as exc:
-            log.debug("consumer_lag_failed", error=f"{type(exc).__name__}: {exc}")
-        else:
-            metrics.consumer_pending.set(pending)
-            metrics.consumer_ack_pending.set(ack_pending)
-        await trio.sleep(LAG_POLL_S)
 
 
 def run_app(settings: Settings) -> int:

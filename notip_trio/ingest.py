@@ -65,17 +65,30 @@ class IngestState:
     last_error: str = ""
 
 
-def stream_seq(reply: str) -> int | None:
-    """The stream sequence from a `$JS.ACK...` reply subject (v1 and v2 forms)."""
+def _ack_tokens(reply: str) -> tuple[str, str] | None:
+    """(stream sequence, consumer pending) from a `$JS.ACK...` reply subject, v1 or v2 form."""
     tokens = reply.split(".")
-    try:
-        if len(tokens) == 9:
-            return int(tokens[5])
-        if len(tokens) >= 11:
-            return int(tokens[7])
-    except ValueError:
-        return None
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return tokens[5], tokens[8]
+    if len(tokens) >= 11:  # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>...
+        return tokens[7], tokens[10]
     return None
+
+
+def stream_seq(reply: str) -> int | None:
+    """The stream sequence of a delivery, from its ack subject."""
+    tokens = _ack_tokens(reply)
+    return int(tokens[0]) if tokens and tokens[0].isdigit() else None
+
+
+def consumer_pending(reply: str) -> int | None:
+    """Messages left for the consumer after this delivery: its lag, at no cost.
+
+    Read from the ack subject instead of asking the server for consumer info,
+    which on nats-server 2.9 was seen to stall pull deliveries while it ran.
+    """
+    tokens = _ack_tokens(reply)
+    return int(tokens[1]) if tokens and tokens[1].isdigit() else None
 
 
 def prepare(
@@ -107,6 +120,9 @@ def prepare(
             stream_seq=stream_seq(msg.reply),
         )
     metrics.messages_received.inc(len(msgs))
+    metrics.consumer_ack_pending.inc(len(msgs))
+    if msgs and (lag := consumer_pending(msgs[-1].reply)) is not None:
+        metrics.consumer_pending.set(lag)
     return out, heard
 
 
@@ -197,6 +213,7 @@ async def _write_stage(
                     retry_in_s=backoff,
                 )
                 await acker.nak(batch.good + batch.bad, delay_s=backoff)
+                metrics.consumer_ack_pending.dec(len(batch.good) + len(batch.bad))
                 await trio.sleep(backoff)
                 continue
             if not state.last_write_ok:
@@ -215,6 +232,7 @@ async def _write_stage(
             metrics.batch_size.observe(len(batch.rows))
             await acker.ack(batch.good)
             await acker.term(batch.bad)
+            metrics.consumer_ack_pending.dec(len(batch.good) + len(batch.bad))
             metrics.messages_written.inc(result.inserted)
             metrics.rejected_stored.inc(len(batch.rejected))
             if result.duplicates:

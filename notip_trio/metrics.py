@@ -102,7 +102,7 @@ class Metrics:
         )
         self.consumer_ack_pending = Gauge(
             _P + "consumer_ack_pending_messages",
-            "Messages delivered to the durable consumer and awaiting ack",
+            "Telemetry messages delivered to this daemon and not yet acked, naked or terminated",
             registry=r,
         )
         self.dispatch_queue_capacity = Gauge(

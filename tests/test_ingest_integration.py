@@ -148,8 +148,14 @@ async def test_redelivery_from_a_new_durable_adds_no_rows(
             settings = _settings(env, monkeypatch, NATS_CONSUMER_DURABLE_NAME=durable)
             metrics = Metrics()
             async with running_daemon(settings, metrics):
+                # Poll our own counters first: consumer info queried while a
+                # backlog drains was seen to stall deliveries on nats-server 2.9.
                 await _until(
-                    lambda d=durable: _drained(private_nats_server, d),
+                    lambda d=durable, m=metrics: (
+                        m.messages_written._value.get() + m.duplicates_skipped._value.get()
+                        >= 10_000
+                        and _drained(private_nats_server, d)
+                    ),
                     60,
                     f"{durable} to drain",
                 )
@@ -214,7 +220,9 @@ async def test_each_bad_input_kept_once_terminated_and_good_ones_written(
         async with running_daemon(settings, metrics):
             await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
             await _until(
-                lambda: _drained(private_nats_server, DURABLE),
+                lambda: (
+                    _count(pg_database.conninfo) >= 200 and _drained(private_nats_server, DURABLE)
+                ),
                 60,
                 "the consumer to drain",
             )
