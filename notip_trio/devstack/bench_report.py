@@ -1,0 +1,151 @@
+"""The benchmark's one table, ratios and goals, as Markdown, from the results dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+FLUSH_MS = 200
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f} ms" if x < 1 else f"{x:.1f} ms"
+
+
+def _check(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def render(r: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str]] = []
+    s = r.get("settings", {})
+    cfg = f"batch {s.get('batch')}, depth {s.get('depth')}"
+
+    def rate_row(key: str, label: str, detail: str) -> None:
+        if key in r:
+            m = r[key]
+            rows.append(
+                (label, _n(m["rate"]), f"{_n(m['msgs'])} msgs in {m['seconds']:.2f} s; {detail}")
+            )
+
+    rate_row("n", "1. Ceiling N: JetStream pull + ack, no DB", f"NatsBridge.run_pull, {cfg}")
+    rate_row("p", "2. Ceiling P: COPY, no NATS", f"Storage.write_batch, {s.get('batch')} rows/txn")
+    rate_row("g", "3. Baseline G: Go strategy", "fast pull, 100 INSERTs/txn (pipeline), 500 ms")
+    rate_row("naive", "4. Naive port", "pull_subscribe+fetch(100), 100 INSERTs, ack each")
+    ours = None
+    for i, d in enumerate(r.get("daemon", [])):
+        label = f"5. Daemon (ours), batch {d['batch']} depth {d['depth']}"
+        if i == 0:
+            ours = d["rate"]
+            label += " [ratios]"
+        detail = (
+            f"{_n(d['msgs'])} msgs in {d['seconds']:.2f} s, committed+acked; "
+            f"peak RSS {d['daemon_peak_rss_mib']:.0f} MiB; exit {d['exit_code']}"
+        )
+        rows.append((label, _n(d["rate"]), detail))
+        lat = d.get("latency")
+        if lat:
+            rows.append(
+                (
+                    f"5. Latency publish->commit at {_n(lat['published_rate'])} msgs/s "
+                    f"(half load, {_n(lat['measured_rows'])} rows)",
+                    f"p50 {lat['p50_ms']:.0f} ms",
+                    f"p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms "
+                    f"(target rate {_n(lat['target_rate'])})",
+                )
+            )
+    for size, t in r.get("tick", {}).items():
+        rows.append(
+            (
+                f"6. Liveness tick, {_n(int(size))} gateways",
+                f"none due {_ms(t['none_due_ms'])}",
+                f"1% due ({_n(t['due'])} alerts, instant fakes): {_ms(t['one_pct_due_ms'])}",
+            )
+        )
+    if "rss" in r:
+        m = r["rss"]
+        rows.append(
+            (
+                f"6. Memory per tracked gateway ({_n(m['count'])}, fresh process)",
+                f"{m['bytes_per_gateway']:.0f} B",
+                f"tracker alone (keys excluded): {m['tracker_only_bytes_per_gateway']:.0f} B",
+            )
+        )
+    out = ["| measurement | result | detail |", "|---|---:|---|"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    out += ["", *_ratios(r, ours), "", *_decisions(r), "", *_context(r)]
+    return "\n".join(out)
+
+
+def _ratios(r: dict[str, Any], ours: float | None) -> list[str]:
+    out = ["Ratios and goals:"]
+    if ours is not None:
+        if "n" in r and "p" in r:
+            floor = min(r["n"]["rate"], r["p"]["rate"])
+            ok = ours >= 0.6 * floor
+            out.append(f"- ours/min(N,P) = {ours / floor:.2f} (goal >= 0.6: {_check(ok)})")
+        if "g" in r:
+            x = ours / r["g"]["rate"]
+            out.append(f"- ours/G = {x:.2f} (goal >= 1.5: {_check(x >= 1.5)})")
+        if "naive" in r:
+            x = ours / r["naive"]["rate"]
+            out.append(f"- ours/naive = {x:.2f} (goal >= 5: {_check(x >= 5)})")
+        lat = r["daemon"][0].get("latency")
+        if lat:
+            ok = lat["p99_ms"] <= 2 * FLUSH_MS
+            goal = 2 * FLUSH_MS
+            out.append(f"- p99 latency {lat['p99_ms']:.0f} ms (goal <= {goal} ms: {_check(ok)})")
+        best = max(r["daemon"], key=lambda d: d["rate"])
+        out.append(
+            f"- best daemon setting: batch {best['batch']} depth {best['depth']} "
+            f"({_n(best['rate'])} msgs/s)"
+        )
+    tick = r.get("tick", {})
+    if "1000000" in tick:
+        v = tick["1000000"]["none_due_ms"]
+        out.append(f"- tick 1M none due {_ms(v)} (goal <= 100 ms: {_check(v <= 100)})")
+    if "100000" in tick:
+        v = tick["100000"]["none_due_ms"]
+        out.append(f"- tick 100k none due {_ms(v)} (goal <= 10 ms: {_check(v <= 10)})")
+    if "rss" in r:
+        v = r["rss"]["bytes_per_gateway"]
+        out.append(f"- RSS per gateway {v:.0f} B (goal <= 1024 B: {_check(v <= 1024)})")
+    return out
+
+
+def _decisions(r: dict[str, Any]) -> list[str]:
+    out = []
+    if "copy" in r:
+        c = r["copy"]
+        out.append(f"Decision a: COPY of {_n(c['rows'])} rows (rows/s, best of 3):")
+        for batch, v in c.items():
+            if isinstance(v, dict):
+                out.append(
+                    f"- {batch} rows/txn: sync conn in trio.to_thread {_n(v['thread'])}; "
+                    f"async conn via trio-asyncio {_n(v['trio_asyncio'])}"
+                )
+    if "decode" in r:
+        d = r["decode"]
+        out.append(f"Decision b: decode + validate {_n(d['envelopes'])} envelopes (best of 3):")
+        for name in ("json", "orjson", "msgspec"):
+            v = d[name]
+            out.append(f"- {name}: {v['us_per_envelope']:.2f} us/envelope ({_n(v['per_s'])}/s)")
+    return out
+
+
+def _context(r: dict[str, Any]) -> list[str]:
+    v = r.get("versions", {})
+    s = r.get("settings", {})
+    return [
+        f"Cores: {r.get('cores')}; load avg (1/5 min) before {r.get('load_before')}, "
+        f"after {r.get('load_after')}; {'QUICK' if r.get('quick') else 'full'} run, "
+        f"{_n(r.get('messages', 0))} messages from 1,000 gateways, "
+        f"{r.get('wall_seconds', 0):.0f} s wall",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"Settings: TELEMETRY_BATCH_SIZE={s.get('batch')}, TELEMETRY_PIPELINE_DEPTH="
+        f"{s.get('depth')}, TELEMETRY_FLUSH_MS={FLUSH_MS}; fsync on; nats-server mTLS "
+        "(verify_and_map), file store",
+    ]
