@@ -9,46 +9,26 @@ as assertions.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import random
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 
 import psycopg
 import pytest
 import trio
 
-from notip_trio.app import run_daemon
-from notip_trio.config import Settings, load_settings
+from notip_trio.config import Settings
 from notip_trio.devstack import simulator
 from notip_trio.devstack.env import daemon_env
 from notip_trio.metrics import Metrics
 
 from . import _js
+from ._inprocess import daemon_settings, running_daemon, until
 
 DURABLE = "data-consumer-telemetry"
 
 
 def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **extra: str) -> Settings:
-    for key in [
-        k for k in os.environ if k.startswith(("NATS_", "DB_", "HEARTBEAT_", "TELEMETRY_"))
-    ]:
-        monkeypatch.delenv(key)
     base = {"HEARTBEAT_GRACE_PERIOD_MS": "600000", "SHUTDOWN_DRAIN_MS": "2000"}
-    for key, value in {**env, **base, **extra}.items():
-        monkeypatch.setenv(key, value)
-    return load_settings()
-
-
-@asynccontextmanager
-async def running_daemon(settings: Settings, metrics: Metrics) -> AsyncIterator[int]:
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(run_daemon, settings, metrics, stop)
-        try:
-            yield port
-        finally:
-            stop.set()
+    return daemon_settings(env, monkeypatch, **{**base, **extra})
 
 
 def _envelopes(n: int, gateways: int, tenant: str = "t1", seed: int = 7) -> list[tuple[str, bytes]]:
@@ -76,15 +56,6 @@ def _drained(server: object, durable: str) -> bool:
     return state.num_pending == 0 and state.num_ack_pending == 0
 
 
-async def _until(check: Callable[[], bool], limit_s: float, what: str) -> None:
-    """Poll real state (in a thread) until `check` holds; fail after `limit_s`."""
-    with trio.move_on_after(limit_s):
-        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110 - external state
-            await trio.sleep(0.1)
-        return
-    pytest.fail(f"timed out waiting for {what}")
-
-
 async def test_10k_messages_exactly_once_blobs_identical(
     private_nats_server, pg_server, pg_database, monkeypatch
 ):
@@ -95,8 +66,8 @@ async def test_10k_messages_exactly_once_blobs_identical(
     with trio.fail_after(120):
         async with running_daemon(settings, metrics):
             await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
-            await _until(lambda: _count(pg_database.conninfo) >= 10_000, 60, "10,000 rows")
-            await _until(
+            await until(lambda: _count(pg_database.conninfo) >= 10_000, 60, "10,000 rows")
+            await until(
                 lambda: (
                     _js.consumer_state(private_nats_server, "TELEMETRY", DURABLE).num_ack_pending
                     == 0
@@ -150,7 +121,7 @@ async def test_redelivery_from_a_new_durable_adds_no_rows(
             async with running_daemon(settings, metrics):
                 # Poll our own counters first: consumer info queried while a
                 # backlog drains was seen to stall deliveries on nats-server 2.9.
-                await _until(
+                await until(
                     lambda d=durable, m=metrics: (
                         m.messages_written._value.get() + m.duplicates_skipped._value.get()
                         >= 10_000
@@ -219,7 +190,7 @@ async def test_each_bad_input_kept_once_terminated_and_good_ones_written(
     with trio.fail_after(90):
         async with running_daemon(settings, metrics):
             await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
-            await _until(
+            await until(
                 lambda: (
                     _count(pg_database.conninfo) >= 200 and _drained(private_nats_server, DURABLE)
                 ),
@@ -259,8 +230,8 @@ async def test_database_outage_loses_nothing_and_daemon_recovers(
             await trio.sleep(10)  # the outage lasts 10 s (scenario length, not an assertion)
             assert metrics.write_errors._value.get() >= 1
             await trio.to_thread.run_sync(private_pg_server.start)
-            await _until(lambda: _count(db.conninfo) >= 2_000, 90, "2,000 rows after the outage")
-            await _until(
+            await until(lambda: _count(db.conninfo) >= 2_000, 90, "2,000 rows after the outage")
+            await until(
                 lambda: _drained(private_nats_server, DURABLE),
                 60,
                 "the consumer to drain",

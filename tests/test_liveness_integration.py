@@ -16,11 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from notip_trio.app import run_daemon
-from notip_trio.config import Settings, load_settings
+from notip_trio.config import Settings
 from notip_trio.devstack import simulator
 from notip_trio.devstack._common import die_with_parent
 from notip_trio.devstack.env import daemon_env
@@ -42,6 +40,8 @@ from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_UPDATE_STATUS
 from notip_trio.wire import format_rfc3339, offline_alert_msg_id
 
 from . import _js
+from ._inprocess import daemon_settings, until
+from ._inprocess import running_daemon as _running_daemon
 
 Key = tuple[str, str]
 STANDIN_READY_S = 30.0
@@ -140,17 +140,6 @@ async def running_standin(
 
 
 def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **extra: str) -> Settings:
-    prefixes = (
-        "NATS_",
-        "DB_",
-        "HEARTBEAT_",
-        "TELEMETRY_",
-        "ALERT_CONFIG_",
-        "GATEWAY_",
-        "LIVENESS_",
-    )
-    for key in [k for k in os.environ if k.startswith(prefixes)]:
-        monkeypatch.delenv(key)
     base = {
         "HEARTBEAT_TICK_MS": "200",
         "HEARTBEAT_GRACE_PERIOD_MS": "0",
@@ -159,31 +148,15 @@ def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **extra: str
         "ALERT_CONFIG_REFRESH_MS": "600000",
         "SHUTDOWN_DRAIN_MS": "5000",
     }
-    for key, value in {**env, **base, **extra}.items():
-        monkeypatch.setenv(key, value)
-    return load_settings()
+    return daemon_settings(env, monkeypatch, **{**base, **extra})
 
 
 @asynccontextmanager
 async def running_daemon(settings: Settings, metrics: Metrics) -> AsyncIterator[None]:
     """The daemon, started with its alert configs loaded from the stand-in."""
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_daemon, settings, metrics, stop)
-        try:
-            await _until(lambda: metrics.alert_cache_last_success._value.get() > 0, 30, "configs")
-            yield
-        finally:
-            stop.set()
-
-
-async def _until(check: Callable[[], bool], limit_s: float, what: str) -> None:
-    """Poll real state (in a thread) until `check` holds; fail after `limit_s`."""
-    with trio.move_on_after(limit_s):
-        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110 - external state
-            await trio.sleep(0.1)
-        return
-    pytest.fail(f"timed out waiting for {what}")
+    async with _running_daemon(settings, metrics):
+        await until(lambda: metrics.alert_cache_last_success._value.get() > 0, 30, "configs")
+        yield
 
 
 # --- telemetry and alerts -----------------------------------------------------
@@ -254,16 +227,16 @@ async def test_silent_gateway_one_alert_offline_then_online_again(
         ):
             first_before = _now()
             await _publish(server, [gw, gw])
-            await _until(lambda: standin.statuses("gw-1") == ["online"], 30, "first online")
+            await until(lambda: standin.statuses("gw-1") == ["online"], 30, "first online")
             # The last message: its arrival lies between the publish and the ack.
             last_before = _now()
             await _publish(server, [gw])
-            await _until(lambda: _drained(server), 30, "the last message to be acked")
+            await until(lambda: _drained(server), 30, "the last message to be acked")
             last_after = _now()
 
-            await _until(lambda: _alert_count(server) >= 1, 30, "the offline alert")
+            await until(lambda: _alert_count(server) >= 1, 30, "the offline alert")
             seen_alert_at = _now()
-            await _until(lambda: "offline" in standin.statuses("gw-1"), 30, "offline update")
+            await until(lambda: "offline" in standin.statuses("gw-1"), 30, "offline update")
             # Stay silent for five more ticks: still one alert, one offline update.
             await trio.sleep(1.0)
             assert _alert_count(server) == 1
@@ -271,7 +244,7 @@ async def test_silent_gateway_one_alert_offline_then_online_again(
 
             resume_before = _now()
             await _publish(server, [gw])
-            await _until(lambda: len(standin.updates("gw-1")) >= 3, 30, "online again")
+            await until(lambda: len(standin.updates("gw-1")) >= 3, 30, "online again")
             assert _alert_count(server) == 1
 
         ((subject, body, headers),) = await _alerts(server)
@@ -317,8 +290,8 @@ async def test_paused_gateway_falls_silent_without_alert(
             await _publish(server, [paused, control])
             # The control's alert shows the silence was detected; the paused one
             # was asked about on several ticks and skipped each time.
-            await _until(lambda: "offline" in standin.statuses("gw-c"), 30, "control offline")
-            await _until(lambda: standin.status_queries("gw-p") >= 3, 30, "paused re-checked")
+            await until(lambda: "offline" in standin.statuses("gw-c"), 30, "control offline")
+            await until(lambda: standin.status_queries("gw-p") >= 3, 30, "paused re-checked")
         alerts = await _alerts(server)
     assert [(s, b["gatewayId"]) for s, b, _ in alerts] == [("alert.t1.gw_offline", "gw-c")]
     assert standin.statuses("gw-p") == ["online"]
@@ -362,8 +335,8 @@ async def test_100_of_1000_gateways_fall_silent_exactly_100_alerts(
             await _publish(server, fleet)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_talking)
-                await _until(lambda: _alert_count(server) >= 100, 90, "100 alerts")
-                await _until(lambda: len(offline_updates()) >= 100, 60, "100 offline updates")
+                await until(lambda: _alert_count(server) >= 100, 90, "100 alerts")
+                await until(lambda: len(offline_updates()) >= 100, 60, "100 offline updates")
                 nursery.cancel_scope.cancel()
             # No fixed wait here: the talkers would go silent too.
         alerts = await _alerts(server)
@@ -444,19 +417,19 @@ async def test_decommissioned_gateway_gets_no_alert_and_is_first_seen_again(
         ):
             # gw-d first: it is never heard later than the control gateway.
             await _publish(server, [gone, control])
-            await _until(
+            await until(
                 lambda: standin.statuses("gw-d") == standin.statuses("gw-c") == ["online"],
                 30,
                 "both online",
             )
             await _decommission(server, *gone)
-            await _until(
+            await until(
                 lambda: metrics.gateways_decommissioned._value.get() == 1, 30, "decommission"
             )
             assert standin.statuses("gw-c") == ["online"], "decommission came too late"
-            await _until(lambda: "offline" in standin.statuses("gw-c"), 30, "control offline")
+            await until(lambda: "offline" in standin.statuses("gw-c"), 30, "control offline")
             await _publish(server, [gone])
-            await _until(lambda: len(standin.updates("gw-d")) >= 2, 30, "gw-d first seen again")
+            await until(lambda: len(standin.updates("gw-d")) >= 2, 30, "gw-d first seen again")
         alerts = await _alerts(server)
     assert [(s, b["gatewayId"]) for s, b, _ in alerts] == [("alert.t1.gw_offline", "gw-c")]
     assert standin.statuses("gw-d") == ["online", "online"]
@@ -483,8 +456,8 @@ async def test_failing_status_query_still_alerts(
         ):
             await _publish(server, [gw])
             # Four invalid replies with 1 + 2 + 4 s between them, then fail open.
-            await _until(lambda: _alert_count(server) >= 1, 45, "the fail-open alert")
-            await _until(lambda: "offline" in standin.statuses("gw-x"), 30, "offline update")
+            await until(lambda: _alert_count(server) >= 1, 45, "the fail-open alert")
+            await until(lambda: "offline" in standin.statuses("gw-x"), 30, "offline update")
         ((subject, body, _),) = await _alerts(server)
     assert subject == "alert.t1.gw_offline"
     assert (body["gatewayId"], body["timeoutMs"]) == ("gw-x", 1500)
