@@ -225,7 +225,7 @@ async def _serve(
         with trio.move_on_at(max(deadline, trio.current_time() + 1.0)):
             await dispatch_done.wait()
         if not dispatch_done.is_set():
-            left = dispatcher.queued()
+            left = dispatcher.queued() + 1  # the queue, and the update in flight
             metrics.status_update_dropped.inc(left)
             log.warning("status_updates_drain_timeout", left=left, drain_s=drain_s)
         root.cancel_scope.cancel()

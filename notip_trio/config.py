@@ -60,7 +60,7 @@ class Settings:
     telemetry_pipeline_depth: int = 2
     rejected_body_max_bytes: int = 16384
     liveness_query_concurrency: int = 32
-    shutdown_drain_ms: int = 10000
+    shutdown_drain_ms: int = 8000
     log_level: str = "INFO"
 
     def __repr__(self) -> str:  # never print the password
@@ -202,6 +202,6 @@ def _load(env: environs.Env) -> Settings:
         telemetry_pipeline_depth=pos_int("TELEMETRY_PIPELINE_DEPTH", 2),
         rejected_body_max_bytes=pos_int("REJECTED_BODY_MAX_BYTES", 16384, minimum=0),
         liveness_query_concurrency=pos_int("LIVENESS_QUERY_CONCURRENCY", 32),
-        shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS", 10000),
+        shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS", 8000),
         log_level=log_level,
     )
