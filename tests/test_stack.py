@@ -113,17 +113,27 @@ def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
     if stack.missing_servers():
         pytest.skip(f"not installed: {stack.missing_servers()}")
     state = tmp_path / "state"
+    # Gateways fall silent 10 s in (the simulator's lead), for 10 s; a 4 s timeout
+    # with 2 s ticks alerts within ~16 s, and they are back online from ~20 s.
     cmd = [
-        sys.executable, "-m", "notip_trio.devstack.stack", "--duration", "12",
+        sys.executable, "-m", "notip_trio.devstack.stack", "--duration", "28",
         "--metrics-port", "0", "--state-dir", str(state), "--summary-every", "2",
-        "--gateways", "6", "--rate", "60", "--silent-seconds", "4",
+        "--gateways", "8", "--rate", "80", "--silent-seconds", "10",
+        "--silent-fraction", "0.5", "--alert-timeout-ms", "4000",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     out = proc.stdout
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
     assert "notip-trio dev stack is up" in out
     status_lines = [line for line in out.splitlines() if line.startswith("[")]
     assert any(line.split("] ")[1].startswith("ready") for line in status_lines), out
+    fields = [_status_fields(line) for line in status_lines]
+    assert any(f["rows"] > 0 for f in fields), out
+    # An offline alert, then the recovery: offline gateways back to zero after it.
+    first_alert = next((i for i, f in enumerate(fields) if f["offline"] > 0), None)
+    assert first_alert is not None, out
+    assert fields[first_alert]["alerts"] >= 1, out
+    assert any(f["offline"] == 0 for f in fields[first_alert + 1 :]), out
     assert "stopping daemon ... exit status 0" in out
     assert out.index("stopping daemon") < out.index("stopping simulator")
     assert out.index("stopping mgmt-standin") < out.index("stopping PostgreSQL")
@@ -134,3 +144,14 @@ def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
     ).stdout.split()
     assert leftovers == []
     assert not (state / "postgres.json").exists()
+
+
+def _status_fields(line: str) -> dict[str, int]:
+    """`[ 12s] ready | rows 1,072 (+481/5s) | ... | alerts 1 | online 39 | offline 1 | lag 0`."""
+    out: dict[str, int] = {}
+    for part in line.split("] ", 1)[1].split(" | ")[1:]:
+        name, _, value = part.partition(" ")
+        number = value.split(" ")[0].replace(",", "")
+        if number.isdigit():
+            out[name] = int(number)
+    return out

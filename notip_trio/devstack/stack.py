@@ -95,15 +95,18 @@ def missing_servers() -> list[tuple[str, str]]:
     return missing
 
 
-def alert_configs() -> list[dict[str, object]]:
-    """The stand-in's alert configs: short timeouts so silences show within a minute."""
+def alert_configs(timeout_ms: int = 0) -> list[dict[str, object]]:
+    """The stand-in's alert configs: short timeouts so silences show within a minute.
+
+    `timeout_ms` > 0 puts that one timeout in every entry (for quick smoke runs).
+    """
     return [
-        {"tenant_id": simulator.tenant_name(0), "timeout_ms": 15000},
-        {"tenant_id": simulator.tenant_name(1), "timeout_ms": 20000},
+        {"tenant_id": simulator.tenant_name(0), "timeout_ms": timeout_ms or 15000},
+        {"tenant_id": simulator.tenant_name(1), "timeout_ms": timeout_ms or 20000},
         {
             "tenant_id": simulator.tenant_name(1),
             "gateway_id": simulator.gateway_name(1, 0),
-            "timeout_ms": 10000,
+            "timeout_ms": timeout_ms or 10000,
         },
     ]
 
@@ -130,6 +133,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--silent-seconds", type=float, default=30.0)
     p.add_argument("--malformed-every", type=int, default=250, help="0: none")
     p.add_argument("--summary-every", type=float, default=5.0, help="seconds between lines")
+    p.add_argument(
+        "--alert-timeout-ms",
+        type=int,
+        default=0,
+        help="one timeout for every alert config (0: 15 s / 20 s / 10 s as shipped)",
+    )
     p.add_argument(
         "--no-daemon",
         action="store_true",
@@ -339,7 +348,7 @@ def _tls_args(nats: natsd.NatsServer, identity: str) -> list[str]:
 
 def _standin_argv(args: argparse.Namespace, nats: natsd.NatsServer, state: Path) -> list[str]:
     configs = state / "mgmt-configs.json"
-    configs.write_text(json.dumps(alert_configs(), indent=2), encoding="utf-8")
+    configs.write_text(json.dumps(alert_configs(args.alert_timeout_ms), indent=2), encoding="utf-8")
     argv = [sys.executable, "-m", "notip_trio.devstack.mgmt_standin", *_tls_args(nats, "mgmt-api")]
     argv += ["--configs", str(configs)]
     paused = paused_gateways(args.tenants, args.gateways)
