@@ -226,19 +226,30 @@ class NatsBridge:
             try:
                 info = await self.js.consumer_info(spec.stream, spec.durable)
             except nats.js.errors.NotFoundError:
+                # A filter equal to the stream's own subjects selects nothing less, but
+                # nats-server 2.9 then counts pending messages the slow way on every
+                # delivery and consumer-info call: measured, deliveries stalled to a
+                # trickle while a backlog drained. So leave such a filter out.
+                stream = await self.js.stream_info(spec.stream)
+                redundant = list(stream.config.subjects or []) == [spec.filter_subject]
                 await self.js.add_consumer(
                     spec.stream,
                     config=ConsumerConfig(
                         durable_name=spec.durable,
                         ack_policy=AckPolicy.EXPLICIT,
                         deliver_policy=DeliverPolicy.ALL,
-                        filter_subject=spec.filter_subject,
+                        filter_subject=None if redundant else spec.filter_subject,
                         max_ack_pending=spec.max_ack_pending,
                         ack_wait=30.0,
                         max_waiting=512,
                     ),
                 )
-                log.info("consumer_created", stream=spec.stream, durable=spec.durable)
+                log.info(
+                    "consumer_created",
+                    stream=spec.stream,
+                    durable=spec.durable,
+                    filter_subject=None if redundant else spec.filter_subject,
+                )
                 return
             cfg = info.config
             if cfg.deliver_subject:
@@ -252,6 +263,16 @@ class NatsBridge:
                     f"durable consumer {spec.durable} on stream {spec.stream} has ack policy "
                     f"{cfg.ack_policy}; explicit is required"
                 )
+            if cfg.filter_subject:
+                stream = await self.js.stream_info(spec.stream)
+                if list(stream.config.subjects or []) == [cfg.filter_subject]:
+                    log.warning(
+                        "consumer_filter_redundant",
+                        durable=spec.durable,
+                        filter_subject=cfg.filter_subject,
+                        detail="equal to the stream's subjects; on nats-server 2.9 it slows "
+                        "deliveries; recreate the durable without it (README: Migrating)",
+                    )
             if cfg.max_ack_pending is not None and 0 < cfg.max_ack_pending < spec.max_ack_pending:
                 log.warning(
                     "consumer_max_ack_pending_low",

@@ -65,6 +65,12 @@ async def test_pull_batches_ack_and_late_deliveries_are_not_dropped(
         bridge = await _bridge(private_nats_server)
         try:
             await bridge.ensure_pull_consumer(SPEC)
+            info = await trio_asyncio.aio_as_trio(bridge.js.consumer_info)(
+                "TELEMETRY", SPEC.durable
+            )
+            # telemetry.data.> is the whole stream: created without the redundant filter.
+            assert not info.config.filter_subject
+            assert info.config.max_ack_pending == SPEC.max_ack_pending
 
             async def publish(n: int) -> None:
                 for i in range(n):
