@@ -85,7 +85,7 @@ def consumer_pending(reply: str) -> int | None:
     """Messages left for the consumer after this delivery: its lag, at no cost.
 
     Read from the ack subject instead of asking the server for consumer info,
-    which on nats-server 2.9 was seen to stall pull deliveries while it ran.
+    which on nats-server 2.9 stalled pull deliveries of a filtered consumer.
     """
     tokens = _ack_tokens(reply)
     return int(tokens[1]) if tokens and tokens[1].isdigit() else None

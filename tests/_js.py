@@ -60,8 +60,9 @@ class ConsumerState:
 def consumer_state(server: NatsServer, stream: str, durable: str) -> ConsumerState:
     """From the server's monitoring endpoint (plain HTTP, no NATS client).
 
-    A NATS client with its own asyncio loop in a worker thread, polled while the
-    daemon runs in-process, was seen to starve the daemon's loop; HTTP does not.
+    Cheap for the test, but not free for the server: with a filtered consumer,
+    consumer info on nats-server 2.9 stalled deliveries (BENCHMARKS.md, Findings);
+    poll our own counters or the database first where a test can.
     """
     with urllib.request.urlopen(f"{server.monitor_url}/jsz?consumers=true", timeout=5) as r:
         jsz = json.loads(r.read())

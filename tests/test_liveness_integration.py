@@ -1,8 +1,7 @@
 """Liveness end to end (SPEC.md Behaviour 3-5), in-process, on real mTLS NATS and PostgreSQL.
 
 Rules: servers come from the fixtures (a fresh nats-server per test); the
-management API is the stand-in running as its own process (a nats-py client
-polled in a worker thread starves the daemon's loop, NOTES/_js.py), which
+management API is the stand-in running as its own process, which
 appends every get-status and update-status request it receives to a JSON-lines
 file; the daemon runs in the test's nursery and stops through its `stop` event.
 Alerts are counted through the monitoring endpoint while the daemon runs and
