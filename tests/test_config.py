@@ -8,16 +8,7 @@ import pytest
 
 from notip_trio.config import ConfigError, load_settings
 
-REQUIRED = (
-    "NATS_URL",
-    "NATS_TLS_CA",
-    "NATS_TLS_CERT",
-    "NATS_TLS_KEY",
-    "DB_HOST",
-    "DB_NAME",
-    "DB_USER",
-    "DB_PASSWORD_FILE",
-)
+from ._spec import REQUIRED_VARIABLES
 
 
 @pytest.fixture
@@ -62,7 +53,7 @@ def test_defaults_match_the_spec(env: dict[str, str]) -> None:
     assert "password=s3cret" in s.db_conninfo()
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", REQUIRED_VARIABLES)
 def test_each_missing_required_variable_is_named(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:

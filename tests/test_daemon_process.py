@@ -42,6 +42,7 @@ from notip_trio.devstack.natsd import NatsServer
 from . import _js
 from ._daemon import PROJECT_ROOT, assert_logs_clean, process_env, run_nats, spawn_daemon
 from ._daemon import spawn_mgmt_standin as spawn_mgmt
+from ._spec import REQUIRED_VARIABLES
 
 DURABLE = "data-consumer-telemetry"
 CONFIG_EXIT_LIMIT_S = 3.0  # "at once"; measured about 0.2 s
@@ -50,17 +51,6 @@ LOAD_EXIT_LIMIT_S = 10.0
 
 
 # --- 1. configuration errors -------------------------------------------------
-
-REQUIRED = (
-    "NATS_URL",
-    "NATS_TLS_CA",
-    "NATS_TLS_CERT",
-    "NATS_TLS_KEY",
-    "DB_HOST",
-    "DB_NAME",
-    "DB_USER",
-    "DB_PASSWORD_FILE",
-)
 
 
 def _valid_env(pki: certs.Pki, tmp_path: Path) -> dict[str, str]:
@@ -85,7 +75,7 @@ def _valid_env(pki: certs.Pki, tmp_path: Path) -> dict[str, str]:
 
 # (test id, variables to drop, variables to set, the variable the line must name)
 CONFIG_CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
-    *((f"missing-{name}", (name,), {}, name) for name in REQUIRED),
+    *((f"missing-{name}", (name,), {}, name) for name in REQUIRED_VARIABLES),
     ("verify-full-without-root-cert", (), {"DB_SSL_MODE": "verify-full"}, "DB_SSL_ROOT_CERT"),
     ("verify-ca-without-root-cert", (), {"DB_SSL_MODE": "verify-ca"}, "DB_SSL_ROOT_CERT"),
     ("bogus-ssl-mode", (), {"DB_SSL_MODE": "bogus"}, "DB_SSL_MODE"),

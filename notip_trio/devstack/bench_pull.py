@@ -79,6 +79,16 @@ def _insert_sync(conn: psycopg.Connection[Any], rows: Sequence[Row]) -> None:
         cur.executemany(_INSERT, rows)
 
 
+async def _migrated_connection(settings: Settings) -> psycopg.Connection[Any]:
+    """The daemon's schema in place (same table, indexes, constraints), and one plain
+    connection for the INSERT strategies."""
+    storage = Storage.create(settings.db_conninfo(), min_size=1, max_size=1)
+    await storage.open(timeout_s=30)
+    await storage.migrate()
+    await storage.close()
+    return await trio.to_thread.run_sync(lambda: psycopg.connect(settings.db_conninfo()))
+
+
 async def _ceiling_n(spec: dict[str, Any]) -> dict[str, Any]:
     settings = load_settings()
     total = int(spec["total"])
@@ -107,11 +117,7 @@ async def _ceiling_n(spec: dict[str, Any]) -> dict[str, Any]:
 async def _baseline_g(spec: dict[str, Any]) -> dict[str, Any]:
     settings = load_settings()
     total = int(spec["total"])
-    conn = await trio.to_thread.run_sync(lambda: psycopg.connect(settings.db_conninfo()))
-    storage = Storage.create(settings.db_conninfo(), min_size=1, max_size=1)
-    await storage.open(timeout_s=30)
-    await storage.migrate()
-    await storage.close()
+    conn = await _migrated_connection(settings)
     async with trio_asyncio.open_loop():
         bridge = await _connect(settings)
         pull = telemetry_spec(settings)
@@ -150,11 +156,7 @@ async def _naive(spec: dict[str, Any]) -> dict[str, Any]:
     settings = load_settings()
     total = int(spec["total"])
     durable = settings.nats_consumer_durable_name
-    conn = await trio.to_thread.run_sync(lambda: psycopg.connect(settings.db_conninfo()))
-    storage = Storage.create(settings.db_conninfo(), min_size=1, max_size=1)
-    await storage.open(timeout_s=30)
-    await storage.migrate()
-    await storage.close()
+    conn = await _migrated_connection(settings)
     aio = trio_asyncio.aio_as_trio
     async with trio_asyncio.open_loop():
         bridge = await _connect(settings)
