@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from notip_trio.devstack._common import die_with_parent
-from notip_trio.devstack.natsd import NatsServer
+from devstack._common import die_with_parent
+from devstack.natsd import NatsServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +174,7 @@ def spawn_daemon(env: dict[str, str], log_path: Path) -> Iterator[DaemonProcess]
 def spawn_mgmt_standin(nats: NatsServer, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The management-API stand-in as its own process; yields once it answers."""
     client = nats.client("mgmt-api")
-    args = [sys.executable, "-m", "notip_trio.devstack.mgmt_standin", "--url", nats.url]
+    args = [sys.executable, "-m", "devstack.mgmt_standin", "--url", nats.url]
     args += ["--ca", str(client.ca), "--cert", str(client.cert), "--key", str(client.key)]
     proc = _popen(args, {}, log_path.with_suffix(".stdout"), log_path)
     try:

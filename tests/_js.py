@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from notip_trio.devstack.natsd import NatsServer
+from devstack.natsd import NatsServer
 
 
 def _run(server: NatsServer, fn: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Shared fixtures: real, throwaway NATS and PostgreSQL servers (notip_trio.devstack).
+"""Shared fixtures: real, throwaway NATS and PostgreSQL servers (devstack).
 
 Session-scoped servers are shared: tests must not stop them. A test that stops,
 kills or restarts a server asks for the `private_*` variant, which is its own.
@@ -31,8 +31,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from notip_trio.devstack import certs, natsd, postgres
-from notip_trio.devstack.env import daemon_env
+from devstack import certs, natsd, postgres
+from devstack.env import daemon_env
 
 _SERVER_FIXTURES = frozenset(
     {
@@ -147,7 +147,7 @@ def timescaledb_server(pg_server: postgres.PgServer) -> Iterator[postgres.PgServ
     if pg_server.timescaledb_available:
         yield pg_server
         return
-    from notip_trio.devstack import containers
+    from devstack import containers
 
     reason = containers.container_engine_reason()
     if reason is not None:
@@ -177,7 +177,7 @@ def settings_env(
 ) -> dict[str, str]:
     """SPEC.md's variables for the session servers and this test's database.
 
-    For private servers call `notip_trio.devstack.env.daemon_env(nats, pg, dbname)`.
+    For private servers call `devstack.env.daemon_env(nats, pg, dbname)`.
     """
     return daemon_env(nats_server, pg_server, pg_database.name)
 

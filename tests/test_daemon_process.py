@@ -34,10 +34,10 @@ import psycopg
 import pytest
 import trio
 
+from devstack import certs, simulator
+from devstack.env import daemon_env
+from devstack.natsd import NatsServer
 from notip_trio.config import load_settings
-from notip_trio.devstack import certs, simulator
-from notip_trio.devstack.env import daemon_env
-from notip_trio.devstack.natsd import NatsServer
 
 from . import _js
 from ._daemon import PROJECT_ROOT, assert_logs_clean, process_env, run_nats, spawn_daemon

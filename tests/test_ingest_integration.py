@@ -15,9 +15,9 @@ import psycopg
 import pytest
 import trio
 
+from devstack import simulator
+from devstack.env import daemon_env
 from notip_trio.config import Settings
-from notip_trio.devstack import simulator
-from notip_trio.devstack.env import daemon_env
 from notip_trio.metrics import Metrics
 
 from . import _js

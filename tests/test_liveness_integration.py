@@ -28,11 +28,11 @@ import pytest
 import trio
 import trio_asyncio
 
+from devstack import simulator
+from devstack._common import die_with_parent
+from devstack.env import daemon_env
+from devstack.natsd import NatsServer
 from notip_trio.config import Settings
-from notip_trio.devstack import simulator
-from notip_trio.devstack._common import die_with_parent
-from notip_trio.devstack.env import daemon_env
-from notip_trio.devstack.natsd import NatsServer
 from notip_trio.jetstream import NatsBridge
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_UPDATE_STATUS
@@ -88,14 +88,14 @@ async def running_standin(
     paused: Iterable[Key] = (),
     invalid_status: Iterable[Key] = (),
 ) -> AsyncIterator[Standin]:
-    """Run `python -m notip_trio.devstack.mgmt_standin` as "mgmt-api" until the block ends."""
+    """Run `python -m devstack.mgmt_standin` as "mgmt-api" until the block ends."""
     client = server.client("mgmt-api")
     configs_file = workdir / "alert-configs.json"
     configs_file.write_text(json.dumps(configs or []), encoding="utf-8")
     standin = Standin(workdir / "mgmt-requests.jsonl")
     log_file = workdir / "mgmt-standin.log"
     argv = [
-        sys.executable, "-m", "notip_trio.devstack.mgmt_standin",
+        sys.executable, "-m", "devstack.mgmt_standin",
         "--url", server.url, "--ca", str(client.ca), "--cert", str(client.cert),
         "--key", str(client.key), "--configs", str(configs_file),
         "--record", str(standin.record),

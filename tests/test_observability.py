@@ -22,9 +22,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from notip_trio.devstack import simulator
-from notip_trio.devstack.env import daemon_env
-from notip_trio.devstack.natsd import NatsServer
+from devstack import simulator
+from devstack.env import daemon_env
+from devstack.natsd import NatsServer
 
 from . import _js
 from ._daemon import DaemonProcess, assert_logs_clean, spawn_daemon

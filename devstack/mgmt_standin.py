@@ -27,7 +27,7 @@ stand-in as a subprocess reads what it received from there.
 
 CLI (its own process in the dev stack, mTLS client)::
 
-    python -m notip_trio.devstack.mgmt_standin --url tls://127.0.0.1:4222 \
+    python -m devstack.mgmt_standin --url tls://127.0.0.1:4222 \
         --ca ca.pem --cert client.pem --key client.key \
         [--configs configs.json] [--paused t1/gw1,t2/gw9] [--state t1/gw2=provisioning] \
         [--invalid-status-for t1/gw3,...] [--record requests.jsonl] [--delay-ms 0]
@@ -50,7 +50,7 @@ from typing import Any
 from notip_trio.log import get_logger, setup_logging
 from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_LIST_CONFIGS, SUBJECT_UPDATE_STATUS
 
-log = get_logger("notip_trio.devstack.mgmt_standin")  # also when run as __main__
+log = get_logger("devstack.mgmt_standin")  # also when run as __main__
 
 Key = tuple[str, str]
 
@@ -179,7 +179,7 @@ def _parse_states(items: Iterable[str]) -> dict[Key, str]:
 
 def _arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m notip_trio.devstack.mgmt_standin",
+        prog="python -m devstack.mgmt_standin",
         description="Management-API stand-in answering notip-trio's request-reply subjects.",
     )
     p.add_argument("--url", required=True, help="NATS URL, e.g. tls://127.0.0.1:4222")

@@ -10,7 +10,7 @@ Bodies are prebuilt per sensor with a timestamp placeholder, so publishing
 costs little CPU on a machine the daemon shares. Prints one JSON line with what
 it sent.
 
-Usage: python -m notip_trio.devstack.bench_publisher \
+Usage: python -m benchmarks.publisher \
     '{"url": ..., "ca": ..., "cert": ..., "key": ..., "rate": 20000, "seconds": 10}'
 """
 
@@ -24,8 +24,8 @@ import sys
 import time
 from typing import Any
 
-from notip_trio.devstack.bench_common import GATEWAYS, TENANTS
-from notip_trio.devstack.simulator import envelope_fields, make_fleet, tls_context
+from benchmarks.common import GATEWAYS, TENANTS
+from devstack.simulator import envelope_fields, make_fleet, tls_context
 
 _PACE_S = 0.005
 _PLACEHOLDER = "2000-01-01T00:00:00.000000Z"

@@ -16,7 +16,7 @@ polling `/jsz?consumers=true` every 10-200 ms while a pull consumer drains a
 backlog made delivery trickle (about 200 msgs/s instead of tens of
 thousands), in 7 of 9 trials; without the polling 3 of 3 ran at full speed.
 
-Latency (optional, same daemon afterwards): `bench_publisher` publishes live
+Latency (optional, same daemon afterwards): `benchmarks.publisher` publishes live
 envelopes at a fixed rate whose `timestamp` is the publish wall time. When the
 consumer has drained again, each row's publish-to-commit latency is
 `pg_xact_commit_timestamp(xmin) - time` (PostgreSQL runs with
@@ -37,10 +37,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from notip_trio.devstack._children import Child
-from notip_trio.devstack.bench_common import BenchError, consumer_state, run_child
-from notip_trio.devstack.bench_stack import Stack
-from notip_trio.devstack.natsd import NatsServer
+from benchmarks.common import BenchError, consumer_state, run_child
+from benchmarks.stack import Stack
+from devstack._children import Child
+from devstack.natsd import NatsServer
 
 POLL_S = 0.02
 _LATENCY_SQL = """
@@ -151,7 +151,7 @@ def run_daemon_bench(
         mgmt_cert = server.client("mgmt-api")
         standin = Child.spawn(
             "mgmt",
-            [sys.executable, "-m", "notip_trio.devstack.mgmt_standin", "--url", server.url,
+            [sys.executable, "-m", "devstack.mgmt_standin", "--url", server.url,
              "--ca", str(mgmt_cert.ca), "--cert", str(mgmt_cert.cert), "--key", str(mgmt_cert.key)],
             logs / f"mgmt-{tag}.log",
         )  # fmt: skip
@@ -195,7 +195,7 @@ def _latency(
     client = server.client("gateway-sim")
     started = dt.datetime.now(dt.UTC)
     pub = run_child(
-        "notip_trio.devstack.bench_publisher",
+        "benchmarks.publisher",
         {"url": server.url, "ca": str(client.ca), "cert": str(client.cert),
          "key": str(client.key), "rate": rate, "seconds": seconds},
     )  # fmt: skip

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from notip_trio.devstack import natsd, postgres, simulator, stack
-from notip_trio.devstack._children import Child, exit_status
-from notip_trio.devstack._common import free_port
-from notip_trio.devstack._summary import Summary, db_counts, readiness, scrape
+from devstack import natsd, postgres, simulator, stack
+from devstack._children import Child, exit_status
+from devstack._common import free_port
+from devstack._summary import Summary, db_counts, readiness, scrape
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _alive(pid: int) -> bool:
@@ -116,7 +116,7 @@ def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
     # Gateways fall silent 10 s in (the simulator's lead), for 10 s; a 4 s timeout
     # with 2 s ticks alerts within ~16 s, and they are back online from ~20 s.
     cmd = [
-        sys.executable, "-m", "notip_trio.devstack.stack", "--duration", "28",
+        sys.executable, "-m", "devstack.stack", "--duration", "28",
         "--metrics-port", "0", "--state-dir", str(state), "--summary-every", "2",
         "--gateways", "8", "--rate", "80", "--silent-seconds", "10",
         "--silent-fraction", "0.5", "--alert-timeout-ms", "4000",

@@ -22,8 +22,8 @@ import trio
 import trio_asyncio
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from devstack import certs, natsd, postgres
 from notip_trio.config import load_settings
-from notip_trio.devstack import certs, natsd, postgres
 
 HANG_GUARD_S = 30
 

@@ -12,8 +12,8 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from notip_trio.devstack._common import DevstackError
-from notip_trio.devstack.postgres import PgServer
+from devstack._common import DevstackError
+from devstack.postgres import PgServer
 
 TIMESCALEDB_IMAGE = "timescale/timescaledb:latest-pg15"
 

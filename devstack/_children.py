@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from notip_trio.devstack._common import die_with_parent, log_tail
+from devstack._common import die_with_parent, log_tail
 
 _SUPERVISED_STOP_S = 60.0  # the stack stops its children in order within this
 

@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from notip_trio.devstack._common import (
+from devstack._common import (
     DevstackError,
     die_with_parent,
     free_port,
     log_tail,
     wait_until,
 )
-from notip_trio.devstack.certs import ClientCert, Pki
+from devstack.certs import ClientCert, Pki
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -206,7 +206,7 @@ def write_config(server: NatsServer) -> None:
     )
     pki = server.pki
     server.config_file.write_text(
-        f"""# written by notip_trio.devstack.natsd
+        f"""# written by devstack.natsd
 server_name: notip-devstack-{server.port}
 listen: 127.0.0.1:{server.port}
 http: 127.0.0.1:{server.monitor_port}

@@ -10,7 +10,7 @@
   psycopg's *async* connection driven through trio-asyncio. Rounds alternate
   and the table is truncated between rounds; the best round of each counts.
 
-Usage: python -m notip_trio.devstack.bench_pg '{"mode": "ceiling-p", "file": "...", ...}'
+Usage: python -m benchmarks.pg '{"mode": "ceiling-p", "file": "...", ...}'
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 import trio
 
+from benchmarks.common import child_main, chunks, read_messages
 from notip_trio.config import load_settings
-from notip_trio.devstack.bench_common import child_main, chunks, read_messages
 from notip_trio.envelope import Row, decode
 from notip_trio.storage import COLUMNS, Storage
 

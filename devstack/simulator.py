@@ -1,6 +1,6 @@
 """A gateway simulator: telemetry envelopes published to NATS, in plain asyncio.
 
-It runs as its own process (``python -m notip_trio.devstack.simulator``) and
+It runs as its own process (``python -m devstack.simulator``) and
 its functions are imported by the benchmark and the tests. Nothing here uses
 Trio: it talks to nats-py directly.
 
@@ -17,7 +17,7 @@ Trio: it talks to nats-py directly.
 
 CLI::
 
-    python -m notip_trio.devstack.simulator --url tls://127.0.0.1:4222 \\
+    python -m devstack.simulator --url tls://127.0.0.1:4222 \\
         --ca ca.pem --cert c.pem --key k.pem [--gateways 50] [--tenants 2] \\
         [--rate 200] [--silent-fraction 0.1] [--silent-seconds 40] \\
         [--malformed-every 500] [--duration 0] [--burst N]
@@ -47,7 +47,7 @@ from notip_trio.log import get_logger, setup_logging
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-log = get_logger("notip_trio.devstack.simulator")  # also when run as __main__
+log = get_logger("devstack.simulator")  # also when run as __main__
 
 SENSOR_TYPES: tuple[str, ...] = ("temperature", "humidity", "movement", "pressure", "biometric")
 MALFORMED_KINDS: tuple[str, ...] = (
@@ -427,7 +427,7 @@ def tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m notip_trio.devstack.simulator",
+        prog="python -m devstack.simulator",
         description="Publish simulated gateway telemetry to NATS over mutual TLS.",
     )
     p.add_argument("--url", required=True, help="e.g. tls://127.0.0.1:4222")

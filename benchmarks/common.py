@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark (`notip_trio.devstack.bench`).
+"""Shared pieces of the benchmark (`benchmarks`).
 
 - The message set: `make_message_file` writes N valid envelopes from 1,000
   gateways (10 tenants x 100) to a file, one `subject body` line each, with
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from notip_trio.devstack.natsd import NatsServer
-from notip_trio.devstack.simulator import make_envelope, make_fleet
+from devstack.natsd import NatsServer
+from devstack.simulator import make_envelope, make_fleet
 
 TENANTS = 10
 GATEWAYS = 1000

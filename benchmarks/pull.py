@@ -14,7 +14,7 @@ the consumer shows every message acked (num_pending == 0 == num_ack_pending):
 - `naive`: what a first port looks like: nats-py's pull_subscribe + fetch(100),
   then the 100 INSERTs as above, then ack each message; one step after another.
 
-Usage: python -m notip_trio.devstack.bench_pull '{"mode": "ceiling-n", "total": 200000}'
+Usage: python -m benchmarks.pull '{"mode": "ceiling-n", "total": 200000}'
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import nats.errors
 import psycopg
 import trio
 
+from benchmarks.common import child_main
 from notip_trio.app import telemetry_spec
 from notip_trio.config import Settings, load_settings
-from notip_trio.devstack.bench_common import child_main
 from notip_trio.envelope import Row, decode
 from notip_trio.jetstream import JsMsg, NatsBridge
 from notip_trio.storage import COLUMNS, Storage

@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio_asyncio
 
-from notip_trio.devstack.mgmt_standin import MgmtStandin, main
-from notip_trio.devstack.natsd import NatsServer
+from devstack.mgmt_standin import MgmtStandin, main
+from devstack.natsd import NatsServer
 from notip_trio.jetstream import NatsRequestError
 from notip_trio.mgmt import (
     SUBJECT_GET_STATUS,

@@ -8,9 +8,9 @@ apply it with `monkeypatch.setenv`.
 
 from __future__ import annotations
 
-from notip_trio.devstack._common import free_port
-from notip_trio.devstack.natsd import NatsServer
-from notip_trio.devstack.postgres import PgServer
+from devstack._common import free_port
+from devstack.natsd import NatsServer
+from devstack.postgres import PgServer
 
 
 def daemon_env(

@@ -11,7 +11,7 @@ equal to the subject's, keyVersion in int4 range, no NUL in the strings.
   `datetime.fromisoformat` for the timestamp (Python 3.11 takes the `Z`).
 
 Runs on the message file (all valid envelopes); the best of 3 passes counts.
-Usage: python -m notip_trio.devstack.bench_decode '{"mode": "decode", "file": "..."}'
+Usage: python -m benchmarks.decode '{"mode": "decode", "file": "..."}'
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from notip_trio.devstack.bench_common import child_main, read_messages
+from benchmarks.common import child_main, read_messages
 from notip_trio.envelope import SENSOR_TYPES, Rejection, Row, decode, parse_subject
 
 _MAX_BODY = 16384

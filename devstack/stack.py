@@ -45,11 +45,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from notip_trio.devstack import certs, natsd, postgres, simulator
-from notip_trio.devstack._children import Child, exit_status, run_supervised
-from notip_trio.devstack._common import DevstackError, free_port, port_accepts, wait_until
-from notip_trio.devstack._summary import Summary, readiness
-from notip_trio.devstack.env import daemon_env
+from devstack import certs, natsd, postgres, simulator
+from devstack._children import Child, exit_status, run_supervised
+from devstack._common import DevstackError, free_port, port_accepts, wait_until
+from devstack._summary import Summary, readiness
+from devstack.env import daemon_env
 
 _SUPERVISED = "NOTIP_TRIO_STACK_SUPERVISED"
 DAEMON_STOP_GRACE_S = 30.0  # the daemon drains (SHUTDOWN_DRAIN_MS, 10 s by default) first
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(args_list)  # --help and usage errors before anything starts
     if os.environ.get(_SUPERVISED) != "1":
-        cmd = [sys.executable, "-m", "notip_trio.devstack.stack", *args_list]
+        cmd = [sys.executable, "-m", "devstack.stack", *args_list]
         return run_supervised(cmd, {**os.environ, _SUPERVISED: "1"})
     # asyncio warns about eof_received() on every TLS close: noise, not news.
     logging.getLogger("asyncio").setLevel(logging.ERROR)
@@ -349,7 +349,7 @@ def _tls_args(nats: natsd.NatsServer, identity: str) -> list[str]:
 def _standin_argv(args: argparse.Namespace, nats: natsd.NatsServer, state: Path) -> list[str]:
     configs = state / "mgmt-configs.json"
     configs.write_text(json.dumps(alert_configs(args.alert_timeout_ms), indent=2), encoding="utf-8")
-    argv = [sys.executable, "-m", "notip_trio.devstack.mgmt_standin", *_tls_args(nats, "mgmt-api")]
+    argv = [sys.executable, "-m", "devstack.mgmt_standin", *_tls_args(nats, "mgmt-api")]
     argv += ["--configs", str(configs)]
     paused = paused_gateways(args.tenants, args.gateways)
     if paused:
@@ -359,7 +359,7 @@ def _standin_argv(args: argparse.Namespace, nats: natsd.NatsServer, state: Path)
 
 def _simulator_argv(args: argparse.Namespace, nats: natsd.NatsServer) -> list[str]:
     return [
-        sys.executable, "-m", "notip_trio.devstack.simulator", *_tls_args(nats, "gateway-sim"),
+        sys.executable, "-m", "devstack.simulator", *_tls_args(nats, "gateway-sim"),
         "--gateways", str(args.gateways), "--tenants", str(args.tenants),
         "--rate", str(args.rate), "--silent-fraction", str(args.silent_fraction),
         "--silent-seconds", str(args.silent_seconds),

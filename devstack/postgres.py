@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from notip_trio.devstack._common import DevstackError, free_port, log_tail
+from devstack._common import DevstackError, free_port, log_tail
 
 DSN_ENV = "NOTIP_TEST_PG_DSN"
 APP_USER = "notip"
@@ -244,7 +244,7 @@ class _LocalCluster:
             preload = "shared_preload_libraries = 'timescaledb'\n"
         with (self.data / "postgresql.conf").open("a", encoding="utf-8") as conf:
             conf.write(
-                "\n# notip_trio.devstack\n"
+                "\n# devstack\n"
                 f"port = {self.port}\n"
                 "listen_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.base}'\n"

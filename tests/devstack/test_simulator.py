@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from notip_trio.devstack import simulator as sim
+from devstack import simulator as sim
 
 TS = dt.datetime(2026, 11, 27, 8, 3, 37, 123456, tzinfo=dt.UTC)
 FIELDS = {

@@ -1,17 +1,17 @@
-"""The benchmark: `scripts/bench` (or `python -m notip_trio.devstack.bench`).
+"""The benchmark: `scripts/bench` (or `python -m benchmarks`).
 
 One run starts its own servers (PostgreSQL with fsync on, a fresh mTLS
 nats-server per measurement), publishes the same message set from 1,000
 gateways for every measurement, and prints one table:
 
-1. Ceiling N: NatsBridge.run_pull + bulk ack, no database (`bench_pull`).
-2. Ceiling P: Storage.write_batch (binary COPY), no NATS (`bench_pg`).
-3. Baseline G: the Go service's strategy, 100 INSERTs per transaction (`bench_pull`).
-4. Naive port: pull_subscribe + fetch + 100 INSERTs (`bench_pull`).
-5. The daemon end to end as a subprocess, throughput and latency (`bench_daemon`).
-6. Liveness tick and memory per gateway (`bench_liveness`).
+1. Ceiling N: NatsBridge.run_pull + bulk ack, no database (`benchmarks.pull`).
+2. Ceiling P: Storage.write_batch (binary COPY), no NATS (`benchmarks.pg`).
+3. Baseline G: the Go service's strategy, 100 INSERTs per transaction (`benchmarks.pull`).
+4. Naive port: pull_subscribe + fetch + 100 INSERTs (`benchmarks.pull`).
+5. The daemon end to end as a subprocess, throughput and latency (`benchmarks.daemon`).
+6. Liveness tick and memory per gateway (`benchmarks.liveness`).
 
-plus the two decision benchmarks (`bench_pg` copy-compare, `bench_decode`).
+plus the two decision benchmarks (`benchmarks.pg` copy-compare, `benchmarks.decode`).
 Every measurement runs in a process of its own; this one only orchestrates.
 `--quick` uses small counts (a smoke run in under a minute).
 """
@@ -30,10 +30,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from notip_trio.devstack.bench_common import make_message_file, run_child
-from notip_trio.devstack.bench_daemon import run_daemon_bench
-from notip_trio.devstack.bench_report import render
-from notip_trio.devstack.bench_stack import Stack, nats_server_version
+from benchmarks.common import make_message_file, run_child
+from benchmarks.daemon import run_daemon_bench
+from benchmarks.report import render
+from benchmarks.stack import Stack, nats_server_version
 
 SECTIONS = ("n", "p", "g", "naive", "daemon", "liveness", "decisions")
 DEFAULT_CONFIG = (1000, 2)
@@ -116,17 +116,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base_env = {"TELEMETRY_BATCH_SIZE": str(batch), "TELEMETRY_PIPELINE_DEPTH": str(depth)}
         results["settings"] = {"batch": batch, "depth": depth, "flush_ms": 200}
         for name, module, mode in (
-            ("n", "bench_pull", "ceiling-n"),
-            ("g", "bench_pull", "baseline-g"),
-            ("naive", "bench_pull", "naive"),
-            ("p", "bench_pg", "ceiling-p"),
+            ("n", "pull", "ceiling-n"),
+            ("g", "pull", "baseline-g"),
+            ("naive", "pull", "naive"),
+            ("p", "pg", "ceiling-p"),
         ):
             if name not in only:
                 continue
             step(mode)
             with stack.nats(messages if name != "p" else None) as server, stack.database() as db:
                 results[name] = run_child(
-                    f"notip_trio.devstack.{module}",
+                    f"benchmarks.{module}",
                     {"mode": mode, "total": total, "file": str(messages), "batch": batch},
                     env=stack.env(server, db, **base_env),
                     log_path=workdir / "logs" / f"{mode}.log",
@@ -150,22 +150,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             step("liveness")
             sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
             results["tick"] = run_child(
-                "notip_trio.devstack.bench_liveness", {"mode": "tick", "sizes": sizes}
+                "benchmarks.liveness", {"mode": "tick", "sizes": sizes}
             )
             results["rss"] = run_child(
-                "notip_trio.devstack.bench_liveness", {"mode": "rss", "count": sizes[-1]}
+                "benchmarks.liveness", {"mode": "rss", "count": sizes[-1]}
             )
         if "decisions" in only:
             step("decisions")
             with stack.nats(None) as server, stack.database() as db:
                 results["copy"] = run_child(
-                    "notip_trio.devstack.bench_pg",
+                    "benchmarks.pg",
                     {"mode": "copy-compare", "file": str(messages),
                      "rows": min(total, 50_000), "batches": [1000, 5000]},
                     env=stack.env(server, db),
                 )  # fmt: skip
             results["decode"] = run_child(
-                "notip_trio.devstack.bench_decode", {"mode": "decode", "file": str(messages)}
+                "benchmarks.decode", {"mode": "decode", "file": str(messages)}
             )
     finally:
         stack.close()

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from notip_trio.devstack import certs, natsd, postgres
-from notip_trio.devstack.bench_common import publish_file
-from notip_trio.devstack.env import daemon_env
+from benchmarks.common import publish_file
+from devstack import certs, natsd, postgres
+from devstack.env import daemon_env
 
 
 @dataclass(eq=False)

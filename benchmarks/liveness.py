@@ -10,7 +10,7 @@
   divided by `count`; once with the key strings counted (as the daemon
   allocates them while decoding) and once for the tracker alone.
 
-Usage: python -m notip_trio.devstack.bench_liveness '{"mode": "tick", "sizes": [10000]}'
+Usage: python -m benchmarks.liveness '{"mode": "tick", "sizes": [10000]}'
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 
 import trio
 
+from benchmarks.common import child_main, rss_bytes
 from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.config import Settings
-from notip_trio.devstack.bench_common import child_main, rss_bytes
 from notip_trio.dispatch import StatusUpdate
 from notip_trio.liveness import Heartbeats, Key, LivenessTracker
 from notip_trio.metrics import Metrics

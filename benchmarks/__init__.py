@@ -1,0 +1,1 @@
+"""The benchmark (`scripts/bench`, BENCHMARKS.md): not part of the installed daemon."""
