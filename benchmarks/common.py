@@ -5,9 +5,8 @@
   timestamps far in the past (2021) so they never collide with live ones.
   Every measurement replays the same file.
 - `publish_file` publishes such a file to a NatsServer (core publishes, the
-  TELEMETRY stream captures them) and returns once the stream holds them all.
-- `consumer_state` reads a durable's state from the monitoring endpoint (HTTP,
-  no NATS client, so nothing shares an event loop with what is measured).
+  TELEMETRY stream captures them) and returns once the stream holds them all
+  (`devstack.js.publish`, the toolkit's one publish-and-wait).
 - `run_child` runs one measurement in a fresh `python -m ...` process and
   returns the JSON object it prints last: the harness never shares a process
   with the code it measures.
@@ -18,21 +17,18 @@ process stays a plain synchronous program.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import os
 import random
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devstack import js
 from devstack.natsd import NatsServer
+from devstack.proc import PROJECT_ROOT, child_env, python_module
 from devstack.simulator import make_envelope, make_fleet
 
 TENANTS = 10
@@ -74,69 +70,9 @@ def read_messages(path: Path) -> list[tuple[str, bytes]]:
     return out
 
 
-def _run_asyncio(coro: Any) -> Any:
-    # A plain selector loop, never trio-asyncio's policy (NOTES.md).
-    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
-        return runner.run(coro)
-
-
-def publish_file(server: NatsServer, path: Path, *, chunk: int = 5000) -> int:
+def publish_file(server: NatsServer, path: Path) -> int:
     """Publish every message of `path`; return once TELEMETRY holds them all."""
-    msgs = read_messages(path)
-
-    async def main() -> int:
-        nc = await server.connect("gateway-sim", allow_reconnect=False)
-        try:
-            js = nc.jetstream()
-            for start in range(0, len(msgs), chunk):
-                for subject, body in msgs[start : start + chunk]:
-                    await nc.publish(subject, body)
-                await nc.flush(timeout=30)
-            deadline = time.monotonic() + 60
-            while (await js.stream_info("TELEMETRY")).state.messages < len(msgs):
-                if time.monotonic() > deadline:
-                    raise BenchError("TELEMETRY did not receive every published message")
-                await asyncio.sleep(0.05)
-            return len(msgs)
-        finally:
-            await nc.close()
-
-    result: int = _run_asyncio(main())
-    return result
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerState:
-    num_pending: int
-    num_ack_pending: int
-    num_redelivered: int
-    delivered: int
-    ack_floor: int
-
-    @property
-    def drained(self) -> bool:
-        return self.num_pending == 0 and self.num_ack_pending == 0
-
-
-def consumer_state(server: NatsServer, durable: str = DURABLE) -> ConsumerState | None:
-    """The durable's state on TELEMETRY from /jsz, None while it does not exist."""
-    url = f"{server.monitor_url}/jsz?consumers=true"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        jsz = json.loads(resp.read())
-    for account in jsz.get("account_details") or []:
-        for stream in account.get("stream_detail") or []:
-            if stream.get("name") != "TELEMETRY":
-                continue
-            for c in stream.get("consumer_detail") or []:
-                if c.get("name") == durable:
-                    return ConsumerState(
-                        int(c["num_pending"]),
-                        int(c["num_ack_pending"]),
-                        int(c["num_redelivered"]),
-                        int(c["delivered"]["stream_seq"]),
-                        int(c["ack_floor"]["stream_seq"]),
-                    )
-    return None
+    return js.publish(server, read_messages(path), name="gateway-sim", flush_every=5000)
 
 
 def run_child(
@@ -148,10 +84,10 @@ def run_child(
     log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Run `python -m module '<spec json>'`; return the JSON object of its last stdout line."""
-    full_env = os.environ | (env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", module, json.dumps(spec)],
-        env=full_env,
+        python_module(module, json.dumps(spec)),
+        env=child_env(env),
+        cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
 import signal
 import sys
@@ -37,10 +36,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchError, consumer_state, run_child
+from benchmarks.common import DURABLE, BenchError, run_child
 from benchmarks.stack import Stack
-from devstack._children import Child
+from devstack import js
+from devstack.mgmt_standin import spawn_standin
 from devstack.natsd import NatsServer
+from devstack.proc import Child, python_module
 
 POLL_S = 0.02
 _LATENCY_SQL = """
@@ -104,8 +105,8 @@ def _wait_written(
         rate = (done - first[1]) / max(now - first[0], 1e-3)
         time.sleep(min(max((total - done) / max(rate, 1.0) / 2, POLL_S), 0.25))
     for _ in range(100):
-        state = consumer_state(server)
-        if state is not None and state.drained and state.ack_floor >= total:
+        state = js.consumer_state(server, "TELEMETRY", DURABLE)
+        if state.drained and state.ack_floor >= total:
             return now
         time.sleep(POLL_S)
     raise BenchError(f"written but not drained on the server: {state}")
@@ -147,15 +148,9 @@ def run_daemon_bench(
     for old in (logs / f"mgmt-{tag}.log", logs / f"daemon-{tag}.log"):
         old.unlink(missing_ok=True)  # Child.spawn appends
     with stack.nats(messages) as server, stack.database() as dbname:
-        env = os.environ | stack.env(server, dbname, **overrides)
-        mgmt_cert = server.client("mgmt-api")
-        standin = Child.spawn(
-            "mgmt",
-            [sys.executable, "-m", "devstack.mgmt_standin", "--url", server.url,
-             "--ca", str(mgmt_cert.ca), "--cert", str(mgmt_cert.cert), "--key", str(mgmt_cert.key)],
-            logs / f"mgmt-{tag}.log",
-        )  # fmt: skip
-        argv = [sys.executable, "-m", "notip_trio"]
+        env = stack.env(server, dbname, **overrides)
+        standin = spawn_standin(server, logs / f"mgmt-{tag}.log")
+        argv = python_module("notip_trio")
         if profile is not None:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             argv = [spy, "record", "-r", "250", "-f", "raw", "-o", str(profile), "--", *argv]

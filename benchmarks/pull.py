@@ -60,7 +60,11 @@ async def _await_drained(bridge: NatsBridge, durable: str) -> None:
     """Flush our acks, then wait until the server has seen every one of them."""
     await trio_asyncio.aio_as_trio(bridge.nc.flush)(10)
     # Remote state has no Event to wait on: poll it.
-    while await bridge.consumer_lag("TELEMETRY", durable) != (0, 0):  # noqa: ASYNC110
+    info = trio_asyncio.aio_as_trio(bridge.js.consumer_info)
+    while True:
+        state = await info("TELEMETRY", durable)
+        if (state.num_pending, state.num_ack_pending) == (0, 0):
+            return
         await trio.sleep(0.002)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import publish_file
-from devstack import certs, natsd, postgres
+from devstack import certs, js, natsd, postgres
 from devstack.env import daemon_env
 
 
@@ -49,7 +49,7 @@ class Stack:
         """A fresh nats-server with the platform streams, `messages` already published."""
         server = natsd.start_nats_server(self.pki)
         try:
-            natsd.create_streams(server)
+            js.create_streams(server)
             if messages is not None:
                 publish_file(server, messages)
             yield server

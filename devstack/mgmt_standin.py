@@ -25,7 +25,11 @@ request is also appended to that file as one JSON line
 `{"subject": ..., "request": {...}}`, flushed at once: a test that runs the
 stand-in as a subprocess reads what it received from there.
 
-CLI (its own process in the dev stack, mTLS client)::
+As its own process (the dev stack, process tests, the benchmark), started by
+the toolkit's one launcher: `spawn_standin(nats, log_path, configs=..., paused=...)`
+returns a `devstack.proc.Child` once the stand-in answers.
+
+CLI (mTLS client)::
 
     python -m devstack.mgmt_standin --url tls://127.0.0.1:4222 \
         --ca ca.pem --cert client.pem --key client.key \
@@ -42,11 +46,13 @@ import json
 import signal
 import ssl
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devstack.natsd import NatsServer
+from devstack.proc import Child, python_module
 from notip_trio.log import get_logger, setup_logging
 from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_LIST_CONFIGS, SUBJECT_UPDATE_STATUS
 
@@ -241,6 +247,54 @@ async def _serve(args: argparse.Namespace) -> None:
     finally:
         await nc.close()
     log.info("mgmt_standin_stopped", updates=len(standin.updates))
+
+
+def _keys_arg(keys: Iterable[Key]) -> str:
+    return ",".join(f"{t}/{g}" for t, g in keys)
+
+
+def spawn_standin(
+    nats: NatsServer,
+    log_path: Path,
+    *,
+    configs: Sequence[Mapping[str, Any]] | None = None,
+    paused: Iterable[Key] = (),
+    invalid_status: Iterable[Key] = (),
+    record: Path | None = None,
+    delay_ms: int = 0,
+    identity: str = "mgmt-api",
+    timeout_s: float = 30.0,
+) -> Child:
+    """Run the stand-in as its own process (client `identity`); return once it answers.
+
+    `configs` go to a JSON file beside `log_path`. The caller stops the child
+    (`Child.stop`). Blocking: from Trio, call it through `trio.to_thread.run_sync`.
+    """
+    client = nats.client(identity)
+    argv = python_module(
+        "devstack.mgmt_standin",
+        "--url", nats.url, "--ca", str(client.ca), "--cert", str(client.cert),
+        "--key", str(client.key),
+    )  # fmt: skip
+    if configs is not None:
+        configs_file = log_path.with_suffix(".configs.json")
+        configs_file.write_text(json.dumps(list(configs), indent=2), encoding="utf-8")
+        argv += ["--configs", str(configs_file)]
+    if paused_arg := _keys_arg(paused):
+        argv += ["--paused", paused_arg]
+    if invalid_arg := _keys_arg(invalid_status):
+        argv += ["--invalid-status-for", invalid_arg]
+    if record is not None:
+        argv += ["--record", str(record)]
+    if delay_ms:
+        argv += ["--delay-ms", str(delay_ms)]
+    child = Child.spawn("mgmt-standin", argv, log_path)
+    try:
+        child.wait_for_line("mgmt_standin_ready", timeout_s=timeout_s)
+    except BaseException:
+        child.stop(grace_s=5)
+        raise
+    return child
 
 
 def main(argv: Sequence[str] | None = None) -> int:

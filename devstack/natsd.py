@@ -11,15 +11,13 @@ free 127.0.0.1 port and returns a running `NatsServer`. The server:
   messages survive `restart()`, which keeps the same port.
 - serves monitoring (`/healthz`, `/varz`, `/jsz`) on `monitor_url`.
 
-`create_streams()` / `acreate_streams()` make the platform's three streams
-(`STREAMS`); the daemon never creates them itself (SPEC.md).
+The platform's three streams are made by `devstack.js.create_streams`
+(`notip_trio.wire.STREAMS`); the daemon never creates them itself (SPEC.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
 import json
 import shutil
 import ssl
@@ -42,13 +40,6 @@ from devstack.certs import ClientCert, Pki
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
-
-#: The platform's streams: name -> subjects.
-STREAMS: dict[str, list[str]] = {
-    "TELEMETRY": ["telemetry.data.>"],
-    "ALERTS": ["alert.>"],
-    "DECOMMISSION": ["gateway.decommissioned.>"],
-}
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -261,50 +252,3 @@ def start_nats_server(
     atexit.register(server.close)
     server.start()
     return server
-
-
-async def acreate_streams(client: NATS, streams: dict[str, list[str]] | None = None) -> None:
-    """asyncio: create each stream (file storage) unless it exists with those subjects."""
-    from nats.js.errors import NotFoundError
-
-    js = client.jetstream()
-    for name, subjects in (streams or STREAMS).items():
-        try:
-            info = await js.stream_info(name)
-        except NotFoundError:
-            await js.add_stream(name=name, subjects=subjects)
-            continue
-        if list(info.config.subjects or []) != subjects:
-            await js.update_stream(name=name, subjects=subjects)
-
-
-async def areset_streams(client: NATS, streams: dict[str, list[str]] | None = None) -> None:
-    """asyncio: delete the streams (with their messages and consumers), then recreate them."""
-    from nats.js.errors import NotFoundError
-
-    js = client.jetstream()
-    for name in streams or STREAMS:
-        with contextlib.suppress(NotFoundError):
-            await js.delete_stream(name)
-    await acreate_streams(client, streams)
-
-
-def create_streams(server: NatsServer, *, reset: bool = False, name: str = "test-client") -> None:
-    """Blocking: create the platform streams on `server` (deleting them first if `reset`).
-
-    Runs its own asyncio loop, so call it from synchronous code or a worker
-    thread, never from inside a running event loop.
-    """
-
-    async def run() -> None:
-        client = await server.connect(name, allow_reconnect=False)
-        try:
-            async with asyncio.timeout(30):
-                if reset:
-                    await areset_streams(client)
-                else:
-                    await acreate_streams(client)
-        finally:
-            await client.close()
-
-    asyncio.run(run())

@@ -31,7 +31,6 @@ Exit status: 0 after a clean stop; 1 if a part failed or exited by itself;
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -45,11 +44,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from devstack import certs, natsd, postgres, simulator
-from devstack._children import Child, exit_status, run_supervised
+from devstack import certs, js, mgmt_standin, natsd, postgres, simulator
 from devstack._common import DevstackError, free_port, port_accepts, wait_until
 from devstack._summary import Summary, readiness
 from devstack.env import daemon_env
+from devstack.proc import Child, child_env, exit_status, python_module, run_supervised
 
 _SUPERVISED = "NOTIP_TRIO_STACK_SUPERVISED"
 DAEMON_STOP_GRACE_S = 30.0  # the daemon drains (SHUTDOWN_DRAIN_MS, 10 s by default) first
@@ -111,10 +110,9 @@ def alert_configs(timeout_ms: int = 0) -> list[dict[str, object]]:
     ]
 
 
-def paused_gateways(tenants: int, gateways: int) -> list[str]:
-    """Every ninth gateway of the simulated fleet from the third (so from every tenant),
-    as tenant/gateway."""
-    return [f"{g.tenant_id}/{g.gateway_id}" for g in simulator.make_fleet(tenants, gateways)[2::9]]
+def paused_gateways(tenants: int, gateways: int) -> list[tuple[str, str]]:
+    """Every ninth gateway of the simulated fleet from the third (so from every tenant)."""
+    return [(g.tenant_id, g.gateway_id) for g in simulator.make_fleet(tenants, gateways)[2::9]]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -152,8 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(args_list)  # --help and usage errors before anything starts
     if os.environ.get(_SUPERVISED) != "1":
-        cmd = [sys.executable, "-m", "devstack.stack", *args_list]
-        return run_supervised(cmd, {**os.environ, _SUPERVISED: "1"})
+        cmd = python_module("devstack.stack", *args_list)
+        return run_supervised(cmd, child_env({_SUPERVISED: "1"}))
     # asyncio warns about eof_received() on every TLS close: noise, not news.
     logging.getLogger("asyncio").setLevel(logging.ERROR)
     signals = _Signals()
@@ -195,14 +193,20 @@ def run_stack(args: argparse.Namespace, signals: _Signals) -> int:
         print("trio-run: starting nats-server ...", flush=True)
         nats = natsd.start_nats_server(pki, state / "nats")
         stack.callback(_stop_nats, nats)
-        natsd.create_streams(nats)
+        js.create_streams(nats)
         print("trio-run: starting PostgreSQL ...", flush=True)
         pg = postgres.start_postgres()
         stack.callback(_stop_postgres, pg, state)
         _remember_postgres(state, pg)
 
-        standin = _start_child(stack, "mgmt-standin", _standin_argv(args, nats, state), logs)
-        _wait_for_standin(nats, standin)
+        standin = mgmt_standin.spawn_standin(
+            nats,
+            logs / "mgmt-standin.log",
+            configs=alert_configs(args.alert_timeout_ms),
+            paused=paused_gateways(args.tenants, args.gateways),
+            timeout_s=READY_TIMEOUT_S,
+        )
+        stack.callback(_stop_child, standin, CHILD_STOP_GRACE_S)
         sim = _start_child(stack, "simulator", _simulator_argv(args, nats), logs)
 
         env = daemon_env(nats, pg, metrics_port=metrics_port, **DAEMON_SETTINGS)
@@ -214,9 +218,9 @@ def run_stack(args: argparse.Namespace, signals: _Signals) -> int:
             daemon = _start_child(
                 stack,
                 "daemon",
-                [sys.executable, "-m", "notip_trio"],
+                python_module("notip_trio"),
                 logs,
-                env={**os.environ, **env},
+                env=env,
                 grace_s=DAEMON_STOP_GRACE_S,
             )
             children.append(daemon)
@@ -346,47 +350,14 @@ def _tls_args(nats: natsd.NatsServer, identity: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _standin_argv(args: argparse.Namespace, nats: natsd.NatsServer, state: Path) -> list[str]:
-    configs = state / "mgmt-configs.json"
-    configs.write_text(json.dumps(alert_configs(args.alert_timeout_ms), indent=2), encoding="utf-8")
-    argv = [sys.executable, "-m", "devstack.mgmt_standin", *_tls_args(nats, "mgmt-api")]
-    argv += ["--configs", str(configs)]
-    paused = paused_gateways(args.tenants, args.gateways)
-    if paused:
-        argv += ["--paused", ",".join(paused)]
-    return argv
-
-
 def _simulator_argv(args: argparse.Namespace, nats: natsd.NatsServer) -> list[str]:
     return [
-        sys.executable, "-m", "devstack.simulator", *_tls_args(nats, "gateway-sim"),
+        *python_module("devstack.simulator"), *_tls_args(nats, "gateway-sim"),
         "--gateways", str(args.gateways), "--tenants", str(args.tenants),
         "--rate", str(args.rate), "--silent-fraction", str(args.silent_fraction),
         "--silent-seconds", str(args.silent_seconds),
         "--malformed-every", str(args.malformed_every),
     ]  # fmt: skip
-
-
-def _wait_for_standin(nats: natsd.NatsServer, standin: Child) -> None:
-    """Until the stand-in answers alert-configs.list (so the daemon's first fetch works)."""
-    from notip_trio.mgmt import SUBJECT_LIST_CONFIGS
-
-    async def probe() -> bool:
-        nc = await nats.connect("test-client", allow_reconnect=False)
-        try:
-            await nc.request(SUBJECT_LIST_CONFIGS, b"", timeout=1)
-            return True
-        except Exception:
-            return False
-        finally:
-            await nc.close()
-
-    def answered() -> bool:
-        if not standin.running:
-            raise DevstackError(f"mgmt stand-in exited:\n{standin.tail()}")
-        return asyncio.run(probe())
-
-    wait_until(answered, timeout=READY_TIMEOUT_S, what="the mgmt stand-in", step=0.2)
 
 
 def _wait_for_daemon(daemon: Child, readyz_url: str) -> None:

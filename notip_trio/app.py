@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import trio
 
+from . import wire
 from .alertconfig import AlertConfigCache, run_alert_configs
 from .config import Settings
 from .decommission import run_decommission
@@ -45,8 +46,6 @@ from .storage import DatabaseError, Storage
 
 log = get_logger(__name__)
 
-STREAMS = ("TELEMETRY", "ALERTS", "DECOMMISSION")
-DECOMMISSION_DURABLE = "data-consumer-decommission-listener"
 
 
 @dataclass(eq=False)
@@ -74,9 +73,9 @@ def telemetry_spec(settings: Settings) -> PullSpec:
     batch = settings.telemetry_batch_size
     depth = settings.telemetry_pipeline_depth
     return PullSpec(
-        stream="TELEMETRY",
+        stream=wire.TELEMETRY_STREAM,
         durable=settings.nats_consumer_durable_name,
-        filter_subject="telemetry.data.>",
+        filter_subject=wire.TELEMETRY_SUBJECTS,
         batch=batch,
         expires_s=settings.telemetry_flush_ms / 1000,
         depth=depth,
@@ -87,9 +86,9 @@ def telemetry_spec(settings: Settings) -> PullSpec:
 
 def decommission_spec() -> PullSpec:
     return PullSpec(
-        stream="DECOMMISSION",
-        durable=DECOMMISSION_DURABLE,
-        filter_subject="gateway.decommissioned.>",
+        stream=wire.DECOMMISSION_STREAM,
+        durable=wire.DECOMMISSION_DURABLE,
+        filter_subject=wire.DECOMMISSION_SUBJECTS,
         batch=100,
         # A decommission is acted on within about a second, even when it comes alone.
         expires_s=1.0,
@@ -133,7 +132,7 @@ async def run_daemon(
                 metrics=metrics,
             )
             try:
-                await bridge.require_streams(STREAMS)
+                await bridge.require_streams(list(wire.STREAMS))
                 await bridge.ensure_pull_consumer(telemetry_spec(settings))
                 await bridge.ensure_pull_consumer(decommission_spec())
                 log.info("nats_ready", url=settings.nats_url)

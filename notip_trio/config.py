@@ -8,14 +8,58 @@ line and exits 2; nothing else in the daemon reads the environment.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import environs
 import marshmallow
 
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
+
+# Every variable the daemon reads, declared once: tests, the dev stack and the
+# packaging checks take the names from here.
+REQUIRED_VARIABLES: Final = (
+    "NATS_URL",
+    "NATS_TLS_CA",
+    "NATS_TLS_CERT",
+    "NATS_TLS_KEY",
+    "DB_HOST",
+    "DB_NAME",
+    "DB_USER",
+    "DB_PASSWORD_FILE",
+)
+DEFAULTS: Final[Mapping[str, str]] = {
+    # SPEC.md, Configuration
+    "DB_PORT": "5432",
+    "DB_MAX_CONNS": "10",
+    "DB_MIN_CONNS": "2",
+    "DB_SSL_MODE": "require",
+    "NATS_CONSUMER_DURABLE_NAME": "data-consumer-telemetry",
+    "NATS_CONNECT_TIMEOUT_SECONDS": "10",
+    "GATEWAY_BUFFER_SIZE": "1000",
+    "HEARTBEAT_TICK_MS": "10000",
+    "HEARTBEAT_GRACE_PERIOD_MS": "120000",
+    "ALERT_CONFIG_REFRESH_MS": "120000",
+    "ALERT_CONFIG_DEFAULT_TIMEOUT_MS": "60000",
+    "ALERT_CONFIG_MAX_RETRIES": "10",
+    "ALERT_CONFIG_INITIAL_BACKOFF_MS": "1000",
+    "ALERT_CONFIG_MAX_BACKOFF_MS": "30000",
+    "METRICS_ADDR": ":9090",
+    # our own (README: Configuration)
+    "TELEMETRY_BATCH_SIZE": "1000",
+    "TELEMETRY_FLUSH_MS": "200",
+    "TELEMETRY_MAX_BODY_BYTES": "16384",
+    "TELEMETRY_PIPELINE_DEPTH": "2",
+    "REJECTED_BODY_MAX_BYTES": "16384",
+    "LIVENESS_QUERY_CONCURRENCY": "32",
+    "SHUTDOWN_DRAIN_MS": "8000",
+    "LOG_LEVEL": "INFO",
+}
+# Optional without a default: needed only for DB_SSL_MODE verify-ca / verify-full.
+OPTIONAL_VARIABLES: Final = ("DB_SSL_ROOT_CERT",)
+ENV_VARS: Final = (*REQUIRED_VARIABLES, *DEFAULTS, *OPTIONAL_VARIABLES)
 
 
 class ConfigError(Exception):
@@ -114,15 +158,15 @@ def _load(env: environs.Env) -> Settings:
             raise ConfigError(f"{name}: required but empty")
         return value.strip()
 
-    def opt_str(name: str, default: str) -> str:
-        value: str = env.str(name, default).strip()
+    def opt_str(name: str) -> str:
+        value: str = env.str(name, DEFAULTS[name]).strip()
         if not value:
             raise ConfigError(f"{name}: must not be empty")
         return value
 
-    def pos_int(name: str, default: int, *, minimum: int = 1) -> int:
+    def pos_int(name: str, *, minimum: int = 1) -> int:
         try:
-            value: int = env.int(name, default)
+            value: int = env.int(name, int(DEFAULTS[name]))
         except (environs.EnvError, marshmallow.ValidationError):
             raise ConfigError(f"{name}: not an integer: {os.environ.get(name)!r}") from None
         if value < minimum:
@@ -145,14 +189,14 @@ def _load(env: environs.Env) -> Settings:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"DB_PASSWORD_FILE: cannot read {password_file}: {exc}") from None
 
-    db_port = pos_int("DB_PORT", 5432)
+    db_port = pos_int("DB_PORT")
     if db_port > 65535:
         raise ConfigError(f"DB_PORT: must be <= 65535, got {db_port}")
-    db_max_conns = pos_int("DB_MAX_CONNS", 10)
-    db_min_conns = pos_int("DB_MIN_CONNS", 2, minimum=0)
+    db_max_conns = pos_int("DB_MAX_CONNS")
+    db_min_conns = pos_int("DB_MIN_CONNS", minimum=0)
     if db_min_conns > db_max_conns:
         raise ConfigError(f"DB_MIN_CONNS: {db_min_conns} exceeds DB_MAX_CONNS {db_max_conns}")
-    db_ssl_mode = opt_str("DB_SSL_MODE", "require")
+    db_ssl_mode = opt_str("DB_SSL_MODE")
     if db_ssl_mode not in SSL_MODES:
         raise ConfigError(
             f"DB_SSL_MODE: must be one of {', '.join(SSL_MODES)}, got {db_ssl_mode!r}"
@@ -164,9 +208,9 @@ def _load(env: environs.Env) -> Settings:
     elif db_ssl_mode in ("verify-ca", "verify-full"):
         raise ConfigError(f"DB_SSL_ROOT_CERT: required when DB_SSL_MODE={db_ssl_mode}")
 
-    metrics_host, metrics_port = _parse_addr("METRICS_ADDR", opt_str("METRICS_ADDR", ":9090"))
+    metrics_host, metrics_port = _parse_addr("METRICS_ADDR", opt_str("METRICS_ADDR"))
 
-    log_level = opt_str("LOG_LEVEL", "INFO").upper()
+    log_level = opt_str("LOG_LEVEL").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
 
@@ -175,8 +219,8 @@ def _load(env: environs.Env) -> Settings:
         nats_tls_ca=nats_tls_ca,
         nats_tls_cert=nats_tls_cert,
         nats_tls_key=nats_tls_key,
-        nats_consumer_durable_name=opt_str("NATS_CONSUMER_DURABLE_NAME", "data-consumer-telemetry"),
-        nats_connect_timeout_s=float(pos_int("NATS_CONNECT_TIMEOUT_SECONDS", 10)),
+        nats_consumer_durable_name=opt_str("NATS_CONSUMER_DURABLE_NAME"),
+        nats_connect_timeout_s=float(pos_int("NATS_CONNECT_TIMEOUT_SECONDS")),
         db_host=db_host,
         db_port=db_port,
         db_name=db_name,
@@ -186,22 +230,22 @@ def _load(env: environs.Env) -> Settings:
         db_min_conns=db_min_conns,
         db_ssl_mode=db_ssl_mode,
         db_ssl_root_cert=db_ssl_root_cert,
-        gateway_buffer_size=pos_int("GATEWAY_BUFFER_SIZE", 1000),
-        heartbeat_tick_ms=pos_int("HEARTBEAT_TICK_MS", 10000),
-        heartbeat_grace_period_ms=pos_int("HEARTBEAT_GRACE_PERIOD_MS", 120000, minimum=0),
-        alert_config_refresh_ms=pos_int("ALERT_CONFIG_REFRESH_MS", 120000),
-        alert_config_default_timeout_ms=pos_int("ALERT_CONFIG_DEFAULT_TIMEOUT_MS", 60000),
-        alert_config_max_retries=pos_int("ALERT_CONFIG_MAX_RETRIES", 10),
-        alert_config_initial_backoff_ms=pos_int("ALERT_CONFIG_INITIAL_BACKOFF_MS", 1000),
-        alert_config_max_backoff_ms=pos_int("ALERT_CONFIG_MAX_BACKOFF_MS", 30000),
+        gateway_buffer_size=pos_int("GATEWAY_BUFFER_SIZE"),
+        heartbeat_tick_ms=pos_int("HEARTBEAT_TICK_MS"),
+        heartbeat_grace_period_ms=pos_int("HEARTBEAT_GRACE_PERIOD_MS", minimum=0),
+        alert_config_refresh_ms=pos_int("ALERT_CONFIG_REFRESH_MS"),
+        alert_config_default_timeout_ms=pos_int("ALERT_CONFIG_DEFAULT_TIMEOUT_MS"),
+        alert_config_max_retries=pos_int("ALERT_CONFIG_MAX_RETRIES"),
+        alert_config_initial_backoff_ms=pos_int("ALERT_CONFIG_INITIAL_BACKOFF_MS"),
+        alert_config_max_backoff_ms=pos_int("ALERT_CONFIG_MAX_BACKOFF_MS"),
         metrics_host=metrics_host,
         metrics_port=metrics_port,
-        telemetry_batch_size=pos_int("TELEMETRY_BATCH_SIZE", 1000),
-        telemetry_flush_ms=pos_int("TELEMETRY_FLUSH_MS", 200),
-        telemetry_max_body_bytes=pos_int("TELEMETRY_MAX_BODY_BYTES", 16384),
-        telemetry_pipeline_depth=pos_int("TELEMETRY_PIPELINE_DEPTH", 2),
-        rejected_body_max_bytes=pos_int("REJECTED_BODY_MAX_BYTES", 16384, minimum=0),
-        liveness_query_concurrency=pos_int("LIVENESS_QUERY_CONCURRENCY", 32),
-        shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS", 8000),
+        telemetry_batch_size=pos_int("TELEMETRY_BATCH_SIZE"),
+        telemetry_flush_ms=pos_int("TELEMETRY_FLUSH_MS"),
+        telemetry_max_body_bytes=pos_int("TELEMETRY_MAX_BODY_BYTES"),
+        telemetry_pipeline_depth=pos_int("TELEMETRY_PIPELINE_DEPTH"),
+        rejected_body_max_bytes=pos_int("REJECTED_BODY_MAX_BYTES", minimum=0),
+        liveness_query_concurrency=pos_int("LIVENESS_QUERY_CONCURRENCY"),
+        shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS"),
         log_level=log_level,
     )

@@ -283,15 +283,6 @@ class NatsBridge:
 
         await _aio(_ensure)()
 
-    async def consumer_lag(self, stream: str, durable: str) -> tuple[int, int]:
-        """(messages not yet delivered, messages awaiting ack) for a durable."""
-
-        async def _info() -> tuple[int, int]:
-            info = await self.js.consumer_info(stream, durable)
-            return int(info.num_pending or 0), int(info.num_ack_pending or 0)
-
-        return await _aio(_info)()
-
     # ---- Requester / AlertPublisher -------------------------------------
 
     async def request(self, subject: str, payload: bytes) -> bytes:

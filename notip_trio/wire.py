@@ -4,6 +4,8 @@
   (`2024-05-01T12:00:00.5Z`; trailing zeros of the fraction dropped, no fraction
   when it is zero), so the management API and alert consumers see exactly what
   the Go service sent.
+- The platform's streams and their subjects (`STREAMS`, owned by the platform:
+  the daemon only checks they exist; tests and the dev stack create them).
 - Subject builders and parsers for `alert.{tenant}.gw_offline` and
   `gateway.decommissioned.{tenant}.{gateway}`. Parsers return `None` for a
   subject that does not have the exact shape; they never raise.
@@ -11,7 +13,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Final
+
+TELEMETRY_STREAM: Final = "TELEMETRY"
+ALERTS_STREAM: Final = "ALERTS"
+DECOMMISSION_STREAM: Final = "DECOMMISSION"
+TELEMETRY_SUBJECTS: Final = "telemetry.data.>"
+DECOMMISSION_SUBJECTS: Final = "gateway.decommissioned.>"
+#: The platform's streams: name -> subjects (SPEC.md, Wire contract).
+STREAMS: Final[Mapping[str, tuple[str, ...]]] = {
+    TELEMETRY_STREAM: (TELEMETRY_SUBJECTS,),
+    ALERTS_STREAM: ("alert.>",),
+    DECOMMISSION_STREAM: (DECOMMISSION_SUBJECTS,),
+}
+DECOMMISSION_DURABLE: Final = "data-consumer-decommission-listener"
 
 ALERT_SUBJECT_PREFIX = "alert."
 ALERT_SUBJECT_SUFFIX = ".gw_offline"

@@ -1,11 +1,11 @@
 """The daemon as a real process (`python -m notip_trio`) for tests.
 
-`spawn_daemon(env, log_path)` starts it with exactly the variables of `env`
-(every daemon variable inherited from the test's own environment is dropped
-first), stdout and stderr each in a file (no pipe to fill up), and kills it on
-exit from the `with` block if it is still running, so a failed test never leaves
-one behind. On Linux the child also gets SIGTERM if the test process dies
-(`die_with_parent`). HTTP and log helpers read what an operator would see.
+`spawn_daemon(env, log_path)` starts it through the toolkit's one process
+wrapper (`devstack.proc.Child`): exactly the variables of `env` (every daemon
+variable inherited from the test's own environment is dropped first), output in
+a log file (no pipe to fill up), killed on exit from the `with` block if it is
+still running, and SIGTERM'd if the test process dies. HTTP and log helpers
+read what an operator would see.
 
 Blocking helpers take their own timeouts; from Trio call them through
 `trio.to_thread.run_sync`.
@@ -13,16 +13,12 @@ Blocking helpers take their own timeouts; from Trio call them through
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,50 +26,29 @@ from typing import Any
 
 import trio
 
-from devstack._common import die_with_parent
-from devstack.natsd import NatsServer
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-# Everything notip_trio.config reads (SPEC.md names and our own additions).
-_DAEMON_VAR_PREFIXES = (
-    "NATS_",
-    "DB_",
-    "GATEWAY_",
-    "HEARTBEAT_",
-    "ALERT_CONFIG_",
-    "METRICS_",
-    "TELEMETRY_",
-    "REJECTED_",
-    "LIVENESS_",
-    "SHUTDOWN_",
-    "LOG_LEVEL",
-)
-
-
-def process_env(env: dict[str, str]) -> dict[str, str]:
-    """os.environ without any daemon variable, then `env` on top."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(_DAEMON_VAR_PREFIXES)}
-    return {**base, **env}
+from devstack.proc import Child, python_module
 
 
 @dataclass(eq=False)
 class DaemonProcess:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
+    child: Child
     metrics_url: str
     signalled_at: float | None = None  # time.monotonic() of the last `signal()`
 
     @property
     def running(self) -> bool:
-        return self.proc.poll() is None
+        return self.child.running
+
+    @property
+    def returncode(self) -> int | None:
+        return self.child.returncode
 
     def signal(self, sig: signal.Signals) -> None:
         self.signalled_at = time.monotonic()
-        self.proc.send_signal(sig)
+        self.child.proc.send_signal(sig)
 
     def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        return self.child.log_text()
 
     def log_lines(self) -> list[str]:
         return [line for line in self.log_text().splitlines() if line.strip()]
@@ -115,7 +90,7 @@ class DaemonProcess:
             while True:
                 if not self.running:
                     raise AssertionError(
-                        f"daemon exited with {self.proc.returncode} before ready:\n{self.tail()}"
+                        f"daemon exited with {self.returncode} before ready:\n{self.tail()}"
                     )
                 answer = await trio.to_thread.run_sync(self.try_get, "/readyz")
                 if answer is not None and answer[0] == 200:
@@ -131,76 +106,21 @@ class DaemonProcess:
         """
         since = self.signalled_at if self.signalled_at is not None else time.monotonic()
         with trio.move_on_after(limit_s):
-            while (code := self.proc.poll()) is None:  # noqa: ASYNC110 - a child process
+            while (code := self.child.returncode) is None:  # noqa: ASYNC110 - a child process
                 await trio.sleep(0.01)
             return code, time.monotonic() - since
         raise AssertionError(f"daemon still running after {limit_s} s:\n{self.tail()}")
 
 
-def _popen(args: list[str], env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
-    # Started from the calling (main) thread: die_with_parent() binds to it.
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        return subprocess.Popen(
-            args,
-            env=process_env(env),
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            preexec_fn=die_with_parent(),
-        )
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=30)
-
-
 @contextmanager
 def spawn_daemon(env: dict[str, str], log_path: Path) -> Iterator[DaemonProcess]:
     """Run `python -m notip_trio` with `env` (from daemon_env); kill it on exit."""
-    proc = _popen(
-        [sys.executable, "-m", "notip_trio"], env, log_path.with_suffix(".stdout"), log_path
-    )
+    child = Child.spawn("daemon", python_module("notip_trio"), log_path, env=env)
     host, _, port = env["METRICS_ADDR"].rpartition(":")
     try:
-        yield DaemonProcess(proc, log_path, f"http://{host or '127.0.0.1'}:{port}")
+        yield DaemonProcess(child, f"http://{host or '127.0.0.1'}:{port}")
     finally:
-        _reap(proc)
-
-
-@contextmanager
-def spawn_mgmt_standin(nats: NatsServer, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The management-API stand-in as its own process; yields once it answers."""
-    client = nats.client("mgmt-api")
-    args = [sys.executable, "-m", "devstack.mgmt_standin", "--url", nats.url]
-    args += ["--ca", str(client.ca), "--cert", str(client.cert), "--key", str(client.key)]
-    proc = _popen(args, {}, log_path.with_suffix(".stdout"), log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while "mgmt_standin_ready" not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mgmt stand-in did not start:\n{log_path.read_text()}")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        _reap(proc)
-
-
-def run_nats(server: NatsServer, fn: Callable[[Any], Any], name: str = "test-client") -> Any:
-    """Run `await fn(nc)` on a fresh nats-py client in a plain asyncio loop (blocking)."""
-
-    async def main() -> Any:
-        nc = await server.connect(name, allow_reconnect=False)
-        try:
-            async with asyncio.timeout(120):
-                return await fn(nc)
-        finally:
-            await nc.close()
-
-    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
-        return runner.run(main())
+        child.stop(grace_s=5, sig=signal.SIGKILL)
 
 
 def assert_logs_clean(daemon: DaemonProcess, secrets: set[str]) -> int:

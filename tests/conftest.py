@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from devstack import certs, natsd, postgres
+from devstack import certs, js, natsd, postgres
 from devstack.env import daemon_env
 
 _SERVER_FIXTURES = frozenset(
@@ -67,7 +67,7 @@ def _start_nats(pki: certs.Pki) -> natsd.NatsServer:
         pytest.skip("nats-server binary not found (apt-get install nats-server)")
     server = natsd.start_nats_server(pki)
     try:
-        natsd.create_streams(server)
+        js.create_streams(server)
     except BaseException:
         server.close()
         raise
@@ -85,7 +85,7 @@ def nats_server(pki: certs.Pki) -> Iterator[natsd.NatsServer]:
 def clean_nats_server(nats_server: natsd.NatsServer) -> natsd.NatsServer:
     if not nats_server.running:
         pytest.fail("the session nats_server was stopped by a test; use private_nats_server")
-    natsd.create_streams(nats_server, reset=True)
+    js.create_streams(nats_server, reset=True)
     return nats_server
 
 

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from notip_trio.config import ConfigError, load_settings
+from notip_trio.config import (
+    DEFAULTS,
+    ENV_VARS,
+    ConfigError,
+    load_settings,
+)
+from notip_trio.config import (
+    REQUIRED_VARIABLES as DECLARED_REQUIRED,
+)
 
 from ._spec import REQUIRED_VARIABLES
 
@@ -26,11 +34,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         "DB_USER": "notip",
         "DB_PASSWORD_FILE": str(tmp_path / "pw"),
     }
-    import os
-
-    for key in list(os.environ):
-        if key.startswith(("NATS_", "DB_", "HEARTBEAT_", "ALERT_", "GATEWAY_", "METRICS_")):
-            monkeypatch.delenv(key)
+    for key in ENV_VARS:
+        monkeypatch.delenv(key, raising=False)
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
@@ -51,6 +56,17 @@ def test_defaults_match_the_spec(env: dict[str, str]) -> None:
     assert (s.metrics_host, s.metrics_port) == ("0.0.0.0", 9090)
     assert "s3cret" not in repr(s)
     assert "password=s3cret" in s.db_conninfo()
+
+
+def test_declared_variables_are_the_spec_ones_and_defaults_are_the_ones_used(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert DECLARED_REQUIRED == REQUIRED_VARIABLES
+    assert len(set(ENV_VARS)) == len(ENV_VARS)
+    implicit = load_settings()
+    for name, value in DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings() == implicit
 
 
 @pytest.mark.parametrize("name", REQUIRED_VARIABLES)

@@ -35,13 +35,14 @@ import pytest
 import trio
 
 from devstack import certs, simulator
+from devstack import js as _js
 from devstack.env import daemon_env
+from devstack.mgmt_standin import spawn_standin
 from devstack.natsd import NatsServer
+from devstack.proc import PROJECT_ROOT, child_env
 from notip_trio.config import load_settings
 
-from . import _js
-from ._daemon import PROJECT_ROOT, assert_logs_clean, process_env, run_nats, spawn_daemon
-from ._daemon import spawn_mgmt_standin as spawn_mgmt
+from ._daemon import assert_logs_clean, spawn_daemon
 from ._spec import REQUIRED_VARIABLES
 
 DURABLE = "data-consumer-telemetry"
@@ -86,7 +87,7 @@ CONFIG_CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
 
 def test_the_base_configuration_is_valid(pki, tmp_path, monkeypatch):
     """Each case below breaks exactly one thing in an otherwise valid configuration."""
-    for key, value in process_env(_valid_env(pki, tmp_path)).items():
+    for key, value in child_env(_valid_env(pki, tmp_path)).items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
     assert settings.db_ssl_mode == "disable"
@@ -101,7 +102,7 @@ def test_bad_setting_exits_at_once_with_one_line_naming_it(pki, tmp_path, drop, 
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "notip_trio"],
-        env=process_env(env),
+        env=child_env(env),
         cwd=PROJECT_ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -149,7 +150,7 @@ def _delete_stream(server: NatsServer, stream: str) -> None:
     async def fn(nc: Any) -> None:
         await nc.jetstream().delete_stream(stream)
 
-    run_nats(server, fn)
+    _js.run_nats(server, fn)
 
 
 @pytest.mark.parametrize("stream", ["TELEMETRY", "ALERTS", "DECOMMISSION"])
@@ -176,7 +177,7 @@ def _stream_names(server: NatsServer) -> set[str]:
     async def fn(nc: Any) -> set[str]:
         return {s.config.name for s in await nc.jetstream().streams_info()}
 
-    result: set[str] = run_nats(server, fn)
+    result: set[str] = _js.run_nats(server, fn)
     return result
 
 
@@ -217,7 +218,7 @@ class _Publisher:
                 await asyncio.sleep(0.05)
 
         try:
-            run_nats(self.server, fn, "gateway-sim")
+            _js.run_nats(self.server, fn, "gateway-sim")
         finally:
             self.done.set()
 
@@ -246,7 +247,7 @@ async def test_sigterm_under_load_exits_0_and_a_restart_loses_and_duplicates_not
     nats, conninfo = private_nats_server, pg_database.conninfo
     env = daemon_env(nats, pg_server, pg_database.name)
     publisher = _Publisher(nats)
-    with trio.fail_after(600), spawn_mgmt(nats, tmp_path / "mgmt.log"):
+    with trio.fail_after(600), spawn_standin(nats, tmp_path / "mgmt.log"):
         with spawn_daemon(env, tmp_path / "first.log") as first:
             await first.wait_ready()
             async with trio.open_nursery() as nursery:

@@ -15,12 +15,12 @@ import psycopg
 import pytest
 import trio
 
+from devstack import js as _js
 from devstack import simulator
 from devstack.env import daemon_env
 from notip_trio.config import Settings
 from notip_trio.metrics import Metrics
 
-from . import _js
 from ._inprocess import daemon_settings, running_daemon, until
 
 DURABLE = "data-consumer-telemetry"

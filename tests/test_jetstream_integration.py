@@ -7,6 +7,7 @@ import trio
 import trio_asyncio
 from nats.js.api import ConsumerConfig
 
+from devstack import js as _js
 from notip_trio.jetstream import JsMsg, NatsBridge, PullSpec, StartupError
 
 
@@ -94,7 +95,10 @@ async def test_pull_batches_ack_and_late_deliveries_are_not_dropped(
             pending, ack_pending = 1, 1
             with trio.move_on_after(10):
                 while (pending, ack_pending) != (0, 0):
-                    pending, ack_pending = await bridge.consumer_lag("TELEMETRY", SPEC.durable)
+                    state = await trio.to_thread.run_sync(
+                        _js.consumer_state, private_nats_server, "TELEMETRY", SPEC.durable
+                    )
+                    pending, ack_pending = state.num_pending, state.num_ack_pending
                     await trio.sleep(0.1)
             assert (pending, ack_pending) == (0, 0)
         finally:

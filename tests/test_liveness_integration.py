@@ -16,8 +16,6 @@ import datetime as dt
 import functools
 import json
 import random
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,9 +26,10 @@ import pytest
 import trio
 import trio_asyncio
 
+from devstack import js as _js
 from devstack import simulator
-from devstack._common import die_with_parent
 from devstack.env import daemon_env
+from devstack.mgmt_standin import spawn_standin
 from devstack.natsd import NatsServer
 from notip_trio.config import Settings
 from notip_trio.jetstream import NatsBridge
@@ -38,7 +37,6 @@ from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_UPDATE_STATUS
 from notip_trio.wire import format_rfc3339, offline_alert_msg_id
 
-from . import _js
 from ._inprocess import daemon_settings, until
 from ._inprocess import running_daemon as _running_daemon
 
@@ -88,51 +86,25 @@ async def running_standin(
     paused: Iterable[Key] = (),
     invalid_status: Iterable[Key] = (),
 ) -> AsyncIterator[Standin]:
-    """Run `python -m devstack.mgmt_standin` as "mgmt-api" until the block ends."""
-    client = server.client("mgmt-api")
-    configs_file = workdir / "alert-configs.json"
-    configs_file.write_text(json.dumps(configs or []), encoding="utf-8")
+    """The stand-in as its own process ("mgmt-api") until the block ends."""
     standin = Standin(workdir / "mgmt-requests.jsonl")
-    log_file = workdir / "mgmt-standin.log"
-    argv = [
-        sys.executable, "-m", "devstack.mgmt_standin",
-        "--url", server.url, "--ca", str(client.ca), "--cert", str(client.cert),
-        "--key", str(client.key), "--configs", str(configs_file),
-        "--record", str(standin.record),
-    ]  # fmt: skip
-    if paused_arg := ",".join(f"{t}/{g}" for t, g in paused):
-        argv += ["--paused", paused_arg]
-    if invalid_arg := ",".join(f"{t}/{g}" for t, g in invalid_status):
-        argv += ["--invalid-status-for", invalid_arg]
-
-    def ready() -> bool:
-        return log_file.exists() and "mgmt_standin_ready" in log_file.read_text(encoding="utf-8")
-
-    with log_file.open("wb") as log:
-        async with trio.open_nursery() as nursery:
-            # Cancelling run_process terminates the child (SIGTERM, then SIGKILL).
-            proc: trio.Process = await nursery.start(
-                functools.partial(
-                    trio.run_process,
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    check=False,
-                    preexec_fn=die_with_parent(),
-                )
-            )
-            try:
-                with trio.move_on_after(STANDIN_READY_S) as waiting:
-                    while not await trio.to_thread.run_sync(ready):
-                        if proc.returncode is not None:
-                            pytest.fail(f"mgmt stand-in exited: {log_file.read_text()}")
-                        await trio.sleep(0.05)
-                if waiting.cancelled_caught:
-                    pytest.fail(f"mgmt stand-in not ready: {log_file.read_text()}")
-                yield standin
-            finally:
-                nursery.cancel_scope.cancel()
+    child = await trio.to_thread.run_sync(
+        functools.partial(
+            spawn_standin,
+            server,
+            workdir / "mgmt-standin.log",
+            configs=configs or [],
+            paused=paused,
+            invalid_status=invalid_status,
+            record=standin.record,
+            timeout_s=STANDIN_READY_S,
+        )
+    )
+    try:
+        yield standin
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(child.stop, 5.0)
 
 
 # --- the daemon ---------------------------------------------------------------

@@ -22,11 +22,11 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack import js as _js
 from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 
-from . import _js
 from ._daemon import DaemonProcess, assert_logs_clean, spawn_daemon
 
 DURABLE = "data-consumer-telemetry"

@@ -3,8 +3,9 @@ and the container probe deploy/notip_probe.py.
 
 No container engine and no YAML library are needed: the manifest is ours, so a
 few line-oriented helpers read the parts these tests check. The variable names
-and defaults are taken from notip_trio/config.py (the only reader of the
-environment) and, where the checkout has it beside it, from SPEC.md.
+and defaults are taken from notip_trio.config (REQUIRED_VARIABLES, DEFAULTS,
+ENV_VARS: the one declaration of what the daemon reads) and, where the
+checkout has it beside it, from SPEC.md.
 """
 
 from __future__ import annotations
@@ -20,27 +21,20 @@ from types import ModuleType
 
 import pytest
 
+from notip_trio import config as daemon_config
+
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = (ROOT / "Containerfile").read_text(encoding="utf-8")
 MANIFEST = (ROOT / "deploy" / "notip-trio.pod.yaml").read_text(encoding="utf-8")
-CONFIG_SRC = (ROOT / "notip_trio" / "config.py").read_text(encoding="utf-8")
 SECRETS_DIR = "/run/secrets/notip/"
 
 
 # --- helpers -------------------------------------------------------------------
 
 
-def _config_names(kind: str) -> dict[str, str | None]:
-    """Variables config.py reads through `kind` ("req_str", "opt_str", "pos_int")."""
-    found: dict[str, str | None] = {}
-    for m in re.finditer(rf'{kind}\(\s*"([A-Z_]+)"(?:\s*,\s*("?[^,)"]*"?))?', CONFIG_SRC):
-        found[m.group(1)] = m.group(2).strip('"') if m.group(2) else None
-    return found
-
-
-REQUIRED = set(_config_names("req_str"))
-OPTIONAL_DEFAULTS = {**_config_names("opt_str"), **_config_names("pos_int")}
-ALL_NAMES = REQUIRED | set(OPTIONAL_DEFAULTS) | {"DB_SSL_ROOT_CERT"}
+REQUIRED = set(daemon_config.REQUIRED_VARIABLES)
+OPTIONAL_DEFAULTS = dict(daemon_config.DEFAULTS)
+ALL_NAMES = set(daemon_config.ENV_VARS)
 
 
 def _document(kind: str) -> str:
@@ -136,7 +130,6 @@ def test_manifest_has_configmap_secret_and_one_replica_deployment():
 def test_manifest_names_every_required_variable():
     config = _mapping(_block(_document("ConfigMap"), "data"))
     env = _container_env()
-    assert {"NATS_URL", "NATS_TLS_CA", "DB_PASSWORD_FILE"} <= REQUIRED, "config.py parse"
     missing = REQUIRED - set(config) - set(env)
     assert not missing, f"required variables not set by the manifest: {sorted(missing)}"
 
@@ -157,10 +150,12 @@ def test_manifest_settings_are_known_and_defaults_match_config():
     unknown = (set(config) | set(env)) - ALL_NAMES
     assert not unknown, f"variables notip_trio.config does not read: {sorted(unknown)}"
     assert config["METRICS_ADDR"] == ":9090"
-    for name, default in OPTIONAL_DEFAULTS.items():
-        if name in config and default is not None and name != "DB_SSL_MODE":
-            assert config[name] == default, f"{name}: manifest {config[name]} != {default}"
-    assert config.get("DB_SSL_MODE", "require") in ("require", "verify-ca", "verify-full")
+    overridden = {name: config[name] for name in OPTIONAL_DEFAULTS.keys() & config.keys()}
+    assert "METRICS_ADDR" in overridden, "the ConfigMap sets no optional variable"
+    ssl_mode = overridden.pop("DB_SSL_MODE", "require")
+    assert ssl_mode in ("require", "verify-ca", "verify-full")
+    differing = {n: v for n, v in overridden.items() if v != OPTIONAL_DEFAULTS[n]}
+    assert not differing, f"manifest values differ from config.DEFAULTS: {differing}"
 
 
 def test_secret_files_are_mounted_where_the_env_points():

@@ -1,5 +1,10 @@
-"""Child processes of the developer stack: each in its own process group, stopped in order.
+"""Child processes for tests, the benchmark and the dev stack: the toolkit's one wrapper.
 
+- `python_module(module, *args)` is the argv of `python -m module` in this
+  interpreter; `child_env(env)` is this environment without any of the daemon's
+  variables (`notip_trio.config.ENV_VARS`, so nothing leaks from the shell),
+  with `env` on top and this checkout on PYTHONPATH (devstack/ and benchmarks/
+  are not installed).
 - `Child` runs a command in a new session (so a terminal's Ctrl-C does not reach
   it behind our back), with its output in a log file, and stops it by signalling
   its whole process group: SIGTERM, a bounded wait, then SIGKILL. The child also
@@ -17,20 +22,39 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from devstack._common import die_with_parent, log_tail
+from devstack._common import DevstackError, die_with_parent, log_tail, wait_until
+from notip_trio.config import ENV_VARS
 
 _SUPERVISED_STOP_S = 60.0  # the stack stops its children in order within this
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """argv of `python -m module args...` in this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """os.environ without the daemon's variables, then `env`; this checkout importable."""
+    base = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    path = [str(PROJECT_ROOT), *filter(None, base.get("PYTHONPATH", "").split(os.pathsep))]
+    base["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    return {**base, **(env or {})}
 
 
 @dataclass(eq=False)
 class Child:
-    """One child process (a process-group leader) with its log file."""
+    """One child process (a process-group leader) with its log file.
+
+    As a context manager it is stopped (`stop(grace_s=5)`) on the way out.
+    """
 
     name: str
     proc: subprocess.Popen[bytes]
@@ -47,7 +71,11 @@ class Child:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> Child:
-        """Start `argv` in a new session, stdout and stderr appended to `log_path`."""
+        """Start `argv` in a new session, stdout and stderr appended to `log_path`.
+
+        The environment is `child_env(env)`; the working directory `cwd` or the
+        checkout's root.
+        """
         log = log_path.open("ab")
         try:
             proc = subprocess.Popen(
@@ -55,8 +83,8 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
+                env=child_env(env),
+                cwd=cwd if cwd is not None else PROJECT_ROOT,
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
             )
@@ -64,6 +92,12 @@ class Child:
             log.close()
             raise
         return cls(name, proc, log_path, log)
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop(grace_s=5)
 
     @property
     def running(self) -> bool:
@@ -75,6 +109,24 @@ class Child:
 
     def tail(self, lines: int = 20) -> str:
         return log_tail(self.log_path, lines)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for_line(self, needle: str, *, timeout_s: float) -> None:
+        """Until `needle` appears in the log; DevstackError if the child exits first."""
+
+        def seen() -> bool:
+            if needle in self.log_text():
+                return True
+            if not self.running:
+                raise DevstackError(
+                    f"{self.name} exited with status {exit_status(self.returncode or 0)} "
+                    f"before {needle!r}:\n{self.tail()}"
+                )
+            return False
+
+        wait_until(seen, timeout=timeout_s, what=f"{needle!r} from {self.name}")
 
     def stop(self, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> int:
         """Signal the process group, wait up to `grace_s`, then SIGKILL it; return the exit code.
