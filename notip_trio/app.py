@@ -37,7 +37,7 @@ from .decommission import run_decommission
 from .dispatch import Dispatcher
 from .http import run_http_server
 from .ingest import IngestState, run_ingest
-from .jetstream import ChannelBatchSource, JsMsg, NatsBridge, PullSpec, StartupError
+from .jetstream import JsMsg, NatsBridge, PullSpec, StartupError
 from .liveness import Heartbeats, LivenessTracker, run_liveness
 from .log import get_logger, setup_logging
 from .metrics import Metrics
@@ -158,12 +158,14 @@ async def _serve(
     health = Health(storage, bridge, ingest_state)
     mgmt = MgmtClient(bridge)
     cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
-    dispatcher = Dispatcher(mgmt, settings, metrics)
+    drain_s = settings.shutdown_drain_ms / 1000
+    dispatcher = Dispatcher(
+        mgmt, metrics, capacity=settings.gateway_buffer_size, drain_s=drain_s
+    )
     tracker = LivenessTracker(cache, mgmt, bridge, dispatcher, settings, metrics)
     heartbeats_tx, heartbeats_rx = trio.open_memory_channel[Heartbeats](64)
     pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
     decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
-    drain_s = settings.shutdown_drain_ms / 1000
 
     async with trio.open_nursery() as root:
         port = await root.start(
@@ -199,7 +201,7 @@ async def _serve(
                     intake.start_soon(bridge.run_pull, telemetry_spec(settings), pulled_tx)
                     intake.start_soon(bridge.run_pull, decommission_spec(), decom_tx)
                     intake.start_soon(
-                        run_decommission, ChannelBatchSource(decom_rx, bridge), tracker, metrics
+                        run_decommission, decom_rx, bridge, tracker, metrics
                     )
                     log.info(
                         "started",
@@ -215,18 +217,14 @@ async def _serve(
                     # closes the heartbeat channel, which ends liveness and closes
                     # the status queue, which the dispatcher drains (bounded).
                     intake.cancel_scope.cancel()
-                # One drain budget for the whole shutdown, ingest first.
+                # One drain budget for the whole shutdown: ingest first, the
+                # status queue until then too, plus a second should ingest use it all.
                 deadline = trio.current_time() + drain_s
                 ingest_scope.deadline = deadline
+                dispatcher.drain_by(deadline + 1.0)
         if ingest_scope.cancelled_caught:
             log.warning("ingest_drain_timeout", drain_s=drain_s)
-        # The status queue gets what is left of the budget (at least a second).
-        with trio.move_on_at(max(deadline, trio.current_time() + 1.0)):
-            await dispatch_done.wait()
-        if not dispatch_done.is_set():
-            left = dispatcher.queued() + 1  # the queue, and the update in flight
-            metrics.status_update_dropped.inc(left)
-            log.warning("status_updates_drain_timeout", left=left, drain_s=drain_s)
+        await dispatch_done.wait()  # bounded by the dispatcher itself (drain_by)
         root.cancel_scope.cancel()
 
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import trio
 
-from notip_trio.jetstream import BatchSource, JsMsg
+from notip_trio.jetstream import Acker, JsMsg
 from notip_trio.log import get_logger
 from notip_trio.metrics import Metrics
 from notip_trio.wire import parse_decommission_subject
@@ -27,21 +27,21 @@ class Forgetful(Protocol):
 
 
 async def run_decommission(
-    source: BatchSource,
+    batches: trio.MemoryReceiveChannel[list[JsMsg]],
+    acker: Acker,
     tracker: Forgetful,
     metrics: Metrics,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Handle decommission batches until cancelled; never returns otherwise.
+    """Handle decommission batches until `batches` closes (or cancellation).
 
-    Ready at once (the source is bound by the caller). A message is acked only
+    Ready at once (the pull feeding `batches` is the caller's). A message is acked only
     after the gateway has been removed; removal is idempotent, so a redelivery
     is harmless.
     """
     task_status.started()
-    while True:
-        batch = await source.next_batch()
+    async for batch in batches:
         done: list[JsMsg] = []
         rejected: list[JsMsg] = []
         for msg in batch:
@@ -61,7 +61,7 @@ async def run_decommission(
             done.append(msg)
         if rejected:
             metrics.decommission_rejected.inc(len(rejected))
-            await source.term(rejected)
+            await acker.term(rejected)
         if done:
             metrics.gateways_decommissioned.inc(len(done))
-            await source.ack(done)
+            await acker.ack(done)

@@ -11,8 +11,10 @@ order. A failed update (after the client's own retries) is counted
 gateway sends a fresh one.
 
 Shutdown: `close()` ends the input. The worker then sends what is still queued,
-for at most `shutdown_drain_ms`; whatever is left when that time is up is
-counted as dropped and logged with its number.
+for at most `drain_s` after the close, and never past a deadline the task tree
+may set beforehand (`drain_by`, the daemon's one shutdown budget); whatever is
+left when that time is up is counted as dropped and logged with its number.
+This module is the only owner of that bound and that count.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Protocol
 
 import trio
 
-from notip_trio.config import Settings
 from notip_trio.log import get_logger
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import MgmtError, Status
@@ -48,13 +49,17 @@ class StatusUpdater(Protocol):
 class Dispatcher:
     """Owner of the status-update queue; `run` is its worker task."""
 
-    def __init__(self, updater: StatusUpdater, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, updater: StatusUpdater, metrics: Metrics, *, capacity: int, drain_s: float
+    ) -> None:
         self._updater = updater
         self._metrics = metrics
-        self._capacity = settings.gateway_buffer_size
-        self._drain_s = settings.shutdown_drain_ms / 1000
-        self._send, self._receive = trio.open_memory_channel[StatusUpdate](self._capacity)
+        self._capacity = capacity
+        self._drain_s = drain_s
+        self._send, self._receive = trio.open_memory_channel[StatusUpdate](capacity)
         self._closed = trio.Event()
+        self._worker = trio.CancelScope()
+        self._drain_deadline = float("inf")  # the latest the drain may end (drain_by)
         self._dropping = 0  # drops in the current overflow episode (for the log)
         metrics.dispatch_queue_capacity.set(self._capacity)
 
@@ -91,6 +96,12 @@ class Dispatcher:
         self._send.close()
         self._closed.set()
 
+    def drain_by(self, deadline: float) -> None:
+        """The drain after `close()` ends by `deadline` (Trio time) at the latest."""
+        self._drain_deadline = min(self._drain_deadline, deadline)
+        if self._closed.is_set():
+            self._worker.deadline = min(self._worker.deadline, deadline)
+
     def queued(self) -> int:
         return self._receive.statistics().current_buffer_used
 
@@ -101,14 +112,15 @@ class Dispatcher:
         """
         in_flight = 0
         left = 0
+        worker = self._worker
         async with trio.open_nursery() as nursery:
-            worker = trio.CancelScope()
 
             async def arm_drain_deadline() -> None:
                 # The deadline starts when the input closes, not when the
                 # worker next looks: it may be deep in a retrying request.
                 await self._closed.wait()
-                worker.deadline = min(worker.deadline, trio.current_time() + self._drain_s)
+                end = min(trio.current_time() + self._drain_s, self._drain_deadline)
+                worker.deadline = min(worker.deadline, end)
 
             nursery.start_soon(arm_drain_deadline)
             task_status.started()

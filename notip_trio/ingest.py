@@ -24,7 +24,7 @@ from typing import Protocol
 import trio
 
 from .envelope import Rejection, Row, decode
-from .jetstream import JsMsg
+from .jetstream import Acker, JsMsg
 from .liveness import Heartbeats
 from .log import get_logger
 from .metrics import Metrics
@@ -34,12 +34,6 @@ log = get_logger(__name__)
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
-
-
-class Acker(Protocol):
-    async def ack(self, msgs: Sequence[JsMsg]) -> None: ...
-    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None: ...
-    async def term(self, msgs: Sequence[JsMsg]) -> None: ...
 
 
 class Writer(Protocol):
@@ -63,32 +57,6 @@ class IngestState:
     running: bool = False
     last_write_ok: bool = True
     last_error: str = ""
-
-
-def _ack_tokens(reply: str) -> tuple[str, str] | None:
-    """(stream sequence, consumer pending) from a `$JS.ACK...` reply subject, v1 or v2 form."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return tokens[5], tokens[8]
-    if len(tokens) >= 11:  # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>...
-        return tokens[7], tokens[10]
-    return None
-
-
-def stream_seq(reply: str) -> int | None:
-    """The stream sequence of a delivery, from its ack subject."""
-    tokens = _ack_tokens(reply)
-    return int(tokens[0]) if tokens and tokens[0].isdigit() else None
-
-
-def consumer_pending(reply: str) -> int | None:
-    """Messages left for the consumer after this delivery: its lag, at no cost.
-
-    Read from the ack subject instead of asking the server for consumer info,
-    which on nats-server 2.9 stalled pull deliveries of a filtered consumer.
-    """
-    tokens = _ack_tokens(reply)
-    return int(tokens[1]) if tokens and tokens[1].isdigit() else None
 
 
 def prepare(
@@ -117,12 +85,12 @@ def prepare(
             detail=result.detail[:200],
             subject=msg.subject[:200],
             body_length=len(msg.data),
-            stream_seq=stream_seq(msg.reply),
+            stream_seq=_stream_seq(msg),
         )
     metrics.messages_received.inc(len(msgs))
     metrics.consumer_ack_pending.inc(len(msgs))
-    if msgs and (lag := consumer_pending(msgs[-1].reply)) is not None:
-        metrics.consumer_pending.set(lag)
+    if msgs and (last := msgs[-1].delivery) is not None:
+        metrics.consumer_pending.set(last.pending)
     return out, heard
 
 
@@ -134,8 +102,13 @@ def _rejected(msg: JsMsg, why: Rejection, now: dt.datetime, cap: int) -> Rejecte
         detail=why.detail,
         body=bytes(msg.data[:cap]),
         body_length=len(msg.data),
-        stream_seq=stream_seq(msg.reply),
+        stream_seq=_stream_seq(msg),
     )
+
+
+def _stream_seq(msg: JsMsg) -> int | None:
+    delivery = msg.delivery
+    return delivery.stream_seq if delivery is not None else None
 
 
 async def run_ingest(

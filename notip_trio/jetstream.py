@@ -6,8 +6,10 @@ once per *batch*, never once per message (a crossing costs ~66 µs).
 Public surface used by the rest of the daemon:
 
 - `JsMsg`: one delivered JetStream message (subject, body, ack reply subject).
-- `BatchSource`: a pull consumer that hands over lists of `JsMsg` and acks,
-  naks or terminates them in bulk.
+- `Delivery`: what a message's ack subject says (stream sequence and time, lag).
+- `Acker`: acks, naks or terminates delivered messages in bulk; `NatsBridge.run_pull`
+  feeds batches of `JsMsg` into a channel, and the consumer of that channel
+  settles them through an `Acker` (the bridge).
 - `Requester`: core-NATS request-reply, one attempt, no timeout of its own
   (callers put a `trio.fail_after` scope around it).
 - `AlertPublisher`: JetStream publish that returns only after the PubAck.
@@ -41,16 +43,50 @@ R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a JetStream ack subject says about its delivery (like nats.py's
+    `Msg.Metadata.from_reply`), at no cost: no consumer-info call, which on
+    nats-server 2.9 stalled the pull deliveries of a filtered consumer.
+
+    v1: `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`;
+    v2: `$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>`
+    `.<pending>[.<token>]`.
+    """
+
+    delivered: int  # delivery count: 1 the first time, more on redelivery
+    stream_seq: int
+    timestamp_ns: int  # when the message reached the stream: the same on every replica
+    pending: int  # messages left for the consumer after this one: its lag
+
+    @classmethod
+    def from_reply(cls, reply: str) -> Delivery | None:
+        """The delivery's metadata, or None if `reply` is not an ack subject."""
+        tokens = reply.split(".")
+        if len(tokens) == 9:
+            fields = tokens[4], tokens[5], tokens[7], tokens[8]
+        elif len(tokens) >= 11:
+            fields = tokens[6], tokens[7], tokens[9], tokens[10]
+        else:
+            return None
+        if tokens[0] != "$JS" or tokens[1] != "ACK" or not all(f.isdigit() for f in fields):
+            return None
+        delivered, seq, ts, pending = map(int, fields)
+        return cls(delivered, seq, ts, pending)
+
+
+@dataclass(frozen=True, slots=True)
 class JsMsg:
     subject: str
     data: bytes
     reply: str  # the $JS.ACK... subject used to ack/nak/term this delivery
 
+    @property
+    def delivery(self) -> Delivery | None:
+        return Delivery.from_reply(self.reply)
 
-class BatchSource(Protocol):
-    async def next_batch(self) -> list[JsMsg]:
-        """Wait for the next non-empty batch of delivered messages."""
-        ...
+
+class Acker(Protocol):
+    """Settles deliveries in bulk: one bridge crossing per call, never per message."""
 
     async def ack(self, msgs: Sequence[JsMsg]) -> None: ...
 
@@ -76,26 +112,6 @@ class AlertPublisher(Protocol):
         `msg_id` goes into the `Nats-Msg-Id` header for server-side dedup.
         """
         ...
-
-
-class ChannelBatchSource:
-    """A `BatchSource` over a channel fed by `NatsBridge.run_pull`."""
-
-    def __init__(self, batches: trio.MemoryReceiveChannel[list[JsMsg]], acker: NatsBridge) -> None:
-        self._batches = batches
-        self._acker = acker
-
-    async def next_batch(self) -> list[JsMsg]:
-        return await self._batches.receive()
-
-    async def ack(self, msgs: Sequence[JsMsg]) -> None:
-        await self._acker.ack(msgs)
-
-    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None:
-        await self._acker.nak(msgs, delay_s)
-
-    async def term(self, msgs: Sequence[JsMsg]) -> None:
-        await self._acker.term(msgs)
 
 
 class NatsRequestError(Exception):

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
-import msgspec
 import trio
 
 from notip_trio.alertconfig import AlertConfigCache
@@ -55,7 +54,12 @@ from notip_trio.jetstream import AlertPublisher, NatsRequestError
 from notip_trio.log import get_logger
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import GatewayState, MgmtError, Status
-from notip_trio.wire import alert_subject, format_rfc3339, offline_alert_msg_id
+from notip_trio.wire import (
+    alert_subject,
+    format_rfc3339,
+    offline_alert_body,
+    offline_alert_msg_id,
+)
 
 log = get_logger(__name__)
 
@@ -125,9 +129,6 @@ def _by_seen(item: tuple[Key, _Gateway, int]) -> float:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-_encoder: Final = msgspec.json.Encoder()
 
 
 class LivenessTracker:
@@ -299,14 +300,7 @@ class LivenessTracker:
         last_seen = format_rfc3339(c.wall)
         try:
             subject = alert_subject(tenant_id)
-            body = _encoder.encode(
-                {
-                    "gatewayId": gateway_id,
-                    "lastSeen": last_seen,
-                    "timeoutMs": c.timeout_ms,
-                    "timestamp": format_rfc3339(self._wall_clock()),
-                }
-            )
+            body = offline_alert_body(gateway_id, c.wall, c.timeout_ms, self._wall_clock())
             with trio.fail_after(PUBLISH_TIMEOUT_S):
                 await self._publisher.publish(
                     subject, body, msg_id=offline_alert_msg_id(tenant_id, gateway_id, c.wall)

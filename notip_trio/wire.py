@@ -6,6 +6,7 @@
   the Go service sent.
 - The platform's streams and their subjects (`STREAMS`, owned by the platform:
   the daemon only checks they exist; tests and the dev stack create them).
+- The offline alert's body (`offline_alert_body`) and its `Nats-Msg-Id`.
 - Subject builders and parsers for `alert.{tenant}.gw_offline` and
   `gateway.decommissioned.{tenant}.{gateway}`. Parsers return `None` for a
   subject that does not have the exact shape; they never raise.
@@ -16,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Final
+
+import msgspec
 
 TELEMETRY_STREAM: Final = "TELEMETRY"
 ALERTS_STREAM: Final = "ALERTS"
@@ -89,6 +92,28 @@ def parse_decommission_subject(subject: str) -> tuple[str, str] | None:
     if not (is_valid_token(tenant) and is_valid_token(gateway)):
         return None
     return tenant, gateway
+
+
+class OfflineAlert(msgspec.Struct, frozen=True):
+    """The body of `alert.{tenant}.gw_offline`, field names as on the wire."""
+
+    gatewayId: str
+    lastSeen: str
+    timeoutMs: int
+    timestamp: str  # when the silence was detected (RFC 3339)
+
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def offline_alert_body(
+    gateway_id: str, last_seen: datetime, timeout_ms: int, detected_at: datetime
+) -> bytes:
+    """The JSON body of an offline alert; ValueError for a naive datetime."""
+    alert = OfflineAlert(
+        gateway_id, format_rfc3339(last_seen), timeout_ms, format_rfc3339(detected_at)
+    )
+    return _encoder.encode(alert)
 
 
 def offline_alert_msg_id(tenant_id: str, gateway_id: str, last_seen: datetime) -> str:

@@ -151,14 +151,15 @@ class RecordingSink:
 
 
 class FakeBatchSource:
-    """`BatchSource` fed through `send`; records acked/naked/terminated subjects.
+    """Batches fed through `send` into `batches`, settled through this fake `Acker`,
+    which records acked/naked/terminated subjects.
 
     After `send`, `await trio.testing.wait_all_tasks_blocked()` lets the
     consumer settle the batch.
     """
 
     def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[list[JsMsg]](10)
+        self._send, self.batches = trio.open_memory_channel[list[JsMsg]](10)
         self.acked: list[str] = []
         self.termed: list[str] = []
         self.naked: list[str] = []
@@ -166,9 +167,6 @@ class FakeBatchSource:
     async def send(self, subjects: Sequence[str]) -> None:
         batch = [JsMsg(s, b'{"gatewayId":"x"}', f"$JS.ACK.{i}") for i, s in enumerate(subjects)]
         await self._send.send(batch)
-
-    async def next_batch(self) -> list[JsMsg]:
-        return await self._receive.receive()
 
     async def ack(self, msgs: Sequence[JsMsg]) -> None:
         self.acked += [m.subject for m in msgs]

@@ -36,7 +36,7 @@ async def test_removes_and_acks(autojump_clock: trio.abc.Clock) -> None:
         tracker = RecordingTracker({("t1", "gw1")})
         metrics = Metrics()
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_decommission, source, tracker, metrics)
+            await nursery.start(run_decommission, source.batches, source, tracker, metrics)
             subjects = ["gateway.decommissioned.t1.gw1", "gateway.decommissioned.t2.gw7"]
             await source.send(subjects)
             await trio.testing.wait_all_tasks_blocked()
@@ -54,7 +54,7 @@ async def test_malformed_subject_is_terminated_and_counted(autojump_clock: trio.
         tracker = RecordingTracker(set())
         metrics = Metrics()
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_decommission, source, tracker, metrics)
+            await nursery.start(run_decommission, source.batches, source, tracker, metrics)
             await source.send(
                 [
                     "gateway.decommissioned.t1",
@@ -76,7 +76,7 @@ async def test_batches_are_handled_in_turn(autojump_clock: trio.abc.Clock) -> No
         source = FakeBatchSource()
         tracker = RecordingTracker(set())
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_decommission, source, tracker, Metrics())
+            await nursery.start(run_decommission, source.batches, source, tracker, Metrics())
             for i in range(3):
                 await source.send([f"gateway.decommissioned.t1.gw{i}"])
             await trio.testing.wait_all_tasks_blocked()

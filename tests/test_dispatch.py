@@ -14,7 +14,7 @@ import trio.testing
 from notip_trio.dispatch import Dispatcher, StatusUpdate
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import MgmtError, Status
-from tests.liveness_fakes import WALL0, make_settings, sample
+from tests.liveness_fakes import WALL0, sample
 
 GUARD_S = 600
 
@@ -41,7 +41,7 @@ async def test_updates_are_sent_in_order_and_close_drains(autojump_clock: trio.a
     with trio.fail_after(GUARD_S):
         updater = FakeUpdater(delay_s=1)
         metrics = Metrics()
-        dispatcher = Dispatcher(updater, make_settings(), metrics)
+        dispatcher = Dispatcher(updater, metrics, capacity=1000, drain_s=8.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
             for i, status in enumerate(["online", "offline", "online"]):
@@ -58,9 +58,7 @@ async def test_full_queue_drops_and_counts(autojump_clock: trio.abc.Clock) -> No
     with trio.fail_after(GUARD_S):
         updater = FakeUpdater(delay_s=10)
         metrics = Metrics()
-        dispatcher = Dispatcher(
-            updater, make_settings(gateway_buffer_size=2, shutdown_drain_ms=60_000), metrics
-        )
+        dispatcher = Dispatcher(updater, metrics, capacity=2, drain_s=60.0)
         assert sample(metrics, "dispatch_queue_capacity") == 2
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
@@ -86,7 +84,7 @@ async def test_failed_update_is_counted_and_the_worker_goes_on(
     with trio.fail_after(GUARD_S):
         updater = FakeUpdater(failing=frozenset({"bad"}))
         metrics = Metrics()
-        dispatcher = Dispatcher(updater, make_settings(), metrics)
+        dispatcher = Dispatcher(updater, metrics, capacity=1000, drain_s=8.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
             dispatcher.submit(update("bad"))
@@ -102,7 +100,7 @@ async def test_drain_is_bounded_and_reports_what_was_left(
     with trio.fail_after(GUARD_S):
         updater = FakeUpdater(delay_s=5)
         metrics = Metrics()
-        dispatcher = Dispatcher(updater, make_settings(shutdown_drain_ms=12_000), metrics)
+        dispatcher = Dispatcher(updater, metrics, capacity=1000, drain_s=12.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
             for i in range(5):
@@ -115,10 +113,38 @@ async def test_drain_is_bounded_and_reports_what_was_left(
         assert sample(metrics, "dispatch_queue_length") == 0
 
 
+async def test_drain_ends_by_the_deadline_the_task_tree_set(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        updater = FakeUpdater(delay_s=5)
+        metrics = Metrics()
+        dispatcher = Dispatcher(updater, metrics, capacity=1000, drain_s=60.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            for i in range(5):
+                dispatcher.submit(update(f"gw{i}"))
+            dispatcher.drain_by(7.0)  # before the close: the daemon's shutdown budget
+            await trio.sleep(1)
+            dispatcher.close()  # its own bound (61) is later: 7 wins
+        assert trio.current_time() == 7
+        assert updater.calls == [(5, "gw0", "online")]
+        assert sample(metrics, "status_update_dropped_total") == 4
+        # Set after the close, the earlier deadline still takes effect.
+        dispatcher = Dispatcher(FakeUpdater(delay_s=5), metrics, capacity=10, drain_s=60.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            dispatcher.submit(update("late"))
+            dispatcher.close()
+            dispatcher.drain_by(trio.current_time() + 2)
+        assert trio.current_time() == 9
+        assert sample(metrics, "status_update_dropped_total") == 5
+
+
 async def test_submit_after_close_is_dropped(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
         metrics = Metrics()
-        dispatcher = Dispatcher(FakeUpdater(), make_settings(), metrics)
+        dispatcher = Dispatcher(FakeUpdater(), metrics, capacity=1000, drain_s=8.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
             dispatcher.close()

@@ -35,20 +35,33 @@ def _scalar(conninfo: str, sql: str) -> int:
         return int(row[0])
 
 
+def _is_hypertable(conninfo: str) -> bool:
+    """What the database says: is `telemetry` a TimescaleDB hypertable?"""
+    with psycopg.connect(conninfo) as conn:
+        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+            return False
+        found = conn.execute(
+            "SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = 'telemetry'"
+        ).fetchone()
+        return found is not None
+
+
 async def _storage(conninfo: str) -> Storage:
     storage = Storage.create(conninfo, min_size=1, max_size=2)
     await storage.open(timeout_s=10)
     return storage
 
 
-async def test_fresh_database_migrates_idempotently_and_dedups(pg_database) -> None:
+async def test_fresh_database_migrates_idempotently_and_dedups(pg_server, pg_database) -> None:
     storage = await _storage(pg_database.conninfo)
     try:
         first = await storage.migrate()
         second = await storage.migrate()
         assert first == second
         assert first.dedup_index
-        assert not first.hypertable
+        # A hypertable exactly where the extension exists; plain PostgreSQL elsewhere.
+        assert first.hypertable == pg_server.timescaledb_available
+        assert _is_hypertable(pg_database.conninfo) == first.hypertable
         rows = [_row(i) for i in range(300)]
         result = await storage.write_batch(rows[:200], [])
         assert (result.inserted, result.duplicates) == (200, 0)
@@ -97,7 +110,7 @@ async def test_go_filled_table_with_exact_duplicates_gets_its_index(pg_database)
 
 
 async def test_go_filled_table_with_differing_rows_under_one_key_keeps_them(
-    pg_database,
+    pg_server, pg_database
 ) -> None:
     with psycopg.connect(pg_database.conninfo) as conn:
         conn.execute(GO_SCHEMA)
@@ -112,11 +125,13 @@ async def test_go_filled_table_with_differing_rows_under_one_key_keeps_them(
         assert info.exact_duplicates_removed == 1
         assert not info.dedup_index
         assert info.conflicting_keys == 1
+        assert info.hypertable == pg_server.timescaledb_available
+        assert _is_hypertable(pg_database.conninfo) == info.hypertable
         # Still effectively once, through the NOT EXISTS fallback.
         result = await storage.write_batch([_row(5), _row(100)], [])
         assert (result.inserted, result.duplicates) == (1, 1)
         # A restart finds the same state and still starts.
-        assert await storage.migrate() == info.__class__(False, False, 0, 1)
+        assert await storage.migrate() == info.__class__(info.hypertable, False, 0, 1)
     finally:
         await storage.close()
     assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 22
@@ -133,6 +148,7 @@ async def test_hypertable_when_timescaledb_is_available(timescaledb_database) ->
     try:
         info = await storage.migrate()
         assert info.hypertable
+        assert _is_hypertable(timescaledb_database.conninfo)
         assert info.dedup_index
         await storage.write_batch([_row(i) for i in range(10)], [])
         assert (await storage.write_batch([_row(1)], [])).duplicates == 1
