@@ -9,7 +9,7 @@ gateways for every measurement, and prints one table:
 3. Baseline G: the Go service's strategy, 100 INSERTs per transaction (`benchmarks.pull`).
 4. Naive port: pull_subscribe + fetch + 100 INSERTs (`benchmarks.pull`).
 5. The daemon end to end as a subprocess, throughput and latency (`benchmarks.daemon`).
-6. Liveness tick and memory per gateway (`benchmarks.liveness`).
+6. Liveness with its state in PostgreSQL: takeover, tick, memory (`benchmarks.liveness`).
 
 plus the two decision benchmarks (`benchmarks.pg` copy-compare, `benchmarks.decode`).
 Every measurement runs in a process of its own; this one only orchestrates.
@@ -149,12 +149,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "liveness" in only:
             step("liveness")
             sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
-            results["tick"] = run_child(
-                "benchmarks.liveness", {"mode": "tick", "sizes": sizes}
-            )
-            results["rss"] = run_child(
-                "benchmarks.liveness", {"mode": "rss", "count": sizes[-1]}
-            )
+            with stack.nats(None) as server, stack.database() as db:
+                env = stack.env(server, db)
+                results["tick"] = run_child(
+                    "benchmarks.liveness", {"mode": "tick", "sizes": sizes}, env=env
+                )
+                results["rss"] = run_child(
+                    "benchmarks.liveness", {"mode": "rss", "count": sizes[-1]}, env=env
+                )
         if "decisions" in only:
             step("decisions")
             with stack.nats(None) as server, stack.database() as db:

@@ -1,44 +1,49 @@
-"""Benchmark children for liveness: tick duration and memory per tracked gateway.
+"""Benchmark children for liveness with its state in PostgreSQL.
 
-- `tick`: for each size, a LivenessTracker with in-memory stand-ins that answer
-  at once (StatusQuery says online, AlertPublisher acks, the sink drops) is
-  filled through `record()` in batches of 1,000 heartbeats; 1% of the
-  gateways were last heard long enough ago to be due. The first tick handles
-  that 1% (get-status, alert, mark offline); then the median of 5 ticks with
-  none due.
-- `rss`: in a fresh process, RSS before and after tracking `count` gateways,
-  divided by `count`; once with the key strings counted (as the daemon
-  allocates them while decoding) and once for the tracker alone.
+- `tick`: for each size, a freshly migrated database whose `gateway_liveness`
+  holds that many online gateways (COPY, not timed), 1% of them last heard long
+  enough ago to be due. A `LivenessTracker` on the real `PgStateStore`, with
+  stand-ins that answer at once (get-status says online, the publisher acks,
+  the sink drops), takes over (timed: the load of the whole state), ticks once
+  with the 1% due (get-status, re-read, alert, conditional offline), then the
+  median of 5 ticks with none due. Then a tick after 1% of the gateways were
+  heard again (the incremental read: O(changed)).
+- `rss`: the takeover's memory per tracked gateway (RSS before and after).
+
+Needs the daemon's DB_* variables (a database of its own).
 
 Usage: python -m benchmarks.liveness '{"mode": "tick", "sizes": [10000]}'
 """
 
 from __future__ import annotations
 
+# trio_asyncio must be imported before psycopg (NOTES.md).
 import datetime as dt
 import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import psycopg
 import trio
 
 from benchmarks.common import child_main, rss_bytes
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.config import Settings
+from notip_trio.config import load_settings
 from notip_trio.dispatch import StatusUpdate
-from notip_trio.liveness import Heartbeats, Key, LivenessTracker
+from notip_trio.lanes import Key
+from notip_trio.liveness import LivenessTracker
+from notip_trio.livestate import PgStateStore, record_seen
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import GatewayState
+from notip_trio.storage import Storage
 
 TIMEOUT_MS = 60_000
-RECORD_BATCH = 1000
 
 
 class _Instant:
-    """StatusQuery, AlertPublisher and StatusSink at once, all answering at once."""
+    """StatusQuery, AlertPublisher, StatusSink and AlertHorizon, all answering at once."""
 
     def __init__(self) -> None:
         self.alerts = 0
@@ -52,74 +57,91 @@ class _Instant:
     def submit(self, update: StatusUpdate) -> bool:
         return True
 
-    def close(self) -> None:
-        pass
+    def horizon(self, now: float) -> float:
+        return now
 
-
-def _settings() -> Settings:
-    return Settings(
-        nats_url="tls://127.0.0.1:4222",
-        nats_tls_ca=Path("ca.pem"),
-        nats_tls_cert=Path("c.pem"),
-        nats_tls_key=Path("k.pem"),
-        nats_consumer_durable_name="bench",
-        nats_connect_timeout_s=10.0,
-        db_host="localhost",
-        db_port=5432,
-        db_name="bench",
-        db_user="bench",
-        db_password="",
-        db_max_conns=1,
-        db_min_conns=0,
-        db_ssl_mode="disable",
-        db_ssl_root_cert=None,
-        gateway_buffer_size=1000,
-        heartbeat_tick_ms=10_000,
-        heartbeat_grace_period_ms=0,
-        alert_config_refresh_ms=120_000,
-        alert_config_default_timeout_ms=TIMEOUT_MS,
-        alert_config_max_retries=1,
-        alert_config_initial_backoff_ms=1000,
-        alert_config_max_backoff_ms=1000,
-        metrics_host="127.0.0.1",
-        metrics_port=0,
-    )
+    def behind(self, now: float) -> bool:
+        return False
 
 
 def _keys(count: int) -> list[Key]:
-    # 100 tenants; ids built per gateway, as decoding a message makes new strings.
     return [(f"tenant-{i % 100:03d}", f"gw-{i // 100:06d}-{i % 100:03d}") for i in range(count)]
 
 
-def _tracker(fake: _Instant) -> LivenessTracker:
-    return LivenessTracker(AlertConfigCache(TIMEOUT_MS), fake, fake, fake, _settings(), Metrics())
+def _fill(conninfo: str, keys: list[Key], due: int) -> None:
+    now = dt.datetime.now(dt.UTC)
+    old = now - dt.timedelta(milliseconds=TIMEOUT_MS + 5000)
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("TRUNCATE gateway_liveness")
+        with conn.cursor().copy(
+            "COPY gateway_liveness (tenant_id, gateway_id, last_seen, status, status_last_seen)"
+            " FROM STDIN"
+        ) as copy:
+            for i, (tenant, gateway) in enumerate(keys):
+                seen = old if i < due else now
+                copy.write_row((tenant, gateway, seen, "online", seen))
+        conn.execute("ANALYZE gateway_liveness")
 
 
-def _record_all(tracker: LivenessTracker, keys: list[Key], seen: float) -> None:
-    wall = dt.datetime.now(dt.UTC)
-    for start in range(0, len(keys), RECORD_BATCH):
-        tracker.record(Heartbeats(seen, wall, keys[start : start + RECORD_BATCH]))
+def _touch(conninfo: str, keys: list[Key]) -> None:
+    """What ingest does: record last-seen for `keys` (one transaction)."""
+    now = dt.datetime.now(dt.UTC)
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        record_seen(conn, dict.fromkeys(keys, now))
+
+
+async def _storage() -> tuple[Storage, str]:
+    settings = load_settings()
+    storage = Storage.create(settings.db_conninfo(), min_size=1, max_size=4)
+    await storage.open(timeout_s=30)
+    await storage.migrate()
+    return storage, settings.db_conninfo()
+
+
+def _tracker(storage: Storage, fake: _Instant) -> LivenessTracker:
+    return LivenessTracker(
+        PgStateStore(storage),
+        AlertConfigCache(TIMEOUT_MS),
+        fake,
+        fake,
+        fake,
+        Metrics(),
+        fake,
+        grace_until=0.0,
+        concurrency=32,
+    )
+
+
+async def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    await fn()
+    return (time.perf_counter() - t0) * 1000
 
 
 async def _tick_one(size: int) -> dict[str, Any]:
-    fake = _Instant()
-    tracker = _tracker(fake)
-    keys = _keys(size)
-    due = size // 100
-    now = trio.current_time()
-    _record_all(tracker, keys[:due], now - TIMEOUT_MS / 1000 - 5)
-    _record_all(tracker, keys[due:], now)
-    t0 = time.perf_counter()
-    await tracker.tick()
-    due_ms = (time.perf_counter() - t0) * 1000
-    if fake.alerts != due:
-        raise RuntimeError(f"expected {due} alerts, got {fake.alerts}")
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        await tracker.tick()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return {"none_due_ms": statistics.median(samples), "one_pct_due_ms": due_ms, "due": due}
+    storage, conninfo = await _storage()
+    try:
+        keys = _keys(size)
+        due = size // 100
+        await trio.to_thread.run_sync(_fill, conninfo, keys, due)
+        fake = _Instant()
+        tracker = _tracker(storage, fake)
+        load_ms = await _timed(tracker.take_over)
+        due_ms = await _timed(tracker.tick)
+        if fake.alerts != due:
+            raise RuntimeError(f"expected {due} alerts, got {fake.alerts}")
+        none_due = [await _timed(tracker.tick) for _ in range(5)]
+        await trio.to_thread.run_sync(_touch, conninfo, keys[due : due + size // 100])
+        changed_ms = await _timed(tracker.tick)
+    finally:
+        await storage.close()
+    return {
+        "load_ms": load_ms,
+        "one_pct_due_ms": due_ms,
+        "none_due_ms": statistics.median(none_due),
+        "one_pct_changed_ms": changed_ms,
+        "due": due,
+    }
 
 
 def _tick(spec: dict[str, Any]) -> dict[str, Any]:
@@ -130,28 +152,25 @@ def _tick(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _fill(count: int) -> dict[str, Any]:
-    fake = _Instant()
-    tracker = _tracker(fake)
-    gc.collect()
-    base = rss_bytes()
-    keys = _keys(count)
-    gc.collect()
-    with_keys_only = rss_bytes()
-    _record_all(tracker, keys, trio.current_time())
-    gc.collect()
-    after = rss_bytes()  # `keys` still alive: its 8-byte list slots count (conservative)
-    if len(tracker) != count:
-        raise RuntimeError("tracker lost gateways")
-    return {
-        "count": count,
-        "bytes_per_gateway": (after - base) / count,
-        "tracker_only_bytes_per_gateway": (after - with_keys_only) / count,
-    }
+async def _rss_one(count: int) -> dict[str, Any]:
+    storage, conninfo = await _storage()
+    try:
+        await trio.to_thread.run_sync(_fill, conninfo, _keys(count), 0)
+        tracker = _tracker(storage, _Instant())
+        gc.collect()
+        base = rss_bytes()
+        await tracker.take_over()
+        gc.collect()
+        after = rss_bytes()
+        if len(tracker) != count:
+            raise RuntimeError("tracker lost gateways")
+    finally:
+        await storage.close()
+    return {"count": count, "bytes_per_gateway": (after - base) / count}
 
 
 def _rss(spec: dict[str, Any]) -> dict[str, Any]:
-    return trio.run(_fill, int(spec["count"]))
+    return trio.run(_rss_one, int(spec["count"]))
 
 
 MODES = {"tick": _tick, "rss": _rss}

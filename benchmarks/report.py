@@ -60,18 +60,19 @@ def render(r: dict[str, Any]) -> str:
     for size, t in r.get("tick", {}).items():
         rows.append(
             (
-                f"6. Liveness tick, {_n(int(size))} gateways",
-                f"none due {_ms(t['none_due_ms'])}",
-                f"1% due ({_n(t['due'])} alerts, instant fakes): {_ms(t['one_pct_due_ms'])}",
+                f"6. Liveness (state in PostgreSQL), {_n(int(size))} gateways",
+                f"tick, none due {_ms(t['none_due_ms'])}",
+                f"takeover load {_ms(t['load_ms'])}; 1% due ({_n(t['due'])} alerts, instant "
+                f"fakes) {_ms(t['one_pct_due_ms'])}; 1% changed {_ms(t['one_pct_changed_ms'])}",
             )
         )
     if "rss" in r:
         m = r["rss"]
         rows.append(
             (
-                f"6. Memory per tracked gateway ({_n(m['count'])}, fresh process)",
+                f"6. Leader memory per tracked gateway ({_n(m['count'])})",
                 f"{m['bytes_per_gateway']:.0f} B",
-                f"tracker alone (keys excluded): {m['tracker_only_bytes_per_gateway']:.0f} B",
+                "RSS growth of the takeover's load, keys included",
             )
         )
     out = ["| measurement | result | detail |", "|---|---:|---|"]

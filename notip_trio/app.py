@@ -25,6 +25,7 @@ import trio_asyncio  # isort: split
 
 import functools
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,9 @@ from .dispatch import Dispatcher
 from .http import run_http_server
 from .ingest import IngestState, run_ingest
 from .jetstream import JsMsg, NatsBridge, PullSpec, StartupError
-from .liveness import Heartbeats, LivenessTracker, run_liveness
+from .leader import AdvisoryLock, run_leadership
+from .liveness import CatchUp, LivenessTracker, lead_liveness
+from .livestate import PgStateStore
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
@@ -159,11 +162,35 @@ async def _serve(
     mgmt = MgmtClient(bridge)
     cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
     drain_s = settings.shutdown_drain_ms / 1000
+    tick_s = settings.heartbeat_tick_ms / 1000
     dispatcher = Dispatcher(
         mgmt, metrics, capacity=settings.gateway_buffer_size, drain_s=drain_s
     )
-    tracker = LivenessTracker(cache, mgmt, bridge, dispatcher, settings, metrics)
-    heartbeats_tx, heartbeats_rx = trio.open_memory_channel[Heartbeats](64)
+    store = PgStateStore(storage)
+    catch_up = CatchUp(
+        threshold=settings.liveness_catchup_pending,
+        # Batches delivered before the consumer was seen caught up may still be
+        # in flight on some replica: give them this long to commit.
+        settle_s=max(1.0, 2 * settings.telemetry_flush_ms / 1000),
+        max_lag_s=settings.liveness_catchup_max_ms / 1000,
+        wall=time.time,
+    )
+    grace_until = trio.current_time() + settings.heartbeat_grace_period_ms / 1000
+
+    async def lead() -> None:
+        tracker = LivenessTracker(
+            store,
+            cache,
+            mgmt,
+            bridge,
+            dispatcher,
+            metrics,
+            catch_up,
+            grace_until=grace_until,
+            concurrency=settings.liveness_query_concurrency,
+        )
+        await lead_liveness(tracker, tick_s)
+
     pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
     decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
 
@@ -178,52 +205,68 @@ async def _serve(
         await root.start(run_alert_configs, mgmt, cache, settings, metrics)
         dispatch_done = trio.Event()
         root.start_soon(_run_then_set, dispatcher.run, dispatch_done)
-        # Returns when ingest closes the heartbeat channel; then closes the dispatcher.
-        await root.start(run_liveness, tracker, heartbeats_rx)
         root.start_soon(_watch_signals, stop)
 
-        with trio.CancelScope() as ingest_scope:
-            async with trio.open_nursery() as ingest:
-                await ingest.start(
+        with trio.CancelScope() as liveness_scope:
+            async with trio.open_nursery() as liveness:
+                await liveness.start(
                     functools.partial(
-                        run_ingest,
-                        max_body=settings.telemetry_max_body_bytes,
-                        rejected_body_max=settings.rejected_body_max_bytes,
-                    ),
-                    pulled_rx,
-                    storage,
-                    bridge,
-                    heartbeats_tx,
-                    metrics,
-                    ingest_state,
+                        run_leadership,
+                        AdvisoryLock(settings.db_conninfo(keepalives=True)),
+                        lead,
+                        metrics,
+                        retry_s=min(1.0, tick_s / 2),
+                        check_s=min(1.0, tick_s / 2),
+                    )
                 )
-                async with trio.open_nursery() as intake:
-                    intake.start_soon(bridge.run_pull, telemetry_spec(settings), pulled_tx)
-                    intake.start_soon(bridge.run_pull, decommission_spec(), decom_tx)
-                    intake.start_soon(
-                        run_decommission, decom_rx, bridge, tracker, metrics
-                    )
-                    log.info(
-                        "started",
-                        metrics_port=port,
-                        durable=settings.nats_consumer_durable_name,
-                        batch_size=settings.telemetry_batch_size,
-                        flush_ms=settings.telemetry_flush_ms,
-                    )
-                    task_status.started(port)
-                    await stop.wait()
-                    log.info("shutdown_requested", drain_s=drain_s)
-                    # Stop fetching. The closed pull channel drains ingest, which
-                    # closes the heartbeat channel, which ends liveness and closes
-                    # the status queue, which the dispatcher drains (bounded).
-                    intake.cancel_scope.cancel()
-                # One drain budget for the whole shutdown: ingest first, the
-                # status queue until then too, plus a second should ingest use it all.
-                deadline = trio.current_time() + drain_s
-                ingest_scope.deadline = deadline
-                dispatcher.drain_by(deadline + 1.0)
-        if ingest_scope.cancelled_caught:
-            log.warning("ingest_drain_timeout", drain_s=drain_s)
+                with trio.CancelScope() as ingest_scope:
+                    async with trio.open_nursery() as ingest:
+                        await ingest.start(
+                            functools.partial(
+                                run_ingest,
+                                max_body=settings.telemetry_max_body_bytes,
+                                rejected_body_max=settings.rejected_body_max_bytes,
+                            ),
+                            pulled_rx,
+                            storage,
+                            bridge,
+                            metrics,
+                            ingest_state,
+                        )
+                        async with trio.open_nursery() as intake:
+                            intake.start_soon(
+                                functools.partial(
+                                    bridge.run_pull,
+                                    telemetry_spec(settings),
+                                    pulled_tx,
+                                    observe_pending=catch_up.observe,
+                                )
+                            )
+                            intake.start_soon(bridge.run_pull, decommission_spec(), decom_tx)
+                            intake.start_soon(run_decommission, decom_rx, bridge, store, metrics)
+                            log.info(
+                                "started",
+                                metrics_port=port,
+                                durable=settings.nats_consumer_durable_name,
+                                batch_size=settings.telemetry_batch_size,
+                                flush_ms=settings.telemetry_flush_ms,
+                            )
+                            task_status.started(port)
+                            await stop.wait()
+                            log.info("shutdown_requested", drain_s=drain_s)
+                            # Stop fetching; the closed pull channel drains ingest.
+                            intake.cancel_scope.cancel()
+                        # One drain budget for the whole shutdown: ingest first, the
+                        # status queue until then too, plus a second should ingest
+                        # use it all.
+                        deadline = trio.current_time() + drain_s
+                        ingest_scope.deadline = deadline
+                        dispatcher.drain_by(deadline + 1.0)
+                if ingest_scope.cancelled_caught:
+                    log.warning("ingest_drain_timeout", drain_s=drain_s)
+                # Stop leading (releases the lock at once: a follower takes over).
+                liveness_scope.cancel()
+        dispatcher.close()
         await dispatch_done.wait()  # bounded by the dispatcher itself (drain_by)
         root.cancel_scope.cancel()
 

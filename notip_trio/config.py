@@ -54,6 +54,8 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "TELEMETRY_PIPELINE_DEPTH": "2",
     "REJECTED_BODY_MAX_BYTES": "16384",
     "LIVENESS_QUERY_CONCURRENCY": "32",
+    "LIVENESS_CATCHUP_PENDING": "1000",
+    "LIVENESS_CATCHUP_MAX_MS": "300000",
     "SHUTDOWN_DRAIN_MS": "8000",
     "LOG_LEVEL": "INFO",
 }
@@ -104,14 +106,21 @@ class Settings:
     telemetry_pipeline_depth: int = 2
     rejected_body_max_bytes: int = 16384
     liveness_query_concurrency: int = 32
+    liveness_catchup_pending: int = 1000
+    liveness_catchup_max_ms: int = 300000
     shutdown_drain_ms: int = 8000
     log_level: str = "INFO"
 
     def __repr__(self) -> str:  # never print the password
         return f"Settings(nats_url={self.nats_url!r}, db_host={self.db_host!r}, ...)"
 
-    def db_conninfo(self) -> str:
-        """libpq keyword/value string for psycopg (password included)."""
+    def db_conninfo(self, *, keepalives: bool = False) -> str:
+        """libpq keyword/value string for psycopg (password included).
+
+        With `keepalives`, the kernel also gives up on a silent peer within
+        about 15 s (TCP keepalive and tcp_user_timeout): for the liveness lock's
+        connection, whose loss must end leadership.
+        """
         from psycopg.conninfo import make_conninfo
 
         params: dict[str, Any] = {
@@ -125,6 +134,14 @@ class Settings:
         }
         if self.db_ssl_root_cert is not None:
             params["sslrootcert"] = str(self.db_ssl_root_cert)
+        if keepalives:
+            params.update(
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
+                tcp_user_timeout=15000,
+            )
         return make_conninfo(**params)
 
 
@@ -246,6 +263,8 @@ def _load(env: environs.Env) -> Settings:
         telemetry_pipeline_depth=pos_int("TELEMETRY_PIPELINE_DEPTH"),
         rejected_body_max_bytes=pos_int("REJECTED_BODY_MAX_BYTES", minimum=0),
         liveness_query_concurrency=pos_int("LIVENESS_QUERY_CONCURRENCY"),
+        liveness_catchup_pending=pos_int("LIVENESS_CATCHUP_PENDING", minimum=0),
+        liveness_catchup_max_ms=pos_int("LIVENESS_CATCHUP_MAX_MS"),
         shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS"),
         log_level=log_level,
     )

@@ -1,28 +1,35 @@
 """Decommission listener (SPEC.md Behaviour 4).
 
 Each message on `gateway.decommissioned.{tenant}.{gateway}` removes that
-gateway from liveness tracking; the subject is authoritative and the body is
-not read. A subject of any other shape can never become valid by redelivery:
-it is terminated, counted (`decommission_rejected`) and logged once.
+gateway from liveness tracking (a tombstone in the state table, written by
+whichever replica receives it; the leader forgets the gateway at its next
+read); the subject is authoritative and the body is not read. While the
+database cannot be written, the batch is nak'ed with a delay and comes back.
+A subject of any other shape can never become valid by redelivery: it is
+terminated, counted (`decommission_rejected`) and logged once.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
 from notip_trio.jetstream import Acker, JsMsg
 from notip_trio.log import get_logger
 from notip_trio.metrics import Metrics
+from notip_trio.storage import DatabaseError
 from notip_trio.wire import parse_decommission_subject
 
 log = get_logger(__name__)
 
 
+NAK_DELAY_S: Final = 5.0
+
+
 class Forgetful(Protocol):
-    def remove(self, tenant_id: str, gateway_id: str) -> bool:
-        """Stop tracking the gateway; False if it was not tracked."""
+    async def decommission(self, key: tuple[str, str]) -> bool:
+        """Stop tracking the gateway; False if it was not tracked. DatabaseError on failure."""
         ...
 
 
@@ -36,22 +43,27 @@ async def run_decommission(
 ) -> None:
     """Handle decommission batches until `batches` closes (or cancellation).
 
-    Ready at once (the pull feeding `batches` is the caller's). A message is acked only
-    after the gateway has been removed; removal is idempotent, so a redelivery
-    is harmless.
+    Ready at once (the pull feeding `batches` is the caller's). A message is
+    acked only after the gateway has been removed; removal is idempotent, so a
+    redelivery is harmless.
     """
     task_status.started()
     async for batch in batches:
         done: list[JsMsg] = []
         rejected: list[JsMsg] = []
-        for msg in batch:
+        for i, msg in enumerate(batch):
             ids = parse_decommission_subject(msg.subject)
             if ids is None:
                 rejected.append(msg)
                 log.warning("decommission_rejected", subject=msg.subject, reason="bad_subject")
                 continue
             tenant_id, gateway_id = ids
-            tracked = tracker.remove(tenant_id, gateway_id)
+            try:
+                tracked = await tracker.decommission((tenant_id, gateway_id))
+            except DatabaseError as exc:
+                log.warning("decommission_deferred", error=str(exc)[:300], retry_in_s=NAK_DELAY_S)
+                await acker.nak(batch[i:], delay_s=NAK_DELAY_S)
+                break
             log.info(
                 "gateway_decommissioned",
                 tenant_id=tenant_id,

@@ -4,10 +4,13 @@ Two stages joined by a bounded channel, so the next batch is decoded while the
 current one is written:
 
     pull slots ──list[JsMsg]──▶ decode ──Prepared──▶ write (thread) ──▶ ack / term
-                                   └──Heartbeats──▶ liveness
 
 A message is acked only after the transaction holding its row commits; a bad
-message is terminated only after its `telemetry_rejected` record commits. When
+message is terminated only after its `telemetry_rejected` record commits. The
+same transaction records each gateway's last-seen (SPEC.md Behaviour 8): the
+time its newest valid message reached the stream, read from the delivery's ack
+subject, so a backlog, a redelivery or another replica cannot move it. Only
+valid rows count: a message naming another gateway keeps nobody alive. When
 the write fails, the whole batch is nak'ed with a delay (it comes back by
 redelivery) and the writer backs off; nothing is acked, nothing is lost.
 Closing the input channel means "drain and stop": what is in hand is written
@@ -17,15 +20,15 @@ and acked before `run_ingest` returns.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
 from .envelope import Rejection, Row, decode
 from .jetstream import Acker, JsMsg
-from .liveness import Heartbeats
+from .livestate import Key
 from .log import get_logger
 from .metrics import Metrics
 from .storage import DatabaseError, RejectedRecord, WriteResult
@@ -38,7 +41,10 @@ BACKOFF_MAX_S = 30.0
 
 class Writer(Protocol):
     async def write_batch(
-        self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
+        self,
+        rows: Sequence[Row],
+        rejected: Sequence[RejectedRecord],
+        seen: Mapping[Key, dt.datetime] | None = None,
     ) -> WriteResult: ...
 
 
@@ -48,6 +54,7 @@ class Prepared:
     rows: list[Row] = field(default_factory=list)
     bad: list[JsMsg] = field(default_factory=list)
     rejected: list[RejectedRecord] = field(default_factory=list)
+    seen: dict[Key, dt.datetime] = field(default_factory=dict)  # stream arrival, per gateway
 
 
 @dataclass(slots=True)
@@ -59,19 +66,26 @@ class IngestState:
     last_error: str = ""
 
 
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def prepare(
     msgs: Sequence[JsMsg], *, max_body: int, rejected_body_max: int, metrics: Metrics
-) -> tuple[Prepared, set[tuple[str, str]]]:
-    """Decode a pulled batch; returns the batch and the gateways heard in it."""
+) -> Prepared:
+    """Decode a pulled batch: rows, rejects, and the gateways' last-seen."""
     out = Prepared()
-    heard: set[tuple[str, str]] = set()
+    newest: dict[Key, int] = {}  # stream timestamp (ns) of each gateway's newest message
     now: dt.datetime | None = None
     for msg in msgs:
         result = decode(msg.subject, msg.data, max_body=max_body)
         if isinstance(result, Row):
             out.good.append(msg)
             out.rows.append(result)
-            heard.add((result.tenant_id, result.gateway_id))
+            delivery = msg.delivery
+            ts = delivery.timestamp_ns if delivery is not None else _now_ns()
+            key = (result.tenant_id, result.gateway_id)
+            if ts > newest.get(key, 0):
+                newest[key] = ts
             continue
         if now is None:
             now = dt.datetime.now(dt.UTC)
@@ -91,7 +105,13 @@ def prepare(
     metrics.consumer_ack_pending.inc(len(msgs))
     if msgs and (last := msgs[-1].delivery) is not None:
         metrics.consumer_pending.set(last.pending)
-    return out, heard
+    out.seen = {key: _EPOCH + dt.timedelta(microseconds=ns // 1000) for key, ns in newest.items()}
+    return out
+
+
+def _now_ns() -> int:
+    # Only for a delivery without an ack subject, which JetStream never sends.
+    return int((dt.datetime.now(dt.UTC) - _EPOCH).total_seconds() * 1e9)
 
 
 def _rejected(msg: JsMsg, why: Rejection, now: dt.datetime, cap: int) -> RejectedRecord:
@@ -115,7 +135,6 @@ async def run_ingest(
     pulled: trio.MemoryReceiveChannel[list[JsMsg]],
     writer: Writer,
     acker: Acker,
-    heartbeats: trio.MemorySendChannel[Heartbeats],
     metrics: Metrics,
     state: IngestState,
     *,
@@ -123,16 +142,13 @@ async def run_ingest(
     rejected_body_max: int,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run both stages until `pulled` is closed and drained, then return.
-
-    Closes `heartbeats` on the way out.
-    """
+    """Run both stages until `pulled` is closed and drained, then return."""
     prepared_tx, prepared_rx = trio.open_memory_channel[Prepared](1)
     state.running = True
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                _decode_stage, pulled, prepared_tx, heartbeats, metrics, max_body, rejected_body_max
+                _decode_stage, pulled, prepared_tx, metrics, max_body, rejected_body_max
             )
             nursery.start_soon(_write_stage, prepared_rx, writer, acker, metrics, state)
             task_status.started()
@@ -143,22 +159,15 @@ async def run_ingest(
 async def _decode_stage(
     pulled: trio.MemoryReceiveChannel[list[JsMsg]],
     prepared_tx: trio.MemorySendChannel[Prepared],
-    heartbeats: trio.MemorySendChannel[Heartbeats],
     metrics: Metrics,
     max_body: int,
     rejected_body_max: int,
 ) -> None:
-    async with pulled, prepared_tx, heartbeats:
+    async with pulled, prepared_tx:
         async for msgs in pulled:
-            batch, heard = prepare(
+            batch = prepare(
                 msgs, max_body=max_body, rejected_body_max=rejected_body_max, metrics=metrics
             )
-            if heard:
-                # Arrival time is the moment the batch reached us; liveness never
-                # waits on the management API, so this send only waits on a dict update.
-                await heartbeats.send(
-                    Heartbeats(trio.current_time(), dt.datetime.now(dt.UTC), heard)
-                )
             await prepared_tx.send(batch)
 
 
@@ -174,7 +183,7 @@ async def _write_stage(
         async for batch in prepared_rx:
             started = trio.current_time()
             try:
-                result = await writer.write_batch(batch.rows, batch.rejected)
+                result = await writer.write_batch(batch.rows, batch.rejected, batch.seen)
             except DatabaseError as exc:
                 backoff = min(max(backoff * 2, BACKOFF_INITIAL_S), BACKOFF_MAX_S)
                 metrics.write_errors.inc()

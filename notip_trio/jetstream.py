@@ -358,12 +358,15 @@ class NatsBridge:
         spec: PullSpec,
         out: trio.MemorySendChannel[list[JsMsg]],
         *,
+        observe_pending: Callable[[int], None] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Keep `spec.depth` pull requests outstanding; send each non-empty batch to `out`.
 
-        Never returns unless cancelled or `out` is closed by its receiver. Each
-        delivered batch crosses the asyncio bridge once.
+        After every pull, `observe_pending` (if given) learns the consumer's lag:
+        the pending count of the batch's last delivery, or 0 for a pull that
+        expired empty. Never returns unless cancelled or `out` is closed by its
+        receiver. Each delivered batch crosses the asyncio bridge once.
         """
         slots = [_PullSlot(self.nc, spec, i) for i in range(spec.depth)]
         for slot in slots:
@@ -373,7 +376,7 @@ class NatsBridge:
             try:
                 async with trio.open_nursery() as nursery:
                     for slot in slots:
-                        nursery.start_soon(self._pull_loop, slot, out.clone())
+                        nursery.start_soon(self._pull_loop, slot, out.clone(), observe_pending)
             finally:
                 # Deliveries still in a slot were never handed over: give them back
                 # at once (NAK) instead of leaving them to ack_wait (30 s). Every
@@ -389,7 +392,12 @@ class NatsBridge:
                             "pull_leftovers_returned", stream=spec.stream, count=len(leftovers)
                         )
 
-    async def _pull_loop(self, slot: _PullSlot, out: trio.MemorySendChannel[list[JsMsg]]) -> None:
+    async def _pull_loop(
+        self,
+        slot: _PullSlot,
+        out: trio.MemorySendChannel[list[JsMsg]],
+        observe_pending: Callable[[int], None] | None,
+    ) -> None:
         async with out:
             fetch = _aio(slot.fetch)
             while True:
@@ -397,6 +405,9 @@ class NatsBridge:
                     await trio.sleep(0.2)
                     continue
                 batch = await fetch()
+                if observe_pending is not None:
+                    last = batch[-1].delivery if batch else None
+                    observe_pending(last.pending if last is not None else 0)
                 if batch:
                     try:
                         await out.send(batch)

@@ -1,82 +1,62 @@
-"""Gateway liveness: last-seen tracking, offline detection and alerts (SPEC.md Behaviour 3, 4).
+"""Gateway liveness on the leader: offline alerts and status updates (SPEC.md Behaviour 3, 4, 8).
 
-Data flow: ingest sends one `Heartbeats` per batch on a memory channel;
-`run_liveness` applies them with `LivenessTracker.record` (synchronous, never
-waits on the management API) and, in its own task, calls `tick()` every
-`HEARTBEAT_TICK_MS` on a fixed schedule. Status changes go to a `StatusSink`
-(the `Dispatcher`), whose `submit` never blocks.
+The state lives in PostgreSQL (`livestate.py`): every replica's ingest records
+each gateway's last-seen there, in the transaction of its batch. One replica,
+the leader (`leader.py`), runs a `LivenessTracker`:
 
-Per gateway the tracker keeps last-seen (Trio time for timing, wall time for
-the wire) and online/offline:
+- `take_over()` loads every tracked gateway once; then each `tick()` reads only
+  the rows changed since the last one (O(changed)), keeps the online gateways
+  in a `LaneIndex` (O(due) to find the silent ones), and acts:
+- a gateway `new`, or `offline` and heard since its alert, becomes online
+  through a conditional update; only the update that wins reports `online`
+  (last_seen_at = its last-seen);
+- an online gateway whose last-seen + timeout (strictly) lies before the alert
+  horizon is a candidate, once the grace period after start is over.
+  Candidates are checked concurrently (at most `concurrency` at a time) with
+  get-status: `paused` skips it silently (counted); any other state, or a
+  failed/invalid query (counted, fail open), goes on. Its last-seen is read
+  again (a message that arrived meanwhile cancels the alert), the offline alert
+  is published with a `Nats-Msg-Id` from (tenant, gateway, last-seen), so an
+  old and a new leader publishing it store it once, and only after the PubAck
+  is it marked offline, conditionally; the winner reports `offline`
+  (last_seen_at = last-seen). A failed publish is counted and leaves it
+  online: the next tick retries with the same msg id.
+- the alert horizon (`CatchUp`): silences are judged only up to the last moment
+  the consumer was seen caught up (pending at most a threshold), less a settle
+  time for batches still being written. While the stream holds a backlog (after
+  a restart, a takeover, an outage) no gateway whose messages may still wait in
+  it is alerted; but the horizon never trails the wall clock by more than
+  `max_lag_s`, so a consumer that stays behind cannot silence alerting for ever.
 
-- first seen, or seen again while offline: one `online` update (last_seen_at =
-  that heartbeat's wall time);
-- a tick finds each online gateway silent for longer than its timeout (strictly
-  more, as the Go service): a candidate. No candidate is acted on during the
-  grace period after start. Candidates are checked concurrently (at most
-  `liveness_query_concurrency` at a time) with get-status: `paused` skips it
-  silently (counted); any other state, or a failed/invalid query (counted, fail
-  open), publishes the offline alert with a deterministic `Nats-Msg-Id`. Only
-  after the PubAck is it marked offline and an `offline` update submitted
-  (last_seen_at = last seen). A failed publish is counted and leaves it online:
-  the next tick retries with the same msg id.
-- a heartbeat that arrives while its gateway is being checked is never lost.
-  Before publishing, a candidate whose last-seen moved (or that was removed) is
-  dropped: it is not silent any more. If the heartbeat lands while the publish
-  is in flight, the alert is out and stands: the gateway is reported `offline`
-  (old last-seen) and at once `online` again (new last-seen), in that order, and
-  stays tracked as online.
-- `remove` (decommission) forgets the gateway: no alert, no update; a later
-  heartbeat makes it first seen again.
-
-Tick cost does not grow with the number of tracked gateways: online gateways
-sit in insertion-ordered "lanes", one per distinct timeout, ordered by
-last-seen (each heartbeat moves its gateway to the end), so a tick only looks
-at the front of each lane until it meets a gateway that is not due. When the
-alert-config table changes, the next tick moves only the gateways whose
-timeout changed (see `_reindex`).
+Decommission is a tombstone in the table (any replica writes it); the leader
+forgets the gateway at its next read.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
 import trio
 
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.config import Settings
 from notip_trio.dispatch import StatusUpdate
 from notip_trio.jetstream import AlertPublisher, NatsRequestError
+from notip_trio.lanes import Due, Key, LaneIndex
+from notip_trio.livestate import GatewayRow, StateStore
 from notip_trio.log import get_logger
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import GatewayState, MgmtError, Status
-from notip_trio.wire import (
-    alert_subject,
-    format_rfc3339,
-    offline_alert_body,
-    offline_alert_msg_id,
-)
+from notip_trio.storage import DatabaseError
+from notip_trio.wire import alert_subject, format_rfc3339, offline_alert_body, offline_alert_msg_id
 
 log = get_logger(__name__)
 
 # The publisher waits for the PubAck itself; this only keeps a stuck publish
 # from holding the tick forever.
 PUBLISH_TIMEOUT_S: Final = 10.0
-
-Key = tuple[str, str]  # (tenant_id, gateway_id)
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeats:
-    """One ingest batch worth of heartbeats, all seen at the same moment."""
-
-    seen_at: float  # trio.current_time() at arrival
-    seen_at_wall: datetime  # aware UTC datetime at arrival (for the wire)
-    gateways: Collection[Key]  # deduplicated (tenant, gateway) pairs
 
 
 class StatusQuery(Protocol):
@@ -90,150 +70,165 @@ class StatusSink(Protocol):
         """Queue without blocking; False when dropped."""
         ...
 
-    def close(self) -> None: ...
-
-
-class _Lane:
-    """Online gateways sharing one timeout, oldest last-seen first."""
-
-    __slots__ = ("order", "timeout_ms", "timeout_s")
-
-    def __init__(self, timeout_ms: int) -> None:
-        self.timeout_ms = timeout_ms
-        self.timeout_s = timeout_ms / 1000
-        self.order: OrderedDict[Key, _Gateway] = OrderedDict()
-
-
-class _Gateway:
-    # Three slots and shared objects (seen/wall are the batch's): ~56 bytes each.
-    __slots__ = ("lane", "seen", "wall")
-
-    def __init__(self, seen: float, wall: datetime, lane: _Lane | None) -> None:
-        self.seen = seen
-        self.wall = wall
-        self.lane = lane  # None while offline
-
-
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    key: Key
-    gw: _Gateway
-    seen: float
-    wall: datetime
-    timeout_ms: int
-
-
-def _by_seen(item: tuple[Key, _Gateway, int]) -> float:
-    return item[1].seen
-
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class LivenessTracker:
-    """Liveness state of every tracked gateway; see the module docstring.
+class AlertHorizon(Protocol):
+    def horizon(self, now: float) -> float:
+        """Silences are judged up to this wall time (seconds since the epoch)."""
+        ...
 
-    `record` and `remove` are synchronous and O(batch). `tick` is the periodic
-    check; `run_liveness` calls it on schedule and never runs two at once.
+    def behind(self, now: float) -> bool:
+        """True while alerts are held back because the consumer lags."""
+        ...
+
+
+class CatchUp:
+    """The alert horizon: up to when may silences be judged? Pure bookkeeping.
+
+    `observe(pending)` after every pull result (0 for an empty pull); the
+    horizon is the last time the consumer was seen within `threshold` of the
+    stream's end, less `settle_s`, and never more than `max_lag_s` behind now.
+    Before any observation (a fresh start) only the `max_lag_s` bound holds.
     """
 
     def __init__(
         self,
+        *,
+        threshold: int,
+        settle_s: float,
+        max_lag_s: float,
+        wall: Callable[[], float],
+    ) -> None:
+        self.threshold = threshold
+        self.settle_s = settle_s
+        self.max_lag_s = max_lag_s
+        self._wall = wall
+        self._caught_up_at = -math.inf
+        self.pending: int | None = None
+
+    def observe(self, pending: int) -> None:
+        self.pending = pending
+        if pending <= self.threshold:
+            self._caught_up_at = self._wall()
+
+    def horizon(self, now: float) -> float:
+        return max(self._caught_up_at - self.settle_s, now - self.max_lag_s)
+
+    def behind(self, now: float) -> bool:
+        return self._caught_up_at - self.settle_s < now - 2 * self.settle_s
+
+
+class LivenessTracker:
+    """The leader's view of every tracked gateway; see the module docstring.
+
+    `take_over` once, then `tick` on schedule (never two at once).
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
         configs: AlertConfigCache,
         status: StatusQuery,
         publisher: AlertPublisher,
         sink: StatusSink,
-        settings: Settings,
         metrics: Metrics,
+        catch_up: AlertHorizon,
         *,
+        grace_until: float,
+        concurrency: int,
         wall_clock: Callable[[], datetime] = _utcnow,
     ) -> None:
+        self._store = store
         self._configs = configs
-        self._table = configs.table  # the table the lanes were built for
+        self._table = configs.table  # the table the index was built for
         self._status = status
         self._publisher = publisher
         self._sink = sink
         self._metrics = metrics
+        self._catch_up = catch_up
+        self._grace_until = grace_until  # Trio time: no alerts before it
+        self._concurrency = concurrency
         self._wall_clock = wall_clock
-        self.tick_s = settings.heartbeat_tick_ms / 1000
-        self._grace_s = settings.heartbeat_grace_period_ms / 1000
-        self._concurrency = settings.liveness_query_concurrency
-        self._started_at = trio.current_time()  # the grace period counts from here
-        self._gateways: dict[Key, _Gateway] = {}
-        self._lanes: dict[int, _Lane] = {}  # newcomers join these, by timeout
-        self._moved_lanes: list[_Lane] = []  # built when a config change moved gateways
-        self._online = 0
-        self._latest_seen = -float("inf")
+        self._index = LaneIndex()  # online gateways
+        self._offline: set[Key] = set()
+        self._cursor: int | None = None
         self._ticking = False
-        self._update_gauges()
-
-    # --- state changes from heartbeats and decommission ---
-
-    def record(self, hb: Heartbeats) -> None:
-        """Apply one batch of heartbeats; submits online updates where due."""
-        # Lanes must stay ordered by last-seen: clamp a batch that arrives with
-        # an earlier timestamp than one already applied (at most a few ms late).
-        seen = self._latest_seen = max(hb.seen_at, self._latest_seen)
-        wall = hb.seen_at_wall
-        gateways = self._gateways
-        for key in hb.gateways:
-            gw = gateways.get(key)
-            if gw is not None and gw.lane is not None:
-                gw.seen = seen
-                gw.wall = wall
-                gw.lane.order.move_to_end(key)
-                continue
-            lane = self._lane_for(key, self._lanes)
-            if gw is None:
-                gateways[key] = gw = _Gateway(seen, wall, lane)
-                log.debug("gateway_first_seen", tenant_id=key[0], gateway_id=key[1])
-            else:
-                gw.seen, gw.wall, gw.lane = seen, wall, lane
-                log.info("gateway_back_online", tenant_id=key[0], gateway_id=key[1])
-            lane.order[key] = gw
-            self._online += 1
-            self._submit(key, "online", wall)
-        self._update_gauges()
-
-    def remove(self, tenant_id: str, gateway_id: str) -> bool:
-        """Stop tracking a gateway (decommissioned); False if it was not tracked."""
-        key = (tenant_id, gateway_id)
-        gw = self._gateways.pop(key, None)
-        if gw is None:
-            return False
-        if gw.lane is not None:
-            del gw.lane.order[key]
-            gw.lane = None
-            self._online -= 1
-        self._update_gauges()
-        return True
-
-    def close_updates(self) -> None:
-        """Close the status sink: no more updates will come from this tracker."""
-        self._sink.close()
+        self._deferring = False  # alerts held back by the catch-up rule (for the log)
 
     # --- introspection ---
 
     def __len__(self) -> int:
-        return len(self._gateways)
-
-    @property
-    def online_count(self) -> int:
-        return self._online
+        return len(self._index) + len(self._offline)
 
     def status(self, tenant_id: str, gateway_id: str) -> Status | None:
-        gw = self._gateways.get((tenant_id, gateway_id))
-        if gw is None:
-            return None
-        return "online" if gw.lane is not None else "offline"
+        key = (tenant_id, gateway_id)
+        if key in self._index:
+            return "online"
+        return "offline" if key in self._offline else None
+
+    # --- reading the state ---
+
+    async def take_over(self) -> None:
+        """Load the whole state (once, when this replica becomes the leader)."""
+        t0 = trio.current_time()
+        snapshot = await self._store.load()
+        self._cursor = snapshot.cursor
+        await self._apply(snapshot.rows)
+        log.info(
+            "liveness_state_loaded",
+            gateways=len(snapshot.rows),
+            online=len(self._index),
+            offline=len(self._offline),
+            seconds=round(trio.current_time() - t0, 3),
+        )
+
+    async def _sync(self) -> None:
+        if self._cursor is None:
+            raise RuntimeError("LivenessTracker.tick before take_over")
+        changes = await self._store.changes(self._cursor)
+        self._cursor = changes.cursor
+        await self._apply(changes.rows)
+
+    async def _apply(self, rows: Iterable[GatewayRow]) -> None:
+        to_online: list[Key] = []
+        for row in rows:
+            key = row.key
+            if row.status == "decommissioned":
+                if self._index.discard(key) or key in self._offline:
+                    self._offline.discard(key)
+                    log.info("gateway_forgotten", tenant_id=key[0], gateway_id=key[1])
+            elif row.status == "online":
+                self._offline.discard(key)
+                self._index.set(key, row.last_seen.timestamp(), self._configs.timeout_ms(*key))
+            elif row.status == "new" or (
+                row.status_last_seen is not None and row.last_seen > row.status_last_seen
+            ):
+                to_online.append(key)
+            else:  # offline, not heard since
+                self._index.discard(key)
+                self._offline.add(key)
+        if to_online:
+            for key, last_seen in await self._store.mark_online(to_online):
+                back = key in self._offline
+                self._offline.discard(key)
+                self._index.set(key, last_seen.timestamp(), self._configs.timeout_ms(*key))
+                if back:
+                    log.info("gateway_back_online", tenant_id=key[0], gateway_id=key[1])
+                else:
+                    log.debug("gateway_first_seen", tenant_id=key[0], gateway_id=key[1])
+                self._submit(key, "online", last_seen)
+        self._update_gauges()
 
     # --- the periodic check ---
 
     async def tick(self) -> None:
-        """One liveness check: find due gateways, query, alert, mark offline.
+        """One liveness check: read changes, report onlines, alert the silent.
 
-        Returns when every candidate has been handled. Must not run
+        Returns when every candidate has been handled. A database error ends
+        this tick (logged); the next one starts over. Must not run
         concurrently with itself (RuntimeError).
         """
         if self._ticking:
@@ -241,12 +236,12 @@ class LivenessTracker:
         self._ticking = True
         t0 = trio.current_time()
         try:
+            await self._sync()
             if self._configs.table is not self._table:
-                self._reindex()
-            self._moved_lanes = [lane for lane in self._moved_lanes if lane.order]
-            if t0 - self._started_at < self._grace_s:
+                self._retime()
+            if t0 < self._grace_until:
                 return
-            candidates = self._due(t0)
+            candidates = self._index.due(self._horizon())
             if not candidates:
                 return
             log.debug("offline_candidates", count=len(candidates))
@@ -261,21 +256,28 @@ class LivenessTracker:
             async with trio.open_nursery() as nursery:
                 for _ in range(min(self._concurrency, len(candidates))):
                     nursery.start_soon(worker)
+        except DatabaseError as exc:
+            log.warning("liveness_tick_database_error", error=str(exc)[:300])
         finally:
             self._ticking = False
             self._metrics.heartbeat_tick_duration.observe(trio.current_time() - t0)
 
-    def _due(self, now: float) -> list[_Candidate]:
-        out: list[_Candidate] = []
-        for lane in self._all_lanes():
-            limit = now - lane.timeout_s  # due: now - seen > timeout
-            for key, gw in lane.order.items():
-                if gw.seen >= limit:
-                    break  # the rest of this lane was seen later still
-                out.append(_Candidate(key, gw, gw.seen, gw.wall, lane.timeout_ms))
-        return out
+    def _horizon(self) -> float:
+        now = self._wall_clock().timestamp()
+        horizon = self._catch_up.horizon(now)
+        behind = self._catch_up.behind(now)
+        if behind != self._deferring:
+            self._deferring = behind
+            if behind:
+                log.warning(
+                    "offline_alerts_deferred_consumer_behind",
+                    alert_horizon_lag_s=round(now - horizon, 3),
+                )
+            else:
+                log.info("offline_alerts_resumed_consumer_caught_up")
+        return horizon
 
-    async def _check(self, c: _Candidate) -> None:
+    async def _check(self, c: Due) -> None:
         tenant_id, gateway_id = c.key
         state: GatewayState | None
         try:
@@ -293,17 +295,19 @@ class LivenessTracker:
             self._metrics.alerts_suppressed_paused.inc()
             log.debug("offline_alert_suppressed_paused", tenant_id=tenant_id, gateway_id=gateway_id)
             return
-        gw = self._gateways.get(c.key)
-        if gw is not c.gw or gw.lane is None or gw.seen != c.seen:
+        current = await self._store.current_last_seen(c.key)
+        if current is None or current.timestamp() > c.seen or self._index.seen(c.key) != c.seen:
+            if current is not None:
+                self._index.set(c.key, current.timestamp(), c.timeout_ms)
             log.info("offline_candidate_heard_again", tenant_id=tenant_id, gateway_id=gateway_id)
             return
-        last_seen = format_rfc3339(c.wall)
+        last_seen = current
         try:
             subject = alert_subject(tenant_id)
-            body = offline_alert_body(gateway_id, c.wall, c.timeout_ms, self._wall_clock())
+            body = offline_alert_body(gateway_id, last_seen, c.timeout_ms, self._wall_clock())
             with trio.fail_after(PUBLISH_TIMEOUT_S):
                 await self._publisher.publish(
-                    subject, body, msg_id=offline_alert_msg_id(tenant_id, gateway_id, c.wall)
+                    subject, body, msg_id=offline_alert_msg_id(tenant_id, gateway_id, last_seen)
                 )
         except (NatsRequestError, trio.TooSlowError, ValueError) as exc:
             self._metrics.alert_publish_errors.inc()
@@ -319,85 +323,44 @@ class LivenessTracker:
             "offline_alert_published",
             tenant_id=tenant_id,
             gateway_id=gateway_id,
-            last_seen=last_seen,
+            last_seen=format_rfc3339(last_seen),
             timeout_ms=c.timeout_ms,
             state=state,
         )
-        self._after_publish(c)
-
-    def _after_publish(self, c: _Candidate) -> None:
-        gw = self._gateways.get(c.key)
-        if gw is not c.gw or gw.lane is None:
-            # Removed during the publish (and perhaps seen again, which already
-            # reported it online): the alert stands, there is nothing to mark.
+        won = await self._store.mark_offline(c.key, last_seen)
+        if won is None:
+            # Decommissioned, or another leader made the change: it reports it.
+            log.info("offline_transition_not_ours", tenant_id=tenant_id, gateway_id=gateway_id)
             return
-        self._submit(c.key, "offline", c.wall)
-        if gw.seen == c.seen:
-            del gw.lane.order[c.key]
-            gw.lane = None
-            self._online -= 1
-        else:
-            # Heard from while the alert was in flight: it went out, so report
-            # the offline it announced, then the recovery, in that order.
-            log.info("gateway_back_online", tenant_id=c.key[0], gateway_id=c.key[1])
-            self._submit(c.key, "online", gw.wall)
+        self._index.discard(c.key)
+        self._offline.add(c.key)
+        # Heard while the alert was in flight (won > last_seen): the alert stands;
+        # the next tick reads the newer last-seen and reports `online` after this.
+        self._submit(c.key, "offline", last_seen)
         self._update_gauges()
 
     # --- helpers ---
 
-    def _lane_for(self, key: Key, lanes: dict[int, _Lane]) -> _Lane:
-        timeout_ms = self._configs.timeout_ms(*key)
-        lane = lanes.get(timeout_ms)
-        if lane is None:
-            lanes[timeout_ms] = lane = _Lane(timeout_ms)
-        return lane
-
-    def _all_lanes(self) -> list[_Lane]:
-        return [*self._lanes.values(), *self._moved_lanes]
-
-    def _reindex(self) -> None:
+    def _retime(self) -> None:
         """Move the online gateways whose timeout changed with the config table.
 
         Only tenants and gateways whose entries changed are looked at (a full
-        pass only when a tenant-wide entry changed). Moved gateways go, sorted
-        by last-seen, into new lanes of their own: a lane cannot take entries
-        in the middle, and merging into the existing lanes would cost O(n).
-        Later heartbeats keep them in their lane; lanes that empty are dropped.
+        pass over the online gateways only when a tenant-wide entry changed).
         """
         old, new = self._table, self._configs.table
         self._table = new
-        t0 = trio.current_time()
         tenants, keys = new.changed_since(old)
-        gateways = self._gateways
-        affected = [(k, gw) for k in keys if (gw := gateways.get(k)) is not None]
-        if tenants:  # one pass over the plain dict: ~0.1 µs per tracked gateway
-            affected += [(k, gw) for k, gw in gateways.items() if k[0] in tenants and k not in keys]
+        affected = [k for k in keys if k in self._index]
+        if tenants:
+            affected += [k for k in self._index if k[0] in tenants and k not in keys]
         lookup = self._configs.timeout_ms
-        moved = [
-            (key, gw, timeout_ms)
-            for key, gw in affected
-            if gw.lane is not None and (timeout_ms := lookup(*key)) != gw.lane.timeout_ms
-        ]
-        moved.sort(key=_by_seen)
-        lanes: dict[int, _Lane] = {}
-        for key, gw, timeout_ms in moved:
-            assert gw.lane is not None
-            del gw.lane.order[key]
-            lane = lanes.get(timeout_ms)
-            if lane is None:
-                lanes[timeout_ms] = lane = _Lane(timeout_ms)
-            gw.lane = lane
-            lane.order[key] = gw
-        self._moved_lanes = [lane for lane in self._moved_lanes if lane.order]
-        self._moved_lanes += lanes.values()
-        self._lanes = {t: lane for t, lane in self._lanes.items() if lane.order}
+        moved = self._index.retime((key, lookup(*key)) for key in affected)
         log.info(
             "liveness_timeouts_changed",
             tenants=len(tenants),
             gateways=len(keys),
-            moved=len(moved),
-            lanes=len(self._lanes) + len(self._moved_lanes),
-            seconds=round(trio.current_time() - t0, 3),
+            moved=moved,
+            lanes=self._index.lane_count(),
         )
 
     def _submit(self, key: Key, status: Status, last_seen: datetime) -> None:
@@ -405,39 +368,23 @@ class LivenessTracker:
 
     def _update_gauges(self) -> None:
         m = self._metrics
-        total = len(self._gateways)
-        m.heartbeat_map_size.set(total)
-        m.gateways_online.set(self._online)
-        m.gateways_offline.set(total - self._online)
+        m.heartbeat_map_size.set(len(self))
+        m.gateways_online.set(len(self._index))
+        m.gateways_offline.set(len(self._offline))
 
 
-async def run_liveness(
-    tracker: LivenessTracker,
-    heartbeats: trio.MemoryReceiveChannel[Heartbeats],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Apply heartbeats and tick on schedule until the heartbeat channel closes.
+async def lead_liveness(tracker: LivenessTracker, tick_s: float) -> None:
+    """The leader's work: load the state, then tick on schedule until cancelled.
 
-    Ready at once. Owns `heartbeats` (closes it). Returns when ingest closes
-    its send end: without heartbeats every gateway would look silent, so the
-    ticking stops with it. On return or cancellation closes the tracker's
-    status sink, which lets the dispatcher drain and finish.
+    While the database cannot be read, the load is retried every tick.
     """
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_tick_forever, tracker)
-            task_status.started()
-            async with heartbeats:
-                async for hb in heartbeats:
-                    tracker.record(hb)
-            nursery.cancel_scope.cancel()
-    finally:
-        tracker.close_updates()
-
-
-async def _tick_forever(tracker: LivenessTracker) -> None:
-    tick_s = tracker.tick_s
+    while True:
+        try:
+            await tracker.take_over()
+            break
+        except DatabaseError as exc:
+            log.warning("liveness_state_load_failed", error=str(exc)[:300], retry_in_s=tick_s)
+            await trio.sleep(tick_s)
     start = trio.current_time()
     n = 1
     while True:

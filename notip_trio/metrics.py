@@ -127,3 +127,13 @@ class Metrics:
             "Decommission messages handled (gateway removed from liveness tracking)",
             registry=r,
         )
+        self.liveness_leader = Gauge(
+            _P + "liveness_leader",
+            "1 while this replica holds the liveness lock and ticks, else 0",
+            registry=r,
+        )
+        self.liveness_takeovers = Counter(
+            _P + "liveness_takeovers",
+            "Times this replica became the liveness leader",
+            registry=r,
+        )

@@ -14,7 +14,7 @@ a temporary staging table, so a redelivered message never makes a second row.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -23,6 +23,7 @@ import psycopg_pool
 import trio
 from psycopg import sql
 
+from . import livestate
 from .envelope import Row
 from .log import get_logger
 
@@ -200,10 +201,23 @@ class Storage:
         await self._run(_ping)
 
     async def write_batch(
-        self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
+        self,
+        rows: Sequence[Row],
+        rejected: Sequence[RejectedRecord],
+        seen: Mapping[livestate.Key, dt.datetime] | None = None,
     ) -> WriteResult:
-        """Write good rows and rejected records in one transaction."""
-        return await self._run(lambda: self._write_sync(rows, rejected))
+        """Write good rows, rejected records and the gateways' last-seen
+        (`livestate.record_seen`) in one transaction."""
+        return await self._run(lambda: self._write_sync(rows, rejected, seen or {}))
+
+    async def run_in_transaction(self, fn: Callable[[livestate.Conn], T]) -> T:
+        """`fn(conn)` in a worker thread, inside one transaction on a pooled connection."""
+
+        def run() -> T:
+            with self._pool.connection(timeout=5.0) as conn, conn.transaction():
+                return fn(conn)
+
+        return await self._run(run)
 
     # ---- sync internals (worker thread) ---------------------------------
 
@@ -213,7 +227,12 @@ class Storage:
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise DatabaseError(f"{type(exc).__name__}: {exc}".strip()) from None
 
-    def _write_sync(self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]) -> WriteResult:
+    def _write_sync(
+        self,
+        rows: Sequence[Row],
+        rejected: Sequence[RejectedRecord],
+        seen: Mapping[livestate.Key, dt.datetime],
+    ) -> WriteResult:
         with self._pool.connection(timeout=5.0) as conn:
             if self._dedup_index and rows:
                 # Fast path: COPY straight into the table. A redelivered row makes the
@@ -223,6 +242,7 @@ class Storage:
                     with conn.transaction():
                         self._copy(conn, _COPY_DIRECT, rows)
                         self._insert_rejected(conn, rejected)
+                        livestate.record_seen(conn, seen)
                     return WriteResult(inserted=len(rows), duplicates=0)
                 except psycopg.errors.UniqueViolation:
                     pass
@@ -235,6 +255,7 @@ class Storage:
                     )
                     inserted = max(cur.rowcount, 0)
                 self._insert_rejected(conn, rejected)
+                livestate.record_seen(conn, seen)
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     @staticmethod
@@ -270,6 +291,7 @@ class Storage:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
             conn.execute(_SCHEMA)
+            conn.execute(livestate.SCHEMA)
             hypertable = _maybe_hypertable(conn)
             conn.execute(_INDEX)
             removed, conflicts = 0, 0

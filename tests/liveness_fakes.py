@@ -17,7 +17,9 @@ import trio
 from notip_trio.config import Settings
 from notip_trio.dispatch import StatusUpdate
 from notip_trio.jetstream import JsMsg, NatsRequestError
+from notip_trio.livestate import Changes, GatewayRow, Key
 from notip_trio.metrics import Metrics
+from notip_trio.storage import DatabaseError
 
 # Wall time that corresponds to Trio time 0 in tests (see `wall_at`).
 WALL0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -176,3 +178,104 @@ class FakeBatchSource:
 
     async def term(self, msgs: Sequence[JsMsg]) -> None:
         self.termed += [m.subject for m in msgs]
+
+
+class FakeStore:
+    """`StateStore` in memory with the table's semantics (livestate.py).
+
+    `record(key, last_seen)` is what every replica's ingest does in its batch
+    transaction. Every change takes the next "transaction id", and `changes`
+    returns the rows changed since the cursor. `delay_s` delays every call;
+    `down` makes every call raise DatabaseError. `calls` counts calls by name.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[Key, dict[str, Any]] = {}
+        self._xid = 0
+        self.delay_s = 0.0
+        self.down = False
+        self.calls: dict[str, int] = {}
+
+    def record(self, key: Key, last_seen: datetime) -> None:
+        self._xid += 1
+        row = self.rows.get(key)
+        if row is None:
+            self.rows[key] = {"last_seen": last_seen, "status": "new", "status_last_seen": None,
+                              "xid": self._xid}  # fmt: skip
+        elif row["last_seen"] < last_seen:
+            row["last_seen"] = last_seen
+            row["status"] = "new" if row["status"] == "decommissioned" else row["status"]
+            row["xid"] = self._xid
+
+    def status(self, key: Key) -> str | None:
+        row = self.rows.get(key)
+        return None if row is None else str(row["status"])
+
+    async def _enter(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.delay_s:
+            await trio.sleep(self.delay_s)
+        if self.down:
+            raise DatabaseError("OperationalError: the database is down (fake)")
+
+    def _row(self, key: Key, row: dict[str, Any]) -> GatewayRow:
+        return GatewayRow(key, row["last_seen"], row["status"], row["status_last_seen"])
+
+    async def load(self) -> Changes:
+        await self._enter("load")
+        rows = [self._row(k, r) for k, r in self.rows.items() if r["status"] != "decommissioned"]
+        return Changes(rows, self._xid + 1)
+
+    async def changes(self, cursor: int) -> Changes:
+        await self._enter("changes")
+        rows = [self._row(k, r) for k, r in self.rows.items() if r["xid"] >= cursor]
+        return Changes(rows, self._xid + 1)
+
+    async def current_last_seen(self, key: Key) -> datetime | None:
+        await self._enter("current_last_seen")
+        row = self.rows.get(key)
+        if row is None or row["status"] == "decommissioned":
+            return None
+        return row["last_seen"]  # type: ignore[no-any-return]
+
+    async def mark_online(self, keys: Sequence[Key]) -> list[tuple[Key, datetime]]:
+        await self._enter("mark_online")
+        won = []
+        for key in sorted(set(keys)):
+            row = self.rows.get(key)
+            if row is None:
+                continue
+            back = row["status"] == "offline" and row["last_seen"] > row["status_last_seen"]
+            if row["status"] == "new" or back:
+                self._xid += 1
+                row.update(status="online", status_last_seen=row["last_seen"], xid=self._xid)
+                won.append((key, row["last_seen"]))
+        return won
+
+    async def mark_offline(self, key: Key, last_seen: datetime) -> datetime | None:
+        await self._enter("mark_offline")
+        row = self.rows.get(key)
+        if row is None or row["status"] != "online" or row["last_seen"] < last_seen:
+            return None
+        self._xid += 1
+        row.update(status="offline", status_last_seen=last_seen, xid=self._xid)
+        return row["last_seen"]  # type: ignore[no-any-return]
+
+    async def decommission(self, key: Key) -> bool:
+        await self._enter("decommission")
+        row = self.rows.get(key)
+        if row is None or row["status"] == "decommissioned":
+            return False
+        self._xid += 1
+        row.update(status="decommissioned", xid=self._xid)
+        return True
+
+
+class CaughtUp:
+    """An alert horizon that is always now: the consumer never lags."""
+
+    def horizon(self, now: float) -> float:
+        return now
+
+    def behind(self, now: float) -> bool:
+        return False

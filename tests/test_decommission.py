@@ -1,7 +1,8 @@
 """Decommission listener: subject-authoritative removal, ack after removal, term of bad subjects.
 
-Rules for this file: `autojump_clock`, a `FakeBatchSource` and a recording
-tracker (or the real `LivenessTracker` on fakes); every test has a hang guard.
+Rules for this file: `autojump_clock`, a `FakeBatchSource` and a `FakeStore`
+(the liveness state table) that also records the order of removals; every
+test has a hang guard.
 """
 
 from __future__ import annotations
@@ -11,29 +12,32 @@ import trio.testing
 
 from notip_trio.decommission import run_decommission
 from notip_trio.metrics import Metrics
-from tests.liveness_fakes import FakeBatchSource, sample
+from tests.liveness_fakes import WALL0, FakeBatchSource, FakeStore, sample
 
 GUARD_S = 60
 
 
-class RecordingTracker:
-    def __init__(self, tracked: set[tuple[str, str]]) -> None:
-        self.tracked = tracked
-        self.removed: list[tuple[str, str]] = []
+class RecordingTracker(FakeStore):
+    """The state table, recording each removal in order (with what was acked by then)."""
 
-    def remove(self, tenant_id: str, gateway_id: str) -> bool:
-        self.removed.append((tenant_id, gateway_id))
-        key = (tenant_id, gateway_id)
-        if key in self.tracked:
-            self.tracked.discard(key)
-            return True
-        return False
+    def __init__(self, tracked: set[tuple[str, str]], source: FakeBatchSource) -> None:
+        super().__init__()
+        for key in tracked:
+            self.record(key, WALL0)
+        self.source = source
+        self.removed: list[tuple[str, str]] = []
+        self.acked_before: list[list[str]] = []
+
+    async def decommission(self, key: tuple[str, str]) -> bool:
+        self.removed.append(key)
+        self.acked_before.append(list(self.source.acked))
+        return await super().decommission(key)
 
 
 async def test_removes_and_acks(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
         source = FakeBatchSource()
-        tracker = RecordingTracker({("t1", "gw1")})
+        tracker = RecordingTracker({("t1", "gw1")}, source)
         metrics = Metrics()
         async with trio.open_nursery() as nursery:
             await nursery.start(run_decommission, source.batches, source, tracker, metrics)
@@ -43,6 +47,8 @@ async def test_removes_and_acks(autojump_clock: trio.abc.Clock) -> None:
             nursery.cancel_scope.cancel()
         # Untracked gateways are acked too: removal is idempotent.
         assert tracker.removed == [("t1", "gw1"), ("t2", "gw7")]
+        assert tracker.acked_before == [[], []]  # acked only after every removal
+        assert tracker.status(("t1", "gw1")) == "decommissioned"
         assert source.acked == subjects
         assert source.termed == []
         assert sample(metrics, "gateways_decommissioned_total") == 2
@@ -51,7 +57,7 @@ async def test_removes_and_acks(autojump_clock: trio.abc.Clock) -> None:
 async def test_malformed_subject_is_terminated_and_counted(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
         source = FakeBatchSource()
-        tracker = RecordingTracker(set())
+        tracker = RecordingTracker(set(), source)
         metrics = Metrics()
         async with trio.open_nursery() as nursery:
             await nursery.start(run_decommission, source.batches, source, tracker, metrics)
@@ -74,7 +80,7 @@ async def test_malformed_subject_is_terminated_and_counted(autojump_clock: trio.
 async def test_batches_are_handled_in_turn(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
         source = FakeBatchSource()
-        tracker = RecordingTracker(set())
+        tracker = RecordingTracker(set(), source)
         async with trio.open_nursery() as nursery:
             await nursery.start(run_decommission, source.batches, source, tracker, Metrics())
             for i in range(3):
@@ -83,3 +89,20 @@ async def test_batches_are_handled_in_turn(autojump_clock: trio.abc.Clock) -> No
             nursery.cancel_scope.cancel()
         assert [gw for _, gw in tracker.removed] == ["gw0", "gw1", "gw2"]
         assert len(source.acked) == 3
+
+
+async def test_database_down_naks_the_rest_of_the_batch_with_a_delay(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        source = FakeBatchSource()
+        tracker = RecordingTracker({("t1", "gw0")}, source)
+        tracker.down = True
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_decommission, source.batches, source, tracker, Metrics())
+            await source.send(["gateway.decommissioned.t1.gw0", "gateway.decommissioned.t1.gw1"])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert source.acked == []
+        assert source.naked == ["gateway.decommissioned.t1.gw0", "gateway.decommissioned.t1.gw1"]
+        assert tracker.status(("t1", "gw0")) == "new"  # still tracked: it comes back

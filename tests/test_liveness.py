@@ -1,12 +1,14 @@
-"""Liveness: offline detection, alerts, status updates, races with heartbeats.
+"""Liveness on the leader: offline detection, alerts, status updates, races.
 
-Rules for this file: everything runs on `autojump_clock`; the management API is
-a `FakeRequester` behind the real `MgmtClient` (so its retry policy is part of
+Rules for this file: everything runs on `autojump_clock`; the liveness state is
+a `FakeStore` with the table's semantics (`beat_at` does what every replica's
+ingest does: records last-seen in the store); the management API is a
+`FakeRequester` behind the real `MgmtClient` (so its retry policy is part of
 the timings), JetStream a `FakePublisher`, the dispatcher a `RecordingSink`.
 The wall clock follows Trio's (`wall_at(t)`), so wire timestamps are exact.
-Heartbeats and checks are placed at times that never coincide with a tick
-(ticks at 10, 20, ...; default timeout 30 s; grace 0 unless stated). Every
-test has a hang guard.
+The leader reads the store and acts at each tick (10, 20, ...; default timeout
+30 s; grace 0 unless stated); heartbeats are placed at times that never
+coincide with a tick. Every test has a hang guard.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import trio
 import trio.testing
 
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.liveness import Heartbeats, LivenessTracker, run_liveness
+from notip_trio.liveness import AlertHorizon, CatchUp, LivenessTracker, lead_liveness
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, AlertConfig, MgmtClient
 from tests.liveness_fakes import (
+    CaughtUp,
     FakePublisher,
     FakeRequester,
+    FakeStore,
     RecordingSink,
-    make_settings,
     sample,
     status_handler,
     trio_wall_clock,
@@ -35,12 +38,13 @@ from tests.liveness_fakes import (
 )
 
 GUARD_S = 3600
+TICK_S = 10.0
 GW1 = ("t1", "gw1")
 GW2 = ("t1", "gw2")
 
 
 class Rig:
-    """A tracker wired to fakes; `running()` runs `run_liveness` around a block."""
+    """A leader's tracker wired to fakes; `running()` runs `lead_liveness` around a block."""
 
     def __init__(
         self,
@@ -48,11 +52,13 @@ class Rig:
         configs: list[AlertConfig] | None = None,
         status_delay_s: float = 0.0,
         publish_delay_s: float = 0.0,
-        **overrides: Any,
+        grace_s: float = 0.0,
+        concurrency: int = 32,
+        store: FakeStore | None = None,
+        horizon: AlertHorizon | None = None,
     ) -> None:
-        self.settings = make_settings(**overrides)
         self.metrics = Metrics()
-        self.cache = AlertConfigCache(self.settings.alert_config_default_timeout_ms)
+        self.cache = AlertConfigCache(30_000)
         if configs:
             self.cache.replace(configs)
         self.states: dict[tuple[str, str], str] = {}
@@ -61,30 +67,39 @@ class Rig:
         )
         self.publisher = FakePublisher(delay_s=publish_delay_s)
         self.sink = RecordingSink()
-        self.tracker = LivenessTracker(
+        self.store = store if store is not None else FakeStore()
+        self.horizon = horizon if horizon is not None else CaughtUp()
+        self.grace_s = grace_s
+        self.concurrency = concurrency
+        self.tracker = self.new_tracker()
+
+    def new_tracker(self) -> LivenessTracker:
+        """A fresh leader over the same store (a restart or a takeover)."""
+        return LivenessTracker(
+            self.store,
             self.cache,
             MgmtClient(self.requester),
             self.publisher,
             self.sink,
-            self.settings,
             self.metrics,
+            self.horizon,
+            grace_until=self.grace_s,
+            concurrency=self.concurrency,
             wall_clock=trio_wall_clock,
         )
-        self._send: trio.MemorySendChannel[Heartbeats] | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        send, receive = trio.open_memory_channel[Heartbeats](16)
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_liveness, self.tracker, receive)
-            self._send = send
+            nursery.start_soon(lead_liveness, self.tracker, TICK_S)
+            await trio.testing.wait_all_tasks_blocked()
             yield
             nursery.cancel_scope.cancel()
 
     async def beat_at(self, t: float, *gateways: tuple[str, str]) -> None:
         await trio.sleep_until(t)
-        assert self._send is not None
-        await self._send.send(Heartbeats(t, wall_at(t), gateways))
+        for key in gateways:
+            self.store.record(key, wall_at(t))
         await trio.testing.wait_all_tasks_blocked()
 
     def published(self) -> list[tuple[float, str, str]]:
@@ -143,11 +158,12 @@ async def test_steady_heartbeats_never_alert(autojump_clock: trio.abc.Clock) -> 
         assert rig.publisher.published == []
         assert rig.status_query_times() == []
         assert rig.sink.brief() == [("gw1", "online", wall_at(1.5))]
+        assert rig.store.status(GW1) == "online"
 
 
 async def test_grace_period_suppresses_alerts(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
-        rig = Rig(heartbeat_grace_period_ms=60_000)
+        rig = Rig(grace_s=60)
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(59)
@@ -296,11 +312,13 @@ async def test_first_seen_and_recovery_each_give_one_online_update(
             await rig.beat_at(45.5, GW1)  # back
             await rig.beat_at(46.5, GW1)
             await rig.beat_at(47.5, GW1, GW2)
+            await trio.sleep_until(55)
+        # Reported at the next tick, with the last-seen the leader read then.
         assert rig.sink.brief() == [
-            ("gw1", "online", wall_at(1)),
+            ("gw1", "online", wall_at(2)),
             ("gw2", "online", wall_at(1)),
             ("gw1", "offline", wall_at(2)),
-            ("gw1", "online", wall_at(45.5)),
+            ("gw1", "online", wall_at(47.5)),
         ]
         assert sample(rig.metrics, "gateways_online") == 2
         assert sample(rig.metrics, "gateways_offline") == 0
@@ -314,13 +332,16 @@ async def test_decommissioned_gateway_gets_no_alert_and_is_first_seen_again(
         rig = Rig()
         async with rig.running():
             await rig.beat_at(1, GW1, GW2)
-            await trio.sleep_until(5)
-            assert rig.tracker.remove(*GW1)
-            assert not rig.tracker.remove(*GW1)  # idempotent
+            await trio.sleep_until(15)
+            assert await rig.store.decommission(GW1)  # any replica, into the table
+            assert not await rig.store.decommission(GW1)  # idempotent
+            await trio.sleep_until(25)
             assert sample(rig.metrics, "heartbeat_map_size") == 1
+            assert rig.tracker.status(*GW1) is None
             await trio.sleep_until(95)
             assert rig.published() == [(40, "alert.t1.gw_offline", "gw2")]
             await rig.beat_at(95.5, GW1)
+            await trio.sleep_until(101)
         assert rig.tracker.status(*GW1) == "online"
         assert [u for u in rig.sink.brief() if u[0] == "gw1"] == [
             ("gw1", "online", wall_at(1)),
@@ -330,7 +351,7 @@ async def test_decommissioned_gateway_gets_no_alert_and_is_first_seen_again(
 
 async def test_many_candidates_are_queried_concurrently(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
-        rig = Rig(status_delay_s=3, liveness_query_concurrency=100)
+        rig = Rig(status_delay_s=3, concurrency=100)
         gateways = [("t1", f"gw{i}") for i in range(100)]
         async with rig.running():
             await rig.beat_at(1, *gateways)
@@ -343,7 +364,7 @@ async def test_many_candidates_are_queried_concurrently(autojump_clock: trio.abc
 
 async def test_concurrency_is_bounded(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
-        rig = Rig(liveness_query_concurrency=10)
+        rig = Rig(concurrency=10)
         in_flight = peak = 0
 
         async def slow_status(payload: bytes) -> bytes:
@@ -394,12 +415,14 @@ async def test_heartbeat_during_publish_reports_offline_then_online(
             await rig.beat_at(41, GW1)  # the alert is in flight from 40 to 42
             await trio.sleep_until(43)
             assert rig.published() == [(42, "alert.t1.gw_offline", "gw1")]
-            assert rig.tracker.status(*GW1) == "online"
             assert rig.sink.brief() == [
                 ("gw1", "online", wall_at(1)),
                 ("gw1", "offline", wall_at(1)),  # what the alert announced
-                ("gw1", "online", wall_at(41)),  # and the heartbeat that followed
             ]
+            await trio.sleep_until(51)
+            assert rig.tracker.status(*GW1) == "online"
+            # ... and at the next tick, the heartbeat that followed
+            assert rig.sink.brief()[-1] == ("gw1", "online", wall_at(41))
             await trio.sleep_until(85)
         assert [t for t, _, _ in rig.published()] == [42, 82]
         ids = [msg_id for _, _, _, msg_id in rig.publisher.published]
@@ -412,46 +435,18 @@ async def test_decommission_during_check_gives_no_alert(autojump_clock: trio.abc
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(41)
-            rig.tracker.remove(*GW1)
+            await rig.store.decommission(GW1)  # while get-status is asked
             await trio.sleep_until(100)
         assert rig.status_query_times() == [40]
         assert rig.publisher.published == []
         assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
 
 
-async def test_run_liveness_ends_with_the_heartbeat_channel(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    with trio.fail_after(GUARD_S):
-        rig = Rig()
-        send, receive = trio.open_memory_channel[Heartbeats](4)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(run_liveness, rig.tracker, receive)
-            await send.send(Heartbeats(0, wall_at(0), [GW1]))
-            await trio.sleep(5)
-            await send.aclose()
-        assert trio.current_time() == 5  # returned at once, no more ticks
-        assert rig.sink.closed
-        assert rig.publisher.published == []
-
-
-async def test_out_of_order_batch_is_clamped(autojump_clock: trio.abc.Clock) -> None:
-    with trio.fail_after(GUARD_S):
-        rig = Rig()
-        rig.tracker.record(Heartbeats(20, wall_at(20), [GW1]))
-        rig.tracker.record(Heartbeats(10, wall_at(10), [GW2]))  # arrived late
-        await trio.sleep_until(49.5)
-        await rig.tracker.tick()
-        assert rig.publisher.published == []  # both count as seen at 20
-        await trio.sleep_until(50.5)
-        await rig.tracker.tick()
-        assert sorted(gw for _, _, gw in rig.published()) == ["gw1", "gw2"]
-
-
 async def test_tick_refuses_to_run_twice_at_once(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(GUARD_S):
         rig = Rig(status_delay_s=3)
-        rig.tracker.record(Heartbeats(0, wall_at(0), [GW1]))
+        rig.store.record(GW1, wall_at(0))
+        await rig.tracker.take_over()
         await trio.sleep_until(31)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(rig.tracker.tick)
@@ -459,3 +454,178 @@ async def test_tick_refuses_to_run_twice_at_once(autojump_clock: trio.abc.Clock)
             with pytest.raises(RuntimeError, match="already running"):
                 await rig.tracker.tick()
         assert len(rig.published()) == 1
+
+
+async def test_a_tick_that_overruns_skips_the_slots_it_missed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        # Six candidates one at a time, 4 s each: the tick at 40 runs until 64.
+        rig = Rig(status_delay_s=4, concurrency=1)
+        async with rig.running():
+            await rig.beat_at(1, *[("t1", f"gw{i}") for i in range(6)])
+            await trio.sleep_until(95)
+        # 50 and 60 are skipped; the schedule keeps its phase (70, 80, 90).
+        assert rig.status_query_times() == [40, 44, 48, 52, 56, 60]
+        assert [t for t, _, _ in rig.published()] == [44, 48, 52, 56, 60, 64]
+        ticks = sample(rig.metrics, "heartbeat_tick_duration_seconds_count")
+        assert ticks == 7  # 10, 20, 30, 40 (until 64), 70, 80, 90
+
+
+# --- state that outlives the leader -------------------------------------------
+
+
+async def test_restart_alerts_the_gateway_that_fell_silent_around_it_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The SIGKILL scenario on fakes: a new leader over the same table."""
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        gw_a, gw_b, gw_c = ("t1", "A"), ("t1", "B"), ("t1", "C")
+        async with rig.running():
+            await rig.beat_at(1, gw_a, gw_b, gw_c)
+            await rig.beat_at(21, gw_a, gw_c)  # B silent since 1: alerted at 40
+            await rig.beat_at(41, gw_c)
+            await trio.sleep_until(45)
+        assert rig.published() == [(40, "alert.t1.gw_offline", "B")]
+        before = rig.sink.brief()
+        # Killed at 45, back at 50 as a new leader; C kept sending meanwhile.
+        await rig.beat_at(47, gw_c)
+        await trio.sleep_until(50)
+        rig.tracker = rig.new_tracker()
+        async with rig.running():
+            for t in range(57, 120, 10):
+                await rig.beat_at(t, gw_c)
+            await trio.sleep_until(120)
+        # A (silent since 21): alerted once, at the first tick after 51, with its
+        # true last-seen; B not again; C never; no repeated online update.
+        assert rig.published() == [
+            (40, "alert.t1.gw_offline", "B"),
+            (60, "alert.t1.gw_offline", "A"),
+        ]
+        assert rig.publisher.published[1][2]["lastSeen"] == "2024-05-01T12:00:21Z"
+        assert rig.sink.brief()[len(before) :] == [("A", "offline", wall_at(21))]
+
+
+async def test_an_old_and_a_new_leader_report_one_transition(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(publish_delay_s=2)
+        old, new = rig.tracker, rig.new_tracker()
+        rig.store.record(GW1, wall_at(0))
+        await old.take_over()
+        await new.take_over()
+        assert rig.sink.brief() == [("gw1", "online", wall_at(0))]  # one of them won
+        await trio.sleep_until(35)
+        async with trio.open_nursery() as nursery:  # both think they lead
+            nursery.start_soon(old.tick)
+            nursery.start_soon(new.tick)
+        # Both published the same alert (JetStream stores it once: same msg id) ...
+        ids = {msg_id for _, _, _, msg_id in rig.publisher.published}
+        assert len(rig.publisher.published) == 2
+        assert ids == {"gw_offline.t1.gw1.2024-05-01T12:00:00Z"}
+        # ... but only the winner of the conditional update reports it.
+        assert rig.sink.brief()[1:] == [("gw1", "offline", wall_at(0))]
+        assert rig.store.status(GW1) == "offline"
+
+
+async def test_a_database_error_ends_the_tick_and_the_next_one_recovers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(35)
+            rig.store.down = True
+            await trio.sleep_until(55)
+            assert rig.publisher.published == []  # nothing decided blind
+            rig.store.down = False
+            await trio.sleep_until(65)
+        assert rig.published() == [(60, "alert.t1.gw_offline", "gw1")]
+
+
+async def test_the_state_is_loaded_again_until_the_database_answers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.store.record(GW1, wall_at(0))
+        rig.store.down = True
+        async with rig.running():
+            await trio.sleep_until(25)
+            assert rig.store.calls["load"] == 3  # at 0, 10, 20
+            rig.store.down = False
+            await trio.sleep_until(31)
+            assert rig.store.calls["load"] == 4
+            assert rig.sink.brief() == [("gw1", "online", wall_at(0))]
+            await trio.sleep_until(75)
+        # Ticks count from the load at 30: the alert at the first one after 30 s.
+        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+
+
+# --- the alert horizon ----------------------------------------------------------
+
+
+def test_catch_up_horizon_follows_the_consumer_and_is_bounded() -> None:
+    now = [1000.0]
+    catch_up = CatchUp(threshold=100, settle_s=1.0, max_lag_s=60.0, wall=lambda: now[0])
+    # Nothing observed yet (a fresh start): only the bound holds.
+    assert catch_up.horizon(1000.0) == 940.0
+    assert catch_up.behind(1000.0)
+    catch_up.observe(100)  # within the threshold: caught up now
+    assert catch_up.horizon(1000.0) == 999.0
+    assert not catch_up.behind(1000.0)
+    now[0] = 1010.0
+    catch_up.observe(5000)  # a backlog: the horizon stays where it was
+    assert catch_up.horizon(1010.0) == 999.0
+    assert catch_up.behind(1010.0)
+    assert catch_up.horizon(1100.0) == 1040.0  # ... but never more than 60 s behind
+    now[0] = 1100.0
+    catch_up.observe(0)
+    assert catch_up.horizon(1100.0) == 1099.0
+    assert not catch_up.behind(1100.0)
+
+
+async def test_no_alert_while_the_consumer_is_behind(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD_S):
+        catch_up = CatchUp(
+            threshold=10,
+            settle_s=1.0,
+            max_lag_s=120.0,
+            wall=lambda: trio_wall_clock().timestamp(),
+        )
+        rig = Rig(horizon=catch_up)
+        catch_up.observe(0)
+        async with rig.running():
+            await rig.beat_at(1, GW1, GW2)
+            await trio.sleep_until(25)
+            catch_up.observe(50_000)  # a backlog from 25 on (an outage, a takeover)
+            await rig.beat_at(26, GW2)
+            await trio.sleep_until(95)
+            # gw1 (silent since 1) would be due at 40, but the horizon is 24.
+            assert rig.publisher.published == []
+            catch_up.observe(3)  # caught up at 95: silences up to 94 are judged
+            await trio.sleep_until(105)
+        assert rig.published() == [
+            (100, "alert.t1.gw_offline", "gw1"),
+            (100, "alert.t1.gw_offline", "gw2"),
+        ]
+
+
+async def test_a_consumer_that_stays_behind_delays_alerts_by_the_bound_only(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        catch_up = CatchUp(
+            threshold=10, settle_s=1.0, max_lag_s=60.0, wall=lambda: trio_wall_clock().timestamp()
+        )
+        rig = Rig(horizon=catch_up)
+        catch_up.observe(10_000)  # behind from the start, for ever
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(105)
+        # Due at 31 on a live consumer; held back until now - 60 passes 31: at 91,
+        # so the tick at 100 alerts it.
+        assert rig.published() == [(100, "alert.t1.gw_offline", "gw1")]

@@ -163,6 +163,8 @@ async def test_metrics_name_every_spec_metric_and_written_equals_rows(
                 and _count(conninfo) == 500
                 and _total(samples, "notip_consumer_messages_written_total") == 500
                 and _total(samples, "notip_consumer_message_parsing_errors_total") == bad
+                # The leader reads the gateways' state from the database each tick.
+                and samples.get("notip_consumer_heartbeat_map_size") == 25
             )
 
         await _until(settled, 180, "500 rows, every message acked or terminated, and counted")

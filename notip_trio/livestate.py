@@ -1,0 +1,226 @@
+"""Liveness state in PostgreSQL (SPEC.md Behaviour 8, 9): the table and its statements.
+
+One row per gateway in `gateway_liveness`, beside `telemetry`:
+
+- `last_seen`: when the gateway's newest message reached the stream (the
+  timestamp of its ack subject): the same on every replica and every
+  redelivery. Every replica writes it in the transaction that COPYs the batch
+  (`record_seen`), so it is exactly as durable as the rows, costs no extra
+  round trip, and never moves backwards.
+- `status`: `new` (never reported), `online`, `offline`, or `decommissioned`
+  (a tombstone: the leader learns of the removal like any other change); a
+  message after a decommission makes the gateway `new` again (first seen).
+- `status_last_seen` / `status_at`: the last-seen the last transition was for
+  (an offline alert's `lastSeen`) and when it was made.
+- `changed_xid`: the transaction that last changed the row. The leader reads
+  changes incrementally: every row with `changed_xid >= cursor`, the cursor
+  being the oldest transaction still running when it last looked
+  (`pg_snapshot_xmin`), so a change committed late is never skipped. A row may
+  be read twice; applying it is idempotent. Cost: O(changed), never O(tracked).
+
+Transitions are conditional updates (`mark_online`, `mark_offline`): only the
+caller whose update wins reports the transition, so an old and a new leader
+cannot both report it. Row locks are always taken in (tenant_id, gateway_id)
+order under the "C" collation, Python's own string order, so the leader and
+the ingest transactions of every replica never deadlock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol, TypeVar
+
+import psycopg
+
+Key = tuple[str, str]  # (tenant_id, gateway_id)
+Status = Literal["new", "online", "offline", "decommissioned"]
+T = TypeVar("T")
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS gateway_liveness (
+    tenant_id        TEXT        NOT NULL,
+    gateway_id       TEXT        NOT NULL,
+    last_seen        TIMESTAMPTZ NOT NULL,
+    status           TEXT        NOT NULL DEFAULT 'new'
+        CHECK (status IN ('new', 'online', 'offline', 'decommissioned')),
+    status_last_seen TIMESTAMPTZ,
+    status_at        TIMESTAMPTZ,
+    changed_xid      XID8        NOT NULL DEFAULT pg_current_xact_id(),
+    PRIMARY KEY (tenant_id, gateway_id)
+);
+CREATE INDEX IF NOT EXISTS gateway_liveness_changed ON gateway_liveness (changed_xid);
+"""
+
+_RECORD_SEEN: Final = """
+INSERT INTO gateway_liveness AS g (tenant_id, gateway_id, last_seen)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[])
+ON CONFLICT (tenant_id, gateway_id) DO UPDATE
+   SET last_seen = EXCLUDED.last_seen,
+       status = CASE WHEN g.status = 'decommissioned' THEN 'new' ELSE g.status END,
+       changed_xid = pg_current_xact_id()
+ WHERE g.last_seen < EXCLUDED.last_seen
+"""
+_CURSOR: Final = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+_COLUMNS: Final = "tenant_id, gateway_id, last_seen, status, status_last_seen"
+_LOAD: Final = f"SELECT {_COLUMNS} FROM gateway_liveness WHERE status <> 'decommissioned'"
+_CHANGES: Final = f"SELECT {_COLUMNS} FROM gateway_liveness WHERE changed_xid >= %s::text::xid8"
+_CURRENT: Final = (
+    "SELECT last_seen FROM gateway_liveness"
+    " WHERE tenant_id = %s AND gateway_id = %s AND status <> 'decommissioned'"
+)
+_LOCK_ROWS: Final = """
+SELECT 1 FROM gateway_liveness g
+  JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
+ ORDER BY g.tenant_id COLLATE "C", g.gateway_id COLLATE "C"
+   FOR UPDATE OF g
+"""
+_MARK_ONLINE: Final = """
+UPDATE gateway_liveness g
+   SET status = 'online', status_last_seen = g.last_seen, status_at = now(),
+       changed_xid = pg_current_xact_id()
+  FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id)
+ WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
+   AND (g.status = 'new' OR (g.status = 'offline' AND g.last_seen > g.status_last_seen))
+RETURNING g.tenant_id, g.gateway_id, g.last_seen
+"""
+_MARK_OFFLINE: Final = """
+UPDATE gateway_liveness
+   SET status = 'offline', status_last_seen = %s, status_at = now(),
+       changed_xid = pg_current_xact_id()
+ WHERE tenant_id = %s AND gateway_id = %s AND status = 'online' AND last_seen >= %s
+RETURNING last_seen
+"""
+_DECOMMISSION: Final = """
+UPDATE gateway_liveness
+   SET status = 'decommissioned', status_at = now(), changed_xid = pg_current_xact_id()
+ WHERE tenant_id = %s AND gateway_id = %s AND status <> 'decommissioned'
+"""
+
+Conn = psycopg.Connection[tuple[object, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRow:
+    key: Key
+    last_seen: dt.datetime
+    status: Status
+    status_last_seen: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    rows: list[GatewayRow]
+    cursor: int  # pass to the next `changes` call
+
+
+class StateStore(Protocol):
+    """The liveness state as the leader sees it; errors are `DatabaseError`."""
+
+    async def load(self) -> Changes:
+        """Every tracked gateway (not decommissioned), and the cursor for `changes`."""
+        ...
+
+    async def changes(self, cursor: int) -> Changes:
+        """Every row changed since `cursor` (decommissioned ones included)."""
+        ...
+
+    async def current_last_seen(self, key: Key) -> dt.datetime | None:
+        """The gateway's last-seen now; None if it is gone (decommissioned)."""
+        ...
+
+    async def mark_online(self, keys: Sequence[Key]) -> list[tuple[Key, dt.datetime]]:
+        """Make new gateways, and offline ones heard since, online; returns those
+        this call changed (with their last-seen): only they are reported."""
+        ...
+
+    async def mark_offline(self, key: Key, last_seen: dt.datetime) -> dt.datetime | None:
+        """Online → offline for the silence that ended at `last_seen`; the gateway's
+        current last-seen if this call made the change, else None."""
+        ...
+
+    async def decommission(self, key: Key) -> bool:
+        """Forget the gateway (tombstone); False if it was not tracked."""
+        ...
+
+
+class Runner(Protocol):
+    async def run_in_transaction(self, fn: Callable[[Conn], T]) -> T: ...
+
+
+def record_seen(conn: Conn, seen: Mapping[Key, dt.datetime]) -> None:
+    """Upsert each gateway's last-seen, in the caller's transaction (the COPY's)."""
+    if not seen:
+        return
+    keys = sorted(seen)  # lock order: see the module docstring
+    conn.execute(
+        _RECORD_SEEN, ([k[0] for k in keys], [k[1] for k in keys], [seen[k] for k in keys])
+    )
+
+
+class PgStateStore:
+    """`StateStore` on the daemon's pool (`Storage.run_in_transaction`)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    async def load(self) -> Changes:
+        def load(conn: Conn) -> Changes:
+            cursor = _cursor(conn)
+            return Changes(_rows(conn.execute(_LOAD).fetchall()), cursor)
+
+        return await self._runner.run_in_transaction(load)
+
+    async def changes(self, cursor: int) -> Changes:
+        def changes(conn: Conn) -> Changes:
+            new_cursor = _cursor(conn)  # before the read: a conservative cursor
+            return Changes(_rows(conn.execute(_CHANGES, (str(cursor),)).fetchall()), new_cursor)
+
+        return await self._runner.run_in_transaction(changes)
+
+    async def current_last_seen(self, key: Key) -> dt.datetime | None:
+        def current(conn: Conn) -> dt.datetime | None:
+            row = conn.execute(_CURRENT, key).fetchone()
+            return row[0] if row else None  # type: ignore[return-value]
+
+        return await self._runner.run_in_transaction(current)
+
+    async def mark_online(self, keys: Sequence[Key]) -> list[tuple[Key, dt.datetime]]:
+        if not keys:
+            return []
+        ordered = sorted(set(keys))
+        args = ([k[0] for k in ordered], [k[1] for k in ordered])
+
+        def mark(conn: Conn) -> list[tuple[Key, dt.datetime]]:
+            conn.execute(_LOCK_ROWS, args)
+            rows = conn.execute(_MARK_ONLINE, args).fetchall()
+            return [((str(t), str(g)), seen) for t, g, seen in rows]  # type: ignore[misc]
+
+        return await self._runner.run_in_transaction(mark)
+
+    async def mark_offline(self, key: Key, last_seen: dt.datetime) -> dt.datetime | None:
+        def mark(conn: Conn) -> dt.datetime | None:
+            row = conn.execute(_MARK_OFFLINE, (last_seen, *key, last_seen)).fetchone()
+            return row[0] if row else None  # type: ignore[return-value]
+
+        return await self._runner.run_in_transaction(mark)
+
+    async def decommission(self, key: Key) -> bool:
+        def forget(conn: Conn) -> bool:
+            return conn.execute(_DECOMMISSION, key).rowcount > 0
+
+        return await self._runner.run_in_transaction(forget)
+
+
+def _cursor(conn: Conn) -> int:
+    row = conn.execute(_CURSOR).fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+def _rows(rows: list[tuple[object, ...]]) -> list[GatewayRow]:
+    return [
+        GatewayRow((str(t), str(g)), seen, status, status_seen)  # type: ignore[arg-type]
+        for t, g, seen, status, status_seen in rows
+    ]
