@@ -397,7 +397,8 @@ def db_facts(conninfo: str) -> DbFacts:
         for table in TABLES:
             info = one(
                 "SELECT pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE'),"
-                " has_table_privilege(c.oid, 'SELECT, INSERT'),"
+                # A list of privileges would mean "any of them": ask for each.
+                " has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT'),"
                 " array(SELECT attname::text FROM pg_attribute"
                 "       WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped)"
                 " FROM pg_class c WHERE c.oid = to_regclass(%s)",

@@ -495,3 +495,22 @@ def test_timescaledb_is_only_ever_information() -> None:
     assert "not available" in results[0].detail
     assert "NOT in shared_preload_libraries" in results[1].detail
     assert "telemetry is a hypertable" in results[3].detail
+
+
+def test_a_table_the_user_may_not_insert_into(
+    clean_nats_server, pg_server, pg_database, tmp_path, monkeypatch, capsys
+):
+    nats = clean_nats_server
+    env = daemon_env(nats, pg_server, pg_database.name)
+    trio.run(_start_up_like_the_daemon, daemon_settings(env, monkeypatch))
+    with psycopg.connect(pg_database.conninfo, autocommit=True) as conn:
+        # SELECT stays: a privilege list in has_table_privilege would mean "any of them".
+        conn.execute(
+            sql.SQL("REVOKE INSERT ON telemetry FROM {}").format(sql.Identifier(pg_server.user))
+        )
+    with spawn_mgmt_standin(nats, tmp_path / "mgmt.log"):
+        code, lines = _check(env, monkeypatch, capsys)
+    assert code == 1
+    line = _line(lines, "FAILED", "schema")
+    assert f"{pg_server.user} may not SELECT and INSERT on telemetry" in line
+    assert f"GRANT SELECT, INSERT ON telemetry TO {pg_server.user}" in line
