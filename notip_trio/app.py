@@ -111,6 +111,8 @@ async def run_daemon(
     failure (then raise). `task_status.started(metrics_port)` once everything runs.
     """
     metrics = metrics if metrics is not None else Metrics()
+    metrics.heartbeat_tick_interval.set(settings.heartbeat_tick_ms / 1000)
+    metrics.alert_cache_refresh_interval.set(settings.alert_config_refresh_ms / 1000)
     stop = stop if stop is not None else trio.Event()
     async with trio_asyncio.open_loop():
         storage = Storage.create(

@@ -24,7 +24,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -127,6 +127,111 @@ class StartupError(Exception):
     """A fatal problem found at start (missing stream, unusable durable, no connection)."""
 
 
+def tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    """The client side of mutual TLS: trust `ca`, present `cert` with `key`.
+
+    Raises StartupError naming the file problem (unreadable, not PEM, key not
+    matching the certificate).
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"NATS_TLS_CA {ca}: {type(exc).__name__}: {exc}") from None
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"NATS_TLS_CERT/NATS_TLS_KEY {cert}, {key}: {type(exc).__name__}: {exc}"
+        ) from None
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class DurableProblem:
+    """Something wrong with an existing durable consumer.
+
+    `refused`: the daemon will not start on it (a push consumer, an ack policy
+    other than explicit). The others it runs with, badly, and logs `event` with
+    `context` at start. `message` is one line for people.
+    """
+
+    kind: Literal["push", "ack_policy", "filter_redundant", "max_ack_pending_low"]
+    message: str
+    event: str
+    context: dict[str, Any]
+
+    @property
+    def refused(self) -> bool:
+        return self.kind in ("push", "ack_policy")
+
+
+def durable_problems(
+    cfg: ConsumerConfig,
+    stream_subjects: Sequence[str],
+    *,
+    stream: str,
+    durable: str,
+    max_ack_pending: int,
+) -> list[DurableProblem]:
+    """What is wrong with durable `durable` (configuration `cfg`) on `stream`.
+
+    Pure: the start-up check (`ensure_pull_consumer`) and the preflight
+    (`notip-trio check`) both judge a durable with it. `max_ack_pending` is
+    what this configuration keeps in flight.
+    """
+    where = f"durable consumer {durable} on stream {stream}"
+    out: list[DurableProblem] = []
+    if cfg.deliver_subject:
+        out.append(
+            DurableProblem(
+                "push",
+                f"{where} is a push consumer; notip-trio needs a pull consumer (README: "
+                "Migrating from the Go service)",
+                "consumer_push_refused",
+                {"durable": durable, "deliver_subject": cfg.deliver_subject},
+            )
+        )
+    if cfg.ack_policy != AckPolicy.EXPLICIT:
+        out.append(
+            DurableProblem(
+                "ack_policy",
+                f"{where} has ack policy {cfg.ack_policy}; explicit is required",
+                "consumer_ack_policy_refused",
+                {"durable": durable, "ack_policy": str(cfg.ack_policy)},
+            )
+        )
+    if cfg.filter_subject and list(stream_subjects) == [cfg.filter_subject]:
+        out.append(
+            DurableProblem(
+                "filter_redundant",
+                f"{where} filters on {cfg.filter_subject}, the stream's own subjects: on "
+                "nats-server 2.9 that slows deliveries to a trickle",
+                "consumer_filter_redundant",
+                {
+                    "durable": durable,
+                    "filter_subject": cfg.filter_subject,
+                    "detail": "equal to the stream's subjects; on nats-server 2.9 it slows "
+                    "deliveries; recreate the durable without it (README: Migrating)",
+                },
+            )
+        )
+    if cfg.max_ack_pending is not None and 0 < cfg.max_ack_pending < max_ack_pending:
+        out.append(
+            DurableProblem(
+                "max_ack_pending_low",
+                f"{where} allows {cfg.max_ack_pending} unacked messages; this configuration "
+                f"keeps up to {max_ack_pending} in flight, so deliveries will be throttled",
+                "consumer_max_ack_pending_low",
+                {
+                    "durable": durable,
+                    "max_ack_pending": cfg.max_ack_pending,
+                    "wanted": max_ack_pending,
+                },
+            )
+        )
+    return out
+
+
 def _aio(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Run an asyncio coroutine function from Trio: one bridge crossing per call."""
     return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
@@ -163,12 +268,22 @@ class NatsBridge:
         connect_timeout_s: float,
         metrics: Metrics | None = None,
         name: str = "notip-trio",
+        retry: bool = True,
     ) -> NatsBridge:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-        ctx.load_cert_chain(cert, key)
+        """Connect with mutual TLS; raise StartupError naming the cause.
+
+        `retry=False` (the preflight) gives up at the first TLS or protocol
+        error instead of trying again until `connect_timeout_s`; unreachable
+        servers are still retried until then. Either way the StartupError of a
+        timeout names the last error seen.
+        """
+        ctx = tls_context(ca, cert, key)
+        last_error = ""
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+            nonlocal last_error
+            last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("nats_error", error=last_error)
 
         async def on_disconnected() -> None:
             log.warning("nats_disconnected")
@@ -184,7 +299,7 @@ class NatsBridge:
                 servers=[url],
                 tls=ctx,
                 connect_timeout=int(max(1, connect_timeout_s)),
-                allow_reconnect=True,
+                allow_reconnect=retry,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
                 error_cb=on_error,
@@ -198,8 +313,9 @@ class NatsBridge:
             with trio.fail_after(connect_timeout_s + 1):
                 nc = await _aio(_connect)()
         except trio.TooSlowError:
+            last = f" (last error: {last_error})" if last_error else ""
             raise StartupError(
-                f"NATS: no connection to {url} within {connect_timeout_s:g}s"
+                f"NATS: no connection to {url} within {connect_timeout_s:g}s{last}"
             ) from None
         except (OSError, nats.errors.Error, ssl.SSLError) as exc:
             raise StartupError(
@@ -221,83 +337,91 @@ class NatsBridge:
 
     # ---- JetStream management -------------------------------------------
 
-    async def require_streams(self, names: Sequence[str]) -> None:
-        async def _check(name: str) -> bool:
-            try:
-                await self.js.stream_info(name)
-            except nats.js.errors.NotFoundError:
-                return False
-            return True
+    async def stream_subjects(self, name: str) -> list[str] | None:
+        """The subjects of stream `name`, or None if it does not exist."""
 
+        async def _info() -> list[str] | None:
+            try:
+                info = await self.js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                return None
+            return list(info.config.subjects or [])
+
+        return await _aio(_info)()
+
+    async def durable_config(self, stream: str, durable: str) -> ConsumerConfig | None:
+        """The configuration of durable consumer `durable`, or None if it does not exist."""
+
+        async def _info() -> ConsumerConfig | None:
+            try:
+                info = await self.js.consumer_info(stream, durable)
+            except nats.js.errors.NotFoundError:
+                return None
+            cfg: ConsumerConfig = info.config
+            return cfg
+
+        return await _aio(_info)()
+
+    async def require_streams(self, names: Sequence[str]) -> None:
         for name in names:
-            if not await _aio(_check)(name):
+            if await self.stream_subjects(name) is None:
                 raise StartupError(
                     f"JetStream stream {name} does not exist; the platform must create it"
                 )
 
     async def ensure_pull_consumer(self, spec: PullSpec) -> None:
-        """Create the durable pull consumer, or check that the existing one is usable."""
+        """Create the durable pull consumer, or check that the existing one is usable.
 
-        async def _ensure() -> None:
-            try:
-                info = await self.js.consumer_info(spec.stream, spec.durable)
-            except nats.js.errors.NotFoundError:
-                # A filter equal to the stream's own subjects selects nothing less, but
-                # nats-server 2.9 then counts pending messages the slow way on every
-                # delivery and consumer-info call: measured, deliveries stalled to a
-                # trickle while a backlog drained. So leave such a filter out.
-                stream = await self.js.stream_info(spec.stream)
-                redundant = list(stream.config.subjects or []) == [spec.filter_subject]
-                await self.js.add_consumer(
-                    spec.stream,
-                    config=ConsumerConfig(
-                        durable_name=spec.durable,
-                        ack_policy=AckPolicy.EXPLICIT,
-                        deliver_policy=DeliverPolicy.ALL,
-                        filter_subject=None if redundant else spec.filter_subject,
-                        max_ack_pending=spec.max_ack_pending,
-                        ack_wait=30.0,
-                        max_waiting=512,
-                    ),
-                )
-                log.info(
-                    "consumer_created",
-                    stream=spec.stream,
-                    durable=spec.durable,
+        Refuses (StartupError) a durable the daemon cannot use; logs a warning
+        for one it can use, but badly (`durable_problems`).
+        """
+        cfg = await self.durable_config(spec.stream, spec.durable)
+        if cfg is None:
+            await self._create_pull_consumer(spec)
+            return
+        subjects = await self.stream_subjects(spec.stream) if cfg.filter_subject else []
+        problems = durable_problems(
+            cfg,
+            subjects or [],
+            stream=spec.stream,
+            durable=spec.durable,
+            max_ack_pending=spec.max_ack_pending,
+        )
+        for problem in problems:
+            if problem.refused:
+                raise StartupError(problem.message)
+        for problem in problems:
+            log.warning(problem.event, **problem.context)
+
+    async def _create_pull_consumer(self, spec: PullSpec) -> None:
+        async def _create() -> bool:
+            # A filter equal to the stream's own subjects selects nothing less, but
+            # nats-server 2.9 then counts pending messages the slow way on every
+            # delivery and consumer-info call: measured, deliveries stalled to a
+            # trickle while a backlog drained. So leave such a filter out.
+            stream = await self.js.stream_info(spec.stream)
+            redundant = list(stream.config.subjects or []) == [spec.filter_subject]
+            await self.js.add_consumer(
+                spec.stream,
+                config=ConsumerConfig(
+                    durable_name=spec.durable,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
                     filter_subject=None if redundant else spec.filter_subject,
-                )
-                return
-            cfg = info.config
-            if cfg.deliver_subject:
-                raise StartupError(
-                    f"durable consumer {spec.durable} on stream {spec.stream} is a push "
-                    "consumer; notip-trio needs a pull consumer (README: Migrating from "
-                    "the Go service)"
-                )
-            if cfg.ack_policy != AckPolicy.EXPLICIT:
-                raise StartupError(
-                    f"durable consumer {spec.durable} on stream {spec.stream} has ack policy "
-                    f"{cfg.ack_policy}; explicit is required"
-                )
-            if cfg.filter_subject:
-                stream = await self.js.stream_info(spec.stream)
-                if list(stream.config.subjects or []) == [cfg.filter_subject]:
-                    log.warning(
-                        "consumer_filter_redundant",
-                        durable=spec.durable,
-                        filter_subject=cfg.filter_subject,
-                        detail="equal to the stream's subjects; on nats-server 2.9 it slows "
-                        "deliveries; recreate the durable without it (README: Migrating)",
-                    )
-            if cfg.max_ack_pending is not None and 0 < cfg.max_ack_pending < spec.max_ack_pending:
-                log.warning(
-                    "consumer_max_ack_pending_low",
-                    durable=spec.durable,
-                    max_ack_pending=cfg.max_ack_pending,
-                    wanted=spec.max_ack_pending,
-                )
+                    max_ack_pending=spec.max_ack_pending,
+                    ack_wait=30.0,
+                    max_waiting=512,
+                ),
+            )
+            return redundant
 
-        await _aio(_ensure)()
+        redundant = await _aio(_create)()
+        log.info(
+            "consumer_created",
+            stream=spec.stream,
+            durable=spec.durable,
+            filter_subject=None if redundant else spec.filter_subject,
+        )
 
     # ---- Requester / AlertPublisher -------------------------------------
 

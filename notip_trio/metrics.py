@@ -122,6 +122,18 @@ class Metrics:
             "Decommission messages terminated because their subject was malformed",
             registry=r,
         )
+        # Two settings as gauges, so alert rules can compare with them
+        # (deploy/prometheus/notip-trio.rules.yaml) whatever the configuration.
+        self.heartbeat_tick_interval = Gauge(
+            _P + "heartbeat_tick_interval_seconds",
+            "HEARTBEAT_TICK_MS in seconds: the liveness tick period",
+            registry=r,
+        )
+        self.alert_cache_refresh_interval = Gauge(
+            _P + "alert_cache_refresh_interval_seconds",
+            "ALERT_CONFIG_REFRESH_MS in seconds: the alert-config refresh period",
+            registry=r,
+        )
         self.gateways_decommissioned = Counter(
             _P + "gateways_decommissioned",
             "Decommission messages handled (gateway removed from liveness tracking)",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import pytest
 import trio
 import trio_asyncio
-from nats.js.api import ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from devstack import js as _js
-from notip_trio.jetstream import JsMsg, NatsBridge, PullSpec, StartupError
+from notip_trio.jetstream import JsMsg, NatsBridge, PullSpec, StartupError, tls_context
 
 
 async def _bridge(server) -> NatsBridge:
@@ -103,3 +106,38 @@ async def test_pull_batches_ack_and_late_deliveries_are_not_dropped(
             assert (pending, ack_pending) == (0, 0)
         finally:
             await bridge.close()
+
+
+async def test_an_existing_durable_is_judged_by_durable_problems(
+    private_nats_server, aio_loop, caplog
+) -> None:
+    with trio.fail_after(30):
+        bridge = await _bridge(private_nats_server)
+        try:
+
+            async def add(durable: str, **cfg: object) -> None:
+                await bridge.js.add_consumer(
+                    "TELEMETRY", config=ConsumerConfig(durable_name=durable, **cfg)
+                )
+
+            # The Go service's filter: usable, but logged as harmful.
+            await trio_asyncio.aio_as_trio(add)(
+                "with-filter", ack_policy=AckPolicy.EXPLICIT, filter_subject="telemetry.data.>"
+            )
+            with caplog.at_level(logging.WARNING, logger="notip_trio.jetstream"):
+                await bridge.ensure_pull_consumer(dataclasses.replace(SPEC, durable="with-filter"))
+            assert [r.getMessage() for r in caplog.records] == ["consumer_filter_redundant"]
+
+            await trio_asyncio.aio_as_trio(add)("no-ack", ack_policy=AckPolicy.NONE)
+            with pytest.raises(StartupError, match=r"ack policy .* explicit is required"):
+                await bridge.ensure_pull_consumer(dataclasses.replace(SPEC, durable="no-ack"))
+        finally:
+            await bridge.close()
+
+
+def test_tls_files_that_do_not_fit_are_named(pki) -> None:
+    a, b = pki.client("notip-trio"), pki.client("test-client")
+    with pytest.raises(StartupError, match=r"NATS_TLS_CERT/NATS_TLS_KEY .*KEY_VALUES_MISMATCH"):
+        tls_context(str(a.ca), str(a.cert), str(b.key))
+    with pytest.raises(StartupError, match="NATS_TLS_CA"):
+        tls_context(str(a.key), str(a.cert), str(a.key))

@@ -188,6 +188,9 @@ async def test_metrics_name_every_spec_metric_and_written_equals_rows(
     # Every gateway of the valid traffic is tracked (the bad ones are not).
     assert samples["notip_consumer_heartbeat_map_size"] == 25
     assert samples["notip_consumer_batch_size_count"] >= 1
+    # The two periods the alert rules compare with, at their defaults.
+    assert samples["notip_consumer_heartbeat_tick_interval_seconds"] == 10.0
+    assert samples["notip_consumer_alert_cache_refresh_interval_seconds"] == 120.0
     assert_logs_clean(daemon, _blobs(msgs) | {pg_server.password})
 
 

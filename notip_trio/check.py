@@ -1,0 +1,530 @@
+"""`notip-trio check`: the preflight (SPEC.md Behaviour 11).
+
+`__main__` loads the settings exactly as for the daemon (a bad one: exit 2
+there) and hands them to `run_check`, which checks every dependency the daemon
+needs, each within its own deadline, and prints one line per check::
+
+    ok     <check>: <detail>
+    FAILED <check>: <reason> (hint: <what to do>)
+    info   <check>: <detail>                 worth knowing, never a failure
+    skip   <check>: not checked (<why>)      it needs a check that failed
+
+It changes nothing: no migration, no stream or consumer created, and the
+database session is read-only. Returns 0 when nothing FAILED, 1 otherwise.
+
+The NATS checks connect exactly as the daemon does (`NatsBridge.connect`) but
+give up at the first TLS or authorization error instead of retrying; durables
+are judged by `jetstream.durable_problems`, as at start-up; the management API
+is asked through `MgmtClient`, one attempt. The database facts are gathered in
+one worker thread (`db_facts`) and judged by pure functions.
+"""
+
+from __future__ import annotations
+
+# trio_asyncio must be imported before psycopg (NOTES.md).
+import trio_asyncio  # isort: split
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TextIO
+
+import nats.errors
+import psycopg
+import trio
+
+from .app import decommission_spec, telemetry_spec
+from .config import Settings
+from .jetstream import NatsBridge, PullSpec, StartupError, durable_problems
+from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient, MgmtError
+from .storage import COLUMNS, INDEXES, TABLES
+from .wire import STREAMS
+
+Status = Literal["ok", "FAILED", "info", "skip"]
+
+STEP_TIMEOUT_S: Final = 5.0  # one JetStream info call, one management-API request
+DB_CONNECT_TIMEOUT_S: Final = 10  # libpq connect_timeout (whole seconds)
+DB_QUERY_TIMEOUT_S: Final = 10.0  # every query of the schema inspection together
+#: A subject each stream must capture: what the platform publishes, or the daemon does.
+SAMPLE_SUBJECTS: Final = {
+    "TELEMETRY": "telemetry.data.tenant.gateway",
+    "ALERTS": "alert.tenant.gw_offline",
+    "DECOMMISSION": "gateway.decommissioned.tenant.gateway",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    status: Status
+    check: str
+    detail: str
+    hint: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status:<6} {self.check}: {self.detail}"
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+Emit = Callable[[Result], None]
+
+
+def run_check(settings: Settings, out: TextIO | None = None) -> int:
+    """Run every check, print one line each to `out` (stdout); return the exit code."""
+    stream = out if out is not None else sys.stdout
+    failed = False
+
+    def emit(result: Result) -> None:
+        nonlocal failed
+        failed = failed or result.status == "FAILED"
+        print(result.line(), file=stream, flush=True)
+
+    with _quiet_logs():
+        trio.run(check_all, settings, emit)
+    return 1 if failed else 0
+
+
+@contextmanager
+def _quiet_logs() -> Iterator[None]:
+    # The lines are the report; the daemon's warnings (nats_error, ...) would only
+    # repeat them, and unconfigured logging would print them without context.
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+async def check_all(settings: Settings, emit: Emit) -> None:
+    emit(
+        Result(
+            "ok",
+            "configuration",
+            f"loaded (NATS {settings.nats_url}, PostgreSQL {settings.db_host}:"
+            f"{settings.db_port}/{settings.db_name} as {settings.db_user})",
+        )
+    )
+    async with trio_asyncio.open_loop():
+        await check_nats(settings, emit)
+    await check_database(settings, emit)
+
+
+# --- NATS --------------------------------------------------------------------
+
+
+async def check_nats(settings: Settings, emit: Emit) -> None:
+    specs = (telemetry_spec(settings), decommission_spec())
+    try:
+        with trio.fail_after(settings.nats_connect_timeout_s + 2):
+            bridge = await NatsBridge.connect(
+                settings.nats_url,
+                ca=str(settings.nats_tls_ca),
+                cert=str(settings.nats_tls_cert),
+                key=str(settings.nats_tls_key),
+                connect_timeout_s=settings.nats_connect_timeout_s,
+                name="notip-trio-check",
+                retry=False,
+            )
+    except (StartupError, trio.TooSlowError) as exc:
+        reason = str(exc).removeprefix("NATS: ") or "no connection"
+        emit(Result("FAILED", "nats", reason, nats_hint(reason)))
+        why = "no NATS connection"
+        for name in STREAMS:
+            emit(Result("skip", f"stream {name}", f"not checked ({why})"))
+        for spec in specs:
+            emit(Result("skip", _durable_check(spec), f"not checked ({why})"))
+        emit(Result("skip", "management API", f"not checked ({why})"))
+        return
+    try:
+        v = bridge.nc.connected_server_version
+        emit(
+            Result(
+                "ok",
+                "nats",
+                f"connected to {settings.nats_url} with {settings.nats_tls_cert} "
+                f"(nats-server {v.major}.{v.minor}.{v.patch})",
+            )
+        )
+        subjects = {name: await _check_stream(bridge, name, emit) for name in STREAMS}
+        for spec in specs:
+            await _check_durable(bridge, spec, subjects.get(spec.stream), emit)
+        await _check_mgmt(bridge, emit)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(STEP_TIMEOUT_S):
+            await bridge.close()
+
+
+def nats_hint(reason: str) -> str:
+    """What to do about a failed NATS connection, from its reason."""
+    r = reason.lower()
+    if "hostname mismatch" in r or "ip address mismatch" in r:
+        return "NATS_URL's host is not named in the server's certificate"
+    if "certificate verify failed" in r:
+        return "NATS_TLS_CA must be the CA that signed the server's certificate"
+    if "authorization violation" in r:
+        return (
+            "the server trusts the certificate but maps it to no user: add its identity "
+            "(SAN e-mail, SAN DNS or subject DN) to the server's authorization users"
+        )
+    if "alert" in r and ("certificate" in r or "unknown ca" in r):
+        return "the server does not trust NATS_TLS_CERT: it must be issued by the server's CA"
+    if "nats_tls_" in r:
+        return "NATS_TLS_KEY must be the key of NATS_TLS_CERT; all three files PEM"
+    return "check NATS_URL (host, port, tls://) and that nats-server is reachable from here"
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: `*` is one token, a final `>` one or more."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return i == len(want) - 1 and len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(want) == len(got)
+
+
+async def _check_stream(bridge: NatsBridge, name: str, emit: Emit) -> list[str] | None:
+    check = f"stream {name}"
+    try:
+        with trio.fail_after(STEP_TIMEOUT_S):
+            subjects = await bridge.stream_subjects(name)
+    except trio.TooSlowError:
+        emit(Result("FAILED", check, f"no answer within {STEP_TIMEOUT_S:g}s", _JS_HINT))
+        return None
+    except (nats.errors.Error, OSError) as exc:
+        emit(Result("FAILED", check, f"{type(exc).__name__}: {exc}", _JS_HINT))
+        return None
+    if subjects is None:
+        emit(
+            Result(
+                "FAILED",
+                check,
+                "missing",
+                "the platform creates the streams; notip-trio never does",
+            )
+        )
+        return None
+    sample = SAMPLE_SUBJECTS[name]
+    listed = ", ".join(subjects) or "none"
+    if not any(subject_matches(p, sample) for p in subjects):
+        emit(
+            Result(
+                "FAILED",
+                check,
+                f"its subjects ({listed}) do not capture {sample}",
+                "the stream's subjects must follow SPEC.md",
+            )
+        )
+        return subjects
+    emit(Result("ok", check, f"present (subjects {listed})"))
+    return subjects
+
+
+_JS_HINT: Final = "JetStream must be enabled for this client's account"
+
+
+def _durable_check(spec: PullSpec) -> str:
+    return f"durable {spec.durable}"
+
+
+async def _check_durable(
+    bridge: NatsBridge, spec: PullSpec, subjects: list[str] | None, emit: Emit
+) -> None:
+    check = _durable_check(spec)
+    if subjects is None:
+        emit(Result("skip", check, f"not checked (stream {spec.stream} unusable)"))
+        return
+    try:
+        with trio.fail_after(STEP_TIMEOUT_S):
+            cfg = await bridge.durable_config(spec.stream, spec.durable)
+    except trio.TooSlowError:
+        emit(Result("FAILED", check, f"no answer within {STEP_TIMEOUT_S:g}s", _JS_HINT))
+        return
+    except (nats.errors.Error, OSError) as exc:
+        emit(Result("FAILED", check, f"{type(exc).__name__}: {exc}", _JS_HINT))
+        return
+    if cfg is None:
+        emit(
+            Result(
+                "info",
+                check,
+                f"absent on {spec.stream}; the daemon creates it at start (pull, explicit ack)",
+            )
+        )
+        return
+    problems = durable_problems(
+        cfg,
+        subjects,
+        stream=spec.stream,
+        durable=spec.durable,
+        max_ack_pending=spec.max_ack_pending,
+    )
+    # Refused ones stop the daemon; the redundant filter makes it crawl: both fail here.
+    bad = [p for p in problems if p.refused or p.kind == "filter_redundant"]
+    if bad:
+        emit(
+            Result(
+                "FAILED",
+                check,
+                "; ".join(p.message for p in bad),
+                "recreate it as a pull consumer with explicit ack and no filter, from its "
+                "ack floor (README: Migrating from the Go service)",
+            )
+        )
+        return
+    filt = f"filter {cfg.filter_subject}" if cfg.filter_subject else "no filter"
+    emit(Result("ok", check, f"pull consumer on {spec.stream}, explicit ack, {filt}"))
+    for p in problems:
+        emit(Result("info", check, p.message))
+
+
+async def _check_mgmt(bridge: NatsBridge, emit: Emit) -> None:
+    client = MgmtClient(bridge, attempt_timeout_s=STEP_TIMEOUT_S, retry_delays_s=())
+    try:
+        configs = await client.list_alert_configs()
+    except MgmtError as exc:
+        emit(
+            Result(
+                "FAILED",
+                "management API",
+                str(exc),
+                f"the management service must answer {SUBJECT_LIST_CONFIGS} on this NATS; "
+                "without it there are no alert configs and no status updates",
+            )
+        )
+        return
+    emit(
+        Result(
+            "ok",
+            "management API",
+            f"{SUBJECT_LIST_CONFIGS} answered with {len(configs)} alert config(s)",
+        )
+    )
+
+
+# --- PostgreSQL ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TableFacts:
+    owner: str
+    owned: bool  # the current user has the owner's rights (the migration needs them)
+    writable: bool  # SELECT and INSERT
+    columns: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DbFacts:
+    """What the checks need to know about the database, read in one session."""
+
+    user: str
+    server_version: str
+    ssl: bool
+    schema: str | None  # current_schema(): where the daemon's tables go
+    can_create: bool  # CREATE on that schema
+    tables: dict[str, TableFacts | None] = field(default_factory=dict)
+    indexes: dict[str, bool] = field(default_factory=dict)
+    timescaledb_available: str | None = None  # default_version, None if not available
+    timescaledb_installed: str | None = None
+    preloaded: bool | None = None  # None: this user may not read shared_preload_libraries
+    hypertable: bool = False
+
+
+async def check_database(settings: Settings, emit: Emit) -> None:
+    conninfo = settings.db_conninfo()
+    where = f"{settings.db_host}:{settings.db_port}/{settings.db_name} as {settings.db_user}"
+    try:
+        with trio.fail_after(DB_CONNECT_TIMEOUT_S + DB_QUERY_TIMEOUT_S + 2):
+            facts = await trio.to_thread.run_sync(db_facts, conninfo, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        reason = f"{where}: no answer within {DB_CONNECT_TIMEOUT_S + DB_QUERY_TIMEOUT_S:g}s"
+        emit(Result("FAILED", "postgres", reason, pg_hint(reason)))
+        facts = None
+    except psycopg.Error as exc:
+        reason = f"{where}: {_one_line(str(exc))}"
+        emit(Result("FAILED", "postgres", reason, pg_hint(reason)))
+        facts = None
+    if facts is None:
+        emit(Result("skip", "schema", "not checked (no database connection)"))
+        emit(Result("skip", "timescaledb", "not checked (no database connection)"))
+        return
+    tls = f"TLS on, DB_SSL_MODE={settings.db_ssl_mode}" if facts.ssl else "TLS off"
+    emit(
+        Result("ok", "postgres", f"connected to {where} (PostgreSQL {facts.server_version}, {tls})")
+    )
+    emit(schema_result(facts))
+    emit(timescaledb_result(facts))
+
+
+def pg_hint(reason: str) -> str:
+    """What to do about a failed database connection, from its reason."""
+    r = reason.lower()
+    if "password authentication failed" in r:
+        return "check DB_USER and the password in DB_PASSWORD_FILE"
+    if "database" in r and "does not exist" in r:
+        return "check DB_NAME"
+    if "role" in r and "does not exist" in r:
+        return "check DB_USER"
+    if "does not support ssl" in r:
+        return "the server has no TLS: enable ssl there, or DB_SSL_MODE=disable"
+    if "certificate" in r or "root cert" in r:
+        return (
+            "DB_SSL_ROOT_CERT must be the CA of the server's certificate (verify-full: and "
+            "DB_HOST must be named in it)"
+        )
+    if "pg_hba.conf" in r:
+        return "the server's pg_hba.conf admits no such host, user, database and TLS mode"
+    return "check DB_HOST and DB_PORT and that PostgreSQL is reachable from here"
+
+
+def db_facts(conninfo: str) -> DbFacts:
+    """Blocking (worker thread): connect read-only and gather `DbFacts`."""
+    with psycopg.connect(conninfo, connect_timeout=DB_CONNECT_TIMEOUT_S, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = on")
+        conn.execute(f"SET statement_timeout = '{int(DB_QUERY_TIMEOUT_S * 1000)}ms'")
+
+        def one(query: str, *params: object) -> tuple[Any, ...] | None:
+            return conn.execute(query, params).fetchone()
+
+        row = one(
+            "SELECT current_user, current_setting('server_version'), current_schema(),"
+            " coalesce(has_schema_privilege(current_schema(), 'CREATE'), false)"
+        )
+        assert row is not None
+        user, version, schema, can_create = str(row[0]), str(row[1]), row[2], bool(row[3])
+        tables: dict[str, TableFacts | None] = {}
+        for table in TABLES:
+            info = one(
+                "SELECT pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE'),"
+                # A list of privileges would mean "any of them": ask for each.
+                " has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT'),"
+                " array(SELECT attname::text FROM pg_attribute"
+                "       WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped)"
+                " FROM pg_class c WHERE c.oid = to_regclass(%s)",
+                table,
+            )
+            if info is None:
+                tables[table] = None
+                continue
+            owner, owned, writable, columns = info
+            tables[table] = TableFacts(str(owner), bool(owned), bool(writable), frozenset(columns))
+        indexes = {
+            name: bool((found := one("SELECT to_regclass(%s) IS NOT NULL", name)) and found[0])
+            for name in INDEXES
+        }
+        ext = one(
+            "SELECT default_version, installed_version FROM pg_available_extensions"
+            " WHERE name = 'timescaledb'"
+        )
+        preloaded: bool | None
+        try:
+            spl = one("SELECT current_setting('shared_preload_libraries')")
+            preloaded = spl is not None and "timescaledb" in str(spl[0])
+        except psycopg.errors.InsufficientPrivilege:
+            preloaded = None
+        hypertable = False
+        if ext is not None and ext[1] is not None and tables.get("telemetry") is not None:
+            found = one(
+                "SELECT 1 FROM timescaledb_information.hypertables"
+                " WHERE hypertable_name = 'telemetry'"
+            )
+            hypertable = found is not None
+        return DbFacts(
+            user=user,
+            server_version=version.split()[0],
+            ssl=bool(conn.pgconn.ssl_in_use),
+            schema=None if schema is None else str(schema),
+            can_create=can_create,
+            tables=tables,
+            indexes=indexes,
+            timescaledb_available=None if ext is None else str(ext[0]),
+            timescaledb_installed=None if ext is None or ext[1] is None else str(ext[1]),
+            preloaded=preloaded,
+            hypertable=hypertable,
+        )
+
+
+def schema_result(facts: DbFacts) -> Result:
+    """Whether the daemon's start-up migration can run: it needs CREATE on the
+    schema even when every object exists (CREATE ... IF NOT EXISTS checks the
+    right first) and the owner's rights on existing tables (CREATE INDEX)."""
+    if facts.schema is None:
+        return Result(
+            "FAILED",
+            "schema",
+            f"no schema on the search_path of {facts.user}",
+            f"ALTER ROLE {facts.user} SET search_path = public",
+        )
+    reasons: list[str] = []
+    hints: list[str] = []
+    if not facts.can_create:
+        reasons.append(f"{facts.user} may not CREATE in schema {facts.schema}")
+        hints.append(f"GRANT CREATE ON SCHEMA {facts.schema} TO {facts.user}")
+    for name, table in facts.tables.items():
+        if table is None:
+            continue
+        if not table.owned:
+            reasons.append(f"table {name} belongs to {table.owner}, not {facts.user}")
+            hints.append(
+                f"ALTER TABLE {name} OWNER TO {facts.user} (or GRANT {table.owner} TO {facts.user})"
+            )
+        elif not table.writable:
+            reasons.append(f"{facts.user} may not SELECT and INSERT on {name}")
+            hints.append(f"GRANT SELECT, INSERT ON {name} TO {facts.user}")
+    telemetry = facts.tables.get("telemetry")
+    if telemetry is not None and (lacking := [c for c in COLUMNS if c not in telemetry.columns]):
+        reasons.append(f"table telemetry lacks column(s) {', '.join(lacking)}")
+        hints.append("telemetry must have SPEC.md's columns")
+    if reasons:
+        why = "; ".join(reasons)
+        return Result(
+            "FAILED",
+            "schema",
+            f"the start-up migration would fail: {why}",
+            "; ".join(hints),
+        )
+    missing = [n for n, t in facts.tables.items() if t is None]
+    missing += [n for n, present in facts.indexes.items() if not present]
+    if not missing:
+        return Result(
+            "ok",
+            "schema",
+            f"tables {', '.join(facts.tables)} and indexes {', '.join(facts.indexes)} present "
+            f"in schema {facts.schema}, owned by {facts.user}",
+        )
+    return Result(
+        "ok",
+        "schema",
+        f"{', '.join(missing)} missing; {facts.user} may create them in schema "
+        f"{facts.schema} (the daemon does at start)",
+    )
+
+
+def timescaledb_result(facts: DbFacts) -> Result:
+    """Informational: which storage the daemon will run on."""
+    if facts.timescaledb_available is None:
+        return Result("info", "timescaledb", "not available; telemetry is a plain table")
+    if facts.timescaledb_installed is not None:
+        table = (
+            "telemetry is a hypertable"
+            if facts.hypertable
+            else "telemetry becomes a hypertable at start"
+        )
+        return Result("info", "timescaledb", f"{facts.timescaledb_installed} installed; {table}")
+    preload = {
+        True: "in shared_preload_libraries",
+        False: "NOT in shared_preload_libraries: CREATE EXTENSION fails until it is",
+        None: "shared_preload_libraries not readable by this user",
+    }[facts.preloaded]
+    return Result(
+        "info",
+        "timescaledb",
+        f"{facts.timescaledb_available} available, not installed; the daemon creates the "
+        f"extension at start ({preload})",
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
