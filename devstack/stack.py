@@ -24,14 +24,21 @@ and not the servers directly. State (PKI, nats store, logs, the daemon's
 environment) lives in `--state-dir` (default `.trio-run/`, gitignored);
 PostgreSQL's data lives in a temporary directory removed on exit.
 
-Exit status: 0 after a clean stop; 1 if a part failed or exited by itself;
-2 if nats-server or PostgreSQL is not installed (with what to install).
+One run at a time per state directory: a run holds an exclusive lock on
+`<state-dir>/trio-run.lock` (with its PID in it) from before anything starts
+until everything stopped; a second run on the same directory says which
+process holds it and exits 1 without touching anything.
+
+Exit status: 0 after a clean stop; 1 if a part failed or exited by itself, or
+the state directory or the metrics port is in use by another run; 2 if
+nats-server or PostgreSQL is not installed (with what to install).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -40,7 +47,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -51,6 +58,7 @@ from devstack.env import daemon_env
 from devstack.proc import Child, child_env, exit_status, python_module, run_supervised
 
 _SUPERVISED = "NOTIP_TRIO_STACK_SUPERVISED"
+LOCK_FILE = "trio-run.lock"  # in the state directory; flock'ed for the run's lifetime
 DAEMON_STOP_GRACE_S = 30.0  # the daemon drains (SHUTDOWN_DRAIN_MS, 10 s by default) first
 CHILD_STOP_GRACE_S = 10.0
 READY_TIMEOUT_S = 60.0
@@ -120,10 +128,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="scripts/trio-run",
         description="Run notip-trio with a local nats-server, PostgreSQL, a management-API "
         "stand-in and a gateway simulator. Ctrl-C stops everything.",
+        epilog="One run per state directory: a second run on a directory in use says which "
+        "process holds it and exits 1. Exit status: 0 clean stop; 1 a part failed, or the "
+        "state directory or metrics port is in use; 2 nats-server or PostgreSQL not installed.",
     )
     p.add_argument("--duration", type=float, default=0, help="stop after SECONDS (0: never)")
     p.add_argument("--metrics-port", type=int, default=9090, help="daemon's port (0: any free)")
-    p.add_argument("--state-dir", type=Path, default=Path(".trio-run"), help="default .trio-run")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".trio-run"),
+        help="default .trio-run; locked while a run uses it",
+    )
     p.add_argument("--gateways", type=int, default=40)
     p.add_argument("--tenants", type=int, default=2)
     p.add_argument("--rate", type=float, default=100.0, help="messages per second in all")
@@ -175,6 +191,73 @@ def run_stack(args: argparse.Namespace, signals: _Signals) -> int:
         print(f"trio-run: not installed: {names}", file=sys.stderr)
         print(f"Install with:  apt-get install {packages}", file=sys.stderr)
         return 2
+    state: Path = args.state_dir.resolve()
+    with contextlib.ExitStack() as held:
+        try:  # before anything else touches the directory or starts
+            held.enter_context(state_lock(state))
+        except StateDirInUse as exc:
+            print(f"trio-run: {exc}", file=sys.stderr, flush=True)
+            return 1
+        return _run_locked(args, signals, state)
+
+
+class StateDirInUse(DevstackError):
+    """Another process holds the state directory's lock."""
+
+    def __init__(self, state: Path, pid: int | None) -> None:
+        self.state = state
+        self.pid = pid
+        holder = f"pid {pid}{_command_of(pid)}" if pid is not None else "pid unknown"
+        super().__init__(
+            f"state directory {state} is in use by another run ({holder}); "
+            "stop that one or pass another --state-dir"
+        )
+
+
+@contextlib.contextmanager
+def state_lock(state: Path) -> Iterator[None]:
+    """Hold `state` for one run: an exclusive `flock` on `state/trio-run.lock`, our PID in it.
+
+    Raises StateDirInUse (naming the holder's PID) at once if another process
+    holds it. The kernel drops the lock when this process ends, however it ends
+    (the descriptor is not inherited by children), so a killed run never leaves
+    the directory locked.
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateDirInUse(state, _read_pid(fd)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_pid(fd: int) -> int | None:
+    """The holder's PID, or None if it has not written it yet (or wrote garbage)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip())
+    return None
+
+
+def _command_of(pid: int) -> str:
+    """`: <command line>` of a running process, or "" if it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    command = " ".join(raw.replace(b"\0", b" ").decode(errors="replace").split())  # one line
+    return f": {command[:120]}" if command else ""
+
+
+def _run_locked(args: argparse.Namespace, signals: _Signals, state: Path) -> int:
     metrics_port = args.metrics_port or free_port()
     if not args.no_daemon and port_accepts("127.0.0.1", metrics_port):
         print(
@@ -183,7 +266,6 @@ def run_stack(args: argparse.Namespace, signals: _Signals) -> int:
         )
         return 1
 
-    state: Path = args.state_dir.resolve()
     logs = state / "logs"
     _fresh_state(state)
     t0 = time.monotonic()

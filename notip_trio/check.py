@@ -171,6 +171,12 @@ def nats_hint(reason: str) -> str:
         return "the server does not trust NATS_TLS_CERT: it must be issued by the server's CA"
     if "nats_tls_" in r:
         return "NATS_TLS_KEY must be the key of NATS_TLS_CERT; all three files PEM"
+    if "broken pipe" in r or "connection reset" in r:
+        # TLS 1.3: a refused client certificate often shows as the server hanging up.
+        return (
+            "the server hung up during the TLS handshake: it may not trust NATS_TLS_CERT "
+            "(issued by another CA?)"
+        )
     return "check NATS_URL (host, port, tls://) and that nats-server is reachable from here"
 
 

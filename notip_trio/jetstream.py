@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import ssl
 import uuid
@@ -40,6 +41,10 @@ from .metrics import Metrics
 
 log = get_logger(__name__)
 R = TypeVar("R")
+
+# The server's answer to a request nobody subscribes to: a status-only message.
+_STATUS_HEADER = "Status"
+_NO_RESPONDERS = "503"
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +259,11 @@ class NatsBridge:
     def __init__(self, nc: NatsClient) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        # Request-reply: one wildcard subscription, one future per request in flight.
+        self._reply_prefix: str | None = None
+        self._reply_sub_lock = asyncio.Lock()
+        self._reply_seq = itertools.count()
+        self._replies: dict[str, asyncio.Future[Msg]] = {}
 
     # ---- connection ------------------------------------------------------
 
@@ -426,15 +436,47 @@ class NatsBridge:
     # ---- Requester / AlertPublisher -------------------------------------
 
     async def request(self, subject: str, payload: bytes) -> bytes:
+        """One request on the bridge's own reply subscription; no timer of its own.
+
+        nats-py's `nc.request` waits with `asyncio.wait_for`, whose timer handle
+        trio-asyncio keeps in its heap until it is due even when cancelled: with a
+        long backstop every request held a handle (and a copied context) for that
+        long. Here the wait is a bare future; the caller's Trio scope is the only
+        deadline, and the future leaves the table when the call ends either way.
+        """
+
         async def _request() -> bytes:
-            # The caller bounds the wait with a Trio scope; this is only a backstop.
-            msg = await self.nc.request(subject, payload, timeout=3600)
+            inbox = await self._reply_inbox()
+            reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+            self._replies[inbox] = reply
+            try:
+                await self.nc.publish(subject, payload, reply=inbox)
+                msg = await reply
+            finally:
+                del self._replies[inbox]
+            if msg.headers and msg.headers.get(_STATUS_HEADER) == _NO_RESPONDERS:
+                raise nats.errors.NoRespondersError
             return bytes(msg.data)
 
         try:
             return await _aio(_request)()
         except (nats.errors.Error, OSError) as exc:
             raise NatsRequestError(f"{subject}: {type(exc).__name__}: {exc}") from None
+
+    async def _reply_inbox(self) -> str:
+        """A fresh reply subject under the one wildcard reply subscription (asyncio side)."""
+        async with self._reply_sub_lock:
+            if self._reply_prefix is None:
+                prefix = self.nc.new_inbox()
+                await self.nc.subscribe(prefix + ".*", cb=self._on_reply)
+                self._reply_prefix = prefix
+        return f"{self._reply_prefix}.{next(self._reply_seq)}"
+
+    async def _on_reply(self, msg: Msg) -> None:
+        # A reply for a request that already ended (cancelled) finds no future: dropped.
+        reply = self._replies.get(msg.subject)
+        if reply is not None and not reply.done():
+            reply.set_result(msg)
 
     async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
         async def _publish() -> None:

@@ -14,6 +14,7 @@ a temporary staging table, so a redelivered message never makes a second row.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -299,9 +300,12 @@ class Storage:
     def _migrate_locked(self, conn: psycopg.Connection[tuple[object, ...]]) -> SchemaInfo:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
+            # Before any DDL: with an unpreloaded extension, DDL alone ends the connection.
+            hypertable = decide_timescaledb(conn) is TimescalePlan.HYPERTABLE
             conn.execute(_SCHEMA)
             conn.execute(livestate.SCHEMA)
-            hypertable = _maybe_hypertable(conn)
+            if hypertable:
+                _make_hypertable(conn)
             conn.execute(_INDEX)
             removed, conflicts = 0, 0
             try:
@@ -334,16 +338,121 @@ class Storage:
 def _configure(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     # Bound how long a write in a worker thread can block (threads can't be cancelled).
     conn.execute("SET statement_timeout = '60s'")
-    conn.execute(_STAGE)
+    # An unpreloaded timescaledb extension in the database turns any DDL (its event
+    # triggers) into a lost connection: leave the staging table out, so the pool
+    # opens and migrate() stops with one clear line instead.
+    if timescaledb_plan(probe_timescaledb(conn)) is not TimescalePlan.STOP_NOT_PRELOADED:
+        conn.execute(_STAGE)
     conn.commit()
 
 
-def _maybe_hypertable(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
-    available = conn.execute(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
-    ).fetchone()
-    if not available:
-        return False
+# ---- TimescaleDB: use it only where it can work -------------------------------
+#
+# With the timescaledb package installed but not in `shared_preload_libraries`,
+# `CREATE EXTENSION timescaledb` (and any later use of an existing extension) ends
+# the connection with a FATAL ("extension must be preloaded"): the client sees only
+# "the connection is lost". So look first, then decide (`timescaledb_plan`).
+
+PRELOAD_SETTING: Final = "shared_preload_libraries = 'timescaledb'"
+
+# `shared_preload_libraries` is readable only by superusers and pg_read_all_settings,
+# which the application role usually is not. The TimescaleDB loader, once preloaded,
+# defines `timescaledb.disable_load` in every backend: that any role can see.
+_TIMESCALEDB_PROBE: Final = """
+SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
+       EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'),
+       current_setting('timescaledb.disable_load', true) IS NOT NULL,
+       CASE WHEN pg_has_role('pg_read_all_settings', 'USAGE')
+            THEN current_setting('shared_preload_libraries') END
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TimescaleProbe:
+    """What the server says about TimescaleDB, before anything touches it."""
+
+    available: bool  # the package is installed (pg_available_extensions)
+    created: bool  # CREATE EXTENSION already ran in this database
+    loader_running: bool  # the preloaded loader defined timescaledb.disable_load
+    preload: str | None  # shared_preload_libraries, if this role may read it
+
+
+class TimescalePlan(enum.Enum):
+    HYPERTABLE = "timescaledb hypertable"
+    PLAIN = "plain PostgreSQL"  # no TimescaleDB on the server
+    PLAIN_NOT_PRELOADED = "plain PostgreSQL, timescaledb not preloaded"  # warn, run
+    STOP_NOT_PRELOADED = "timescaledb created but not preloaded"  # cannot run
+
+
+def preloads_timescaledb(preload: str) -> bool:
+    """True if a `shared_preload_libraries` value lists the timescaledb loader.
+
+    Entries are comma-separated, may be quoted and may be paths
+    (`'$libdir/timescaledb'`) or carry the library suffix.
+    """
+    for entry in preload.split(","):
+        name = entry.strip().strip('"').rsplit("/", 1)[-1]
+        name = name.removesuffix(".so").removesuffix(".dll").removesuffix(".dylib")
+        if name == "timescaledb":
+            return True
+    return False
+
+
+def timescaledb_plan(probe: TimescaleProbe) -> TimescalePlan:
+    """Hypertable only where TimescaleDB is installed *and* preloaded.
+
+    Installed but not preloaded: plain PostgreSQL (the table works the same, only
+    without chunks); the caller warns with the setting to add. An extension that
+    already exists in the database but is not preloaded cannot be run around: every
+    use of it (its DDL event triggers included) ends the connection, so stop.
+    """
+    preloaded = probe.loader_running or (
+        probe.preload is not None and preloads_timescaledb(probe.preload)
+    )
+    if preloaded and (probe.available or probe.created):
+        return TimescalePlan.HYPERTABLE
+    if probe.created:
+        return TimescalePlan.STOP_NOT_PRELOADED
+    if probe.available:
+        return TimescalePlan.PLAIN_NOT_PRELOADED
+    return TimescalePlan.PLAIN
+
+
+def probe_timescaledb(conn: psycopg.Connection[tuple[object, ...]]) -> TimescaleProbe:
+    row = conn.execute(_TIMESCALEDB_PROBE).fetchone()
+    assert row is not None  # a SELECT without FROM always returns its row
+    available, created, loader_running, preload = row
+    return TimescaleProbe(
+        available=bool(available),
+        created=bool(created),
+        loader_running=bool(loader_running),
+        preload=None if preload is None else str(preload),
+    )
+
+
+def decide_timescaledb(conn: psycopg.Connection[tuple[object, ...]]) -> TimescalePlan:
+    """Probe and decide; warn or raise for the two not-preloaded cases."""
+    plan = timescaledb_plan(probe_timescaledb(conn))
+    if plan is TimescalePlan.PLAIN_NOT_PRELOADED:
+        log.warning(
+            "timescaledb_not_preloaded",
+            storage=TimescalePlan.PLAIN.value,
+            detail=(
+                "the timescaledb extension is installed but the server does not preload it, "
+                f"so telemetry stays a plain table; add {PRELOAD_SETTING} to postgresql.conf "
+                "and restart PostgreSQL to get a hypertable at the next start (README: TimescaleDB)"
+            ),
+        )
+    elif plan is TimescalePlan.STOP_NOT_PRELOADED:
+        raise DatabaseError(
+            "the timescaledb extension exists in this database but the server does not "
+            f"preload it, so any use of it ends the connection: add {PRELOAD_SETTING} "
+            "to postgresql.conf and restart PostgreSQL"
+        )
+    return plan
+
+
+def _make_hypertable(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     conn.execute(
         sql.SQL(
@@ -351,4 +460,3 @@ def _maybe_hypertable(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
             " if_not_exists => TRUE, migrate_data => TRUE)"
         )
     )
-    return True

@@ -41,6 +41,7 @@ from devstack.mgmt_standin import spawn_standin
 from devstack.natsd import NatsServer
 from devstack.proc import PROJECT_ROOT, child_env
 from notip_trio.config import load_settings
+from notip_trio.storage import TimescalePlan, probe_timescaledb, timescaledb_plan
 
 from ._daemon import assert_logs_clean, spawn_daemon
 from ._spec import REQUIRED_VARIABLES
@@ -129,6 +130,7 @@ async def test_signal_to_an_idle_daemon_exits_0_within_5_s(
     sig, private_nats_server, pg_server, pg_database, tmp_path
 ):
     env = daemon_env(private_nats_server, pg_server, pg_database.name)
+    plan = _timescaledb_plan(pg_database.conninfo)  # before the daemon's migration
     with trio.fail_after(120), spawn_daemon(env, tmp_path / "daemon.log") as daemon:
         await daemon.wait_ready()
         daemon.signal(sig)
@@ -137,10 +139,25 @@ async def test_signal_to_an_idle_daemon_exits_0_within_5_s(
     assert code == 0, daemon.tail()
     assert seconds < IDLE_EXIT_LIMIT_S
     logs = daemon.json_logs()
+    _assert_storage_reported(logs, plan)
     assert any(e["event"] == "signal_received" and e["signal"] == sig.name for e in logs)
     assert logs[-1]["event"] == "stopped"
     assert [e for e in logs if e["level"] == "error"] == []
     assert_logs_clean(daemon, {pg_server.password})
+
+
+def _timescaledb_plan(conninfo: str) -> TimescalePlan:
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        return timescaledb_plan(probe_timescaledb(conn))
+
+
+def _assert_storage_reported(logs: list[dict[str, Any]], plan: TimescalePlan) -> None:
+    """The migration ran and the log says what the server allowed (either is fine)."""
+    [ready] = [e for e in logs if e["event"] == "database_ready"]
+    hypertable = plan is TimescalePlan.HYPERTABLE
+    assert ready["storage"] == ("timescaledb hypertable" if hypertable else "plain PostgreSQL")
+    warned = [e for e in logs if e["event"] == "timescaledb_not_preloaded"]
+    assert len(warned) == (1 if plan is TimescalePlan.PLAIN_NOT_PRELOADED else 0)
 
 
 # --- 3. a missing stream ---------------------------------------------------------

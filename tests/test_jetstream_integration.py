@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import trio
@@ -11,7 +14,16 @@ import trio_asyncio
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from devstack import js as _js
-from notip_trio.jetstream import JsMsg, NatsBridge, PullSpec, StartupError, tls_context
+from devstack.mgmt_standin import MgmtStandin
+from notip_trio.jetstream import (
+    JsMsg,
+    NatsBridge,
+    NatsRequestError,
+    PullSpec,
+    StartupError,
+    tls_context,
+)
+from notip_trio.mgmt import MgmtClient
 
 
 async def _bridge(server) -> NatsBridge:
@@ -141,3 +153,67 @@ def test_tls_files_that_do_not_fit_are_named(pki) -> None:
         tls_context(str(a.ca), str(a.cert), str(b.key))
     with pytest.raises(StartupError, match="NATS_TLS_CA"):
         tls_context(str(a.key), str(a.cert), str(a.key))
+
+
+async def _scheduled_timers(loop: trio_asyncio.TrioEventLoop) -> int:
+    """Timers the trio-asyncio loop holds: every `call_later`/`call_at` handle stays
+    in its heap `_timers` until it is due, cancelled or not (trio-asyncio 0.16 drops
+    cancelled ones only when they come up). A no-op through the loop first moves
+    handles still in its queue into the heap."""
+    await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
+    return len(loop._timers)
+
+
+async def test_requests_leave_no_timers_behind_in_the_loop(
+    nats_server: Any, aio_loop: trio_asyncio.TrioEventLoop
+) -> None:
+    """Issue 15: each management request used to leave an hour-long timer in the loop."""
+    with trio.fail_after(60):
+        bridge = await _bridge(nats_server)
+        standin = MgmtStandin()
+        mgmt_nc = await trio_asyncio.aio_as_trio(nats_server.connect)("mgmt-api")
+
+        async def silent(msg: Any) -> None:  # takes requests, never answers
+            pass
+
+        await trio_asyncio.aio_as_trio(standin.start)(mgmt_nc)
+        await trio_asyncio.aio_as_trio(mgmt_nc.subscribe)("test.silent", cb=silent)
+        await trio_asyncio.aio_as_trio(mgmt_nc.flush)()
+        try:
+            mgmt = MgmtClient(bridge)  # 5 s per attempt, as in the daemon
+            assert await mgmt.get_status("t", "warm-up") == "online"
+            before = await _scheduled_timers(aio_loop)
+
+            # 500 answered requests: get-status and update-status, as at an outage.
+            now = datetime.now(UTC)
+            for i in range(250):
+                assert await mgmt.get_status("t", f"g{i}") == "online"
+                await mgmt.update_status(f"g{i}", "offline", now)
+            assert len(standin.updates) == 250
+            after_answered = await _scheduled_timers(aio_loop)
+
+            # 50 attempts that end by the caller's deadline (no reply comes).
+            for _ in range(50):
+                with trio.move_on_after(0.01) as scope:
+                    await bridge.request("test.silent", b"")
+                assert scope.cancelled_caught
+            after_cancelled = await _scheduled_timers(aio_loop)
+
+            # No responders is still an error, and leaves nothing either.
+            with pytest.raises(NatsRequestError, match="NoResponders"):
+                await bridge.request("test.nobody.listens", b"")
+            after_no_responders = await _scheduled_timers(aio_loop)
+
+            # Flat: not one more timer per request (it was +500, then +50, then +1).
+            print(
+                f"loop timers: before={before} after 500 answered={after_answered} "
+                f"after 50 cancelled={after_cancelled} after no-responders={after_no_responders}"
+            )
+            assert after_answered <= before + 2
+            assert after_cancelled <= before + 2
+            assert after_no_responders <= before + 2
+            assert not bridge._replies  # no request's future is kept either
+        finally:
+            await trio_asyncio.aio_as_trio(standin.stop)()
+            await trio_asyncio.aio_as_trio(mgmt_nc.close)()
+            await bridge.close()

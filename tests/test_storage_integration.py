@@ -8,9 +8,17 @@ import datetime as dt
 import psycopg
 import pytest
 import trio
+from psycopg.conninfo import make_conninfo
 
 from notip_trio.envelope import Row
-from notip_trio.storage import RejectedRecord, Storage
+from notip_trio.storage import (
+    RejectedRecord,
+    Storage,
+    TimescalePlan,
+    preloads_timescaledb,
+    probe_timescaledb,
+    timescaledb_plan,
+)
 
 T0 = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 GO_SCHEMA = """
@@ -46,21 +54,27 @@ def _is_hypertable(conninfo: str) -> bool:
         return found is not None
 
 
+def _plan(conninfo: str) -> TimescalePlan:
+    with psycopg.connect(conninfo) as conn:
+        return timescaledb_plan(probe_timescaledb(conn))
+
+
 async def _storage(conninfo: str) -> Storage:
     storage = Storage.create(conninfo, min_size=1, max_size=2)
     await storage.open(timeout_s=10)
     return storage
 
 
-async def test_fresh_database_migrates_idempotently_and_dedups(pg_server, pg_database) -> None:
+async def test_fresh_database_migrates_idempotently_and_dedups(pg_database) -> None:
+    plan = _plan(pg_database.conninfo)
     storage = await _storage(pg_database.conninfo)
     try:
         first = await storage.migrate()
         second = await storage.migrate()
         assert first == second
         assert first.dedup_index
-        # A hypertable exactly where the extension exists; plain PostgreSQL elsewhere.
-        assert first.hypertable == pg_server.timescaledb_available
+        # Either storage is fine; the one the server allows is the one we get.
+        assert first.hypertable == (plan is TimescalePlan.HYPERTABLE)
         assert _is_hypertable(pg_database.conninfo) == first.hypertable
         rows = [_row(i) for i in range(300)]
         result = await storage.write_batch(rows[:200], [])
@@ -143,7 +157,31 @@ async def test_go_filled_table_with_differing_rows_under_one_key_keeps_them(
     )
 
 
+def test_timescaledb_probe_sees_what_the_server_has(pg_server, pg_database) -> None:
+    """The probe on a real server, as the application role and as the admin role."""
+    with psycopg.connect(pg_database.conninfo) as conn:
+        app = probe_timescaledb(conn)
+    with psycopg.connect(make_conninfo(pg_server.admin_conninfo, dbname=pg_database.name)) as conn:
+        admin = probe_timescaledb(conn)
+    assert app.available == admin.available == pg_server.timescaledb_available
+    assert not app.created  # a fresh database
+    assert app.loader_running == admin.loader_running
+    # The role that may read shared_preload_libraries agrees with the loader's setting.
+    if admin.preload is not None:
+        assert preloads_timescaledb(admin.preload) == admin.loader_running
+    if pg_server.can_restart:
+        # Our own cluster (devstack): the application role is no superuser, so it
+        # cannot read shared_preload_libraries; the admin role can; and timescaledb
+        # is preloaded exactly when it is installed. Either way it never has to stop.
+        assert app.preload is None
+        assert admin.preload is not None
+        assert app.loader_running == app.available
+        expected = TimescalePlan.HYPERTABLE if app.available else TimescalePlan.PLAIN
+        assert timescaledb_plan(app) is expected
+
+
 async def test_hypertable_when_timescaledb_is_available(timescaledb_database) -> None:
+    assert _plan(timescaledb_database.conninfo) is TimescalePlan.HYPERTABLE
     storage = await _storage(timescaledb_database.conninfo)
     try:
         info = await storage.migrate()

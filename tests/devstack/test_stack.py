@@ -46,6 +46,71 @@ def test_missing_servers_says_what_to_install(
     assert not (tmp_path / "state").exists()  # nothing started, nothing made
 
 
+def test_state_lock_admits_one_holder_and_names_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with stack.state_lock(state):
+        assert (state / stack.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        # flock excludes a second open of the file, even in the same process
+        with pytest.raises(stack.StateDirInUse) as info, stack.state_lock(state):
+            pass
+        assert info.value.pid == os.getpid()
+        message = str(info.value)
+        assert f"pid {os.getpid()}" in message
+        assert str(state) in message
+        assert "\n" not in message
+    with stack.state_lock(state):  # released on exit
+        pass
+    assert (state / stack.LOCK_FILE).read_text() == ""
+
+
+_HOLD_LOCK = """
+import sys
+from pathlib import Path
+from devstack import stack
+with stack.state_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_on_a_held_state_dir_exits_1_naming_the_holder(tmp_path: Path) -> None:
+    """Issue 15: two trio-runs on one directory; the second must not touch the first's."""
+    if stack.missing_servers():
+        pytest.skip(f"not installed: {stack.missing_servers()}")  # checked before the lock
+    state = tmp_path / "state"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(state)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        (state / "logs").mkdir()
+        (state / "logs" / "first-run.log").write_text("the first run's\n")
+        second = subprocess.run(
+            [sys.executable, "-m", "devstack.stack", "--state-dir", str(state),
+             "--metrics-port", "0", "--duration", "1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1, f"{second.stdout}\n{second.stderr}"
+        [line] = second.stderr.splitlines()
+        assert line.startswith(f"trio-run: state directory {state} is in use")
+        assert f"pid {holder.pid}: " in line  # with the holder's command line
+        assert "--state-dir" in line
+        assert second.stdout == ""  # nothing started
+        assert sorted(p.name for p in state.iterdir()) == ["logs", stack.LOCK_FILE]
+        assert (state / "logs" / "first-run.log").read_text() == "the first run's\n"
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own runs
+        holder.wait(timeout=10)
+    # The kernel dropped the dead holder's lock: the next run may have the directory.
+    with stack.state_lock(state):
+        pass
+
+
 def test_only_the_missing_package_is_named(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
