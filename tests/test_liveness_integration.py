@@ -13,13 +13,10 @@ deadline; every test has an absolute hang guard. Nothing asserts on speed.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import random
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,82 +26,18 @@ import trio_asyncio
 from devstack import js as _js
 from devstack import simulator
 from devstack.env import daemon_env
-from devstack.mgmt_standin import spawn_standin
 from devstack.natsd import NatsServer
 from notip_trio.config import Settings
 from notip_trio.jetstream import NatsBridge
 from notip_trio.metrics import Metrics
-from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_UPDATE_STATUS
 from notip_trio.wire import format_rfc3339, offline_alert_msg_id
 
 from ._inprocess import daemon_settings, until
 from ._inprocess import running_daemon as _running_daemon
+from ._standin import running_standin
 
 Key = tuple[str, str]
 STANDIN_READY_S = 30.0
-
-
-# --- the management-API stand-in, as a subprocess ----------------------------
-
-
-@dataclass(frozen=True)
-class Standin:
-    """What the stand-in process received, read back from its record file."""
-
-    record: Path
-
-    def requests(self, subject: str) -> list[dict[str, Any]]:
-        try:
-            text = self.record.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        # The last piece may be a line still being written: only whole lines count.
-        entries = [json.loads(line) for line in text.split("\n")[:-1]]
-        return [e["request"] for e in entries if e["subject"] == subject]
-
-    def updates(self, gateway_id: str | None = None) -> list[tuple[str, str, str]]:
-        """(gateway_id, status, last_seen_at) of each update-status, in arrival order."""
-        return [
-            (u["gateway_id"], u["status"], u["last_seen_at"])
-            for u in self.requests(SUBJECT_UPDATE_STATUS)
-            if gateway_id is None or u["gateway_id"] == gateway_id
-        ]
-
-    def statuses(self, gateway_id: str) -> list[str]:
-        return [status for _, status, _ in self.updates(gateway_id)]
-
-    def status_queries(self, gateway_id: str) -> int:
-        return sum(r["gateway_id"] == gateway_id for r in self.requests(SUBJECT_GET_STATUS))
-
-
-@asynccontextmanager
-async def running_standin(
-    server: NatsServer,
-    workdir: Path,
-    *,
-    configs: list[dict[str, Any]] | None = None,
-    paused: Iterable[Key] = (),
-    invalid_status: Iterable[Key] = (),
-) -> AsyncIterator[Standin]:
-    """The stand-in as its own process ("mgmt-api") until the block ends."""
-    standin = Standin(workdir / "mgmt-requests.jsonl")
-    child = await trio.to_thread.run_sync(
-        functools.partial(
-            spawn_standin,
-            server,
-            workdir / "mgmt-standin.log",
-            configs=configs or [],
-            paused=paused,
-            invalid_status=invalid_status,
-            record=standin.record,
-            timeout_s=STANDIN_READY_S,
-        )
-    )
-    try:
-        yield standin
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(child.stop, 5.0)
 
 
 # --- the daemon ---------------------------------------------------------------

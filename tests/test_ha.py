@@ -1,0 +1,260 @@
+"""Liveness across restarts and replicas (SPEC.md Behaviour 8, 9), as real processes.
+
+Rules: a fresh nats-server and database per test; the daemon runs as its own
+process (`python -m notip_trio`) so it can be SIGKILLed; the management API is
+the stand-in process, which records every request; gateways publish from a
+thread every 0.25 s. The daemons run on the real clock with 250 ms ticks and a
+2 s timeout. Every wait polls real state with a deadline; each test has an
+absolute hang guard. Nothing asserts on speed: the takeover time is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import trio
+
+from devstack import js as _js
+from devstack import simulator
+from devstack.env import daemon_env
+from devstack.natsd import NatsServer
+from devstack.postgres import PgDatabase, PgServer
+
+from ._daemon import DaemonProcess, spawn_daemon
+from ._inprocess import until
+from ._standin import running_standin
+
+TENANT = "t1"
+TIMEOUT_MS = 2000
+DURABLE = "data-consumer-telemetry"
+
+
+class Gateways:
+    """Gateways publishing every `period_s` from a thread until `stop()`; `silence(g)`
+    stops one. `last[g]` is the wall time of its last publish, `sent` the total."""
+
+    def __init__(self, server: NatsServer, names: list[str], period_s: float = 0.25) -> None:
+        self.server = server
+        self.active = set(names)
+        self.period_s = period_s
+        self.last: dict[str, dt.datetime] = {}
+        self.sent = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def silence(self, name: str) -> dt.datetime:
+        """Stop `name`; returns the wall time of its last message."""
+        with self._lock:
+            self.active.discard(name)
+            return self.last[name]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+
+        async def fn(nc: Any) -> None:
+            while not self._stop.is_set():
+                with self._lock:
+                    for name in sorted(self.active):
+                        now = dt.datetime.now(dt.UTC)
+                        body = simulator.make_envelope(name, f"{name}-s1", "humidity", now, rng=rng)
+                        await nc.publish(simulator.subject_for(TENANT, name), body)
+                        self.last[name] = now
+                        self.sent += 1
+                await nc.flush()
+                await asyncio.sleep(self.period_s)
+
+        _js.run_nats(self.server, fn, "gateway-sim", timeout_s=600)
+
+
+def _env(nats: NatsServer, pg: PgServer, db: PgDatabase) -> dict[str, str]:
+    return daemon_env(
+        nats,
+        pg,
+        db.name,
+        HEARTBEAT_TICK_MS="250",
+        HEARTBEAT_GRACE_PERIOD_MS="0",
+        # Long, so a test whose alert config was not applied fails instead of passing.
+        ALERT_CONFIG_DEFAULT_TIMEOUT_MS="600000",
+        ALERT_CONFIG_REFRESH_MS="600000",
+        SHUTDOWN_DRAIN_MS="5000",
+    )
+
+
+def _alerted(server: NatsServer) -> list[str]:
+    return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(server, "ALERTS"))
+
+
+def _scalar(conninfo: str, sql: str) -> int:
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        row = conn.execute(sql).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _metric(daemon: DaemonProcess, name: str) -> float:
+    status, body = daemon.get("/metrics")
+    assert status == 200
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+async def _kill(daemon: DaemonProcess) -> None:
+    daemon.signal(signal.SIGKILL)
+    code, _ = await daemon.wait_exit(10)
+    assert code == -signal.SIGKILL
+
+
+async def test_restart_alerts_the_gateway_that_fell_silent_around_a_sigkill(
+    private_nats_server, pg_server, pg_database, tmp_path: Path
+) -> None:
+    nats = private_nats_server
+    env = _env(nats, pg_server, pg_database)
+    configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]
+    gateways = Gateways(nats, ["A", "B", "C"])
+    with trio.fail_after(180):
+        async with running_standin(nats, tmp_path, configs=configs) as standin:
+            gateways.start()
+            try:
+                with spawn_daemon(env, tmp_path / "first.log") as first:
+                    await first.wait_ready()
+                    await until(
+                        lambda: all(standin.statuses(g) == ["online"] for g in "ABC"),
+                        30,
+                        "A, B and C online",
+                    )
+                    gateways.silence("B")
+                    await until(lambda: "offline" in standin.statuses("B"), 30, "B offline")
+                    a_last = gateways.silence("A")
+                    await trio.sleep(0.5)  # A falls silent 0.5 s before the kill
+                    await _kill(first)
+                await trio.sleep(1.5)  # down 1.5 s while C keeps sending
+                with spawn_daemon(env, tmp_path / "second.log") as second:
+                    await second.wait_ready()
+                    await until(lambda: "offline" in standin.statuses("A"), 30, "A offline")
+                    await trio.sleep(3)  # a repeated alert or update would come now
+                    second.signal(signal.SIGTERM)
+                    code, _ = await second.wait_exit(30)
+                    assert code == 0, second.tail()
+            finally:
+                await trio.to_thread.run_sync(gateways.stop)
+        alerts = await trio.to_thread.run_sync(_js.stream_messages, nats, "ALERTS")
+
+    # A alerted exactly once (by the new process), B not again, C never.
+    assert sorted(body["gatewayId"] for _, body, _ in alerts) == ["A", "B"]
+    (a_alert,) = [body for _, body, _ in alerts if body["gatewayId"] == "A"]
+    last_seen = dt.datetime.fromisoformat(a_alert["lastSeen"])
+    assert abs((last_seen - a_last).total_seconds()) <= 1.0, (last_seen, a_last)
+    # One online each, one offline each for A and B, nothing repeated.
+    assert standin.statuses("A") == ["online", "offline"]
+    assert standin.statuses("B") == ["online", "offline"]
+    assert standin.statuses("C") == ["online"]
+    logs = [e["event"] for e in second.json_logs()]
+    assert "liveness_leader_acquired" in logs
+    assert "liveness_state_loaded" in logs
+
+
+async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
+    private_nats_server, pg_server, pg_database, tmp_path: Path
+) -> None:
+    nats = private_nats_server
+
+    async def short_ack_wait(nc: Any) -> None:
+        # So the killed replica's unacked deliveries come back within seconds.
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        await nc.jetstream().add_consumer(
+            "TELEMETRY",
+            config=ConsumerConfig(
+                durable_name=DURABLE,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=3.0,
+                max_ack_pending=20_000,
+                max_waiting=512,
+            ),
+        )
+
+    await trio.to_thread.run_sync(_js.run_nats, nats, short_ack_wait)
+    names = [f"g{i:02d}" for i in range(24)]
+    gateways = Gateways(nats, names)
+    configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]
+    conninfo = pg_database.conninfo
+    with trio.fail_after(240):
+        async with running_standin(nats, tmp_path, configs=configs) as standin:
+            gateways.start()
+            try:
+                with (
+                    spawn_daemon(_env(nats, pg_server, pg_database), tmp_path / "r1.log") as r1,
+                    spawn_daemon(_env(nats, pg_server, pg_database), tmp_path / "r2.log") as r2,
+                ):
+                    await r1.wait_ready()
+                    await r2.wait_ready()
+                    await until(
+                        lambda: all(standin.statuses(g) == ["online"] for g in names),
+                        30,
+                        "every gateway online",
+                    )
+                    await trio.sleep(2)  # both replicas ingest
+                    leaders = [
+                        await trio.to_thread.run_sync(_metric, r, "notip_consumer_liveness_leader")
+                        for r in (r1, r2)
+                    ]
+                    assert sorted(leaders) == [0.0, 1.0]
+                    leader, survivor = (r1, r2) if leaders[0] == 1.0 else (r2, r1)
+
+                    gateways.silence("g00")
+                    await until(lambda: "offline" in standin.statuses("g00"), 30, "g00 offline")
+                    await _kill(leader)
+                    killed_at = time.monotonic()
+                    g01_last = gateways.silence("g01")
+                    await until(lambda: "offline" in standin.statuses("g01"), 30, "g01 offline")
+                    print(
+                        f"takeover: g01 reported offline {time.monotonic() - killed_at:.2f} s "
+                        f"after the SIGKILL (its last message {g01_last.isoformat()})"
+                    )
+                    assert await trio.to_thread.run_sync(
+                        _metric, survivor, "notip_consumer_liveness_leader"
+                    ) == 1.0
+                    await trio.sleep(2)  # any false alert would show now
+                    await trio.to_thread.run_sync(gateways.stop)
+                    sent = gateways.sent
+
+                    def stored_and_drained() -> bool:
+                        state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
+                        rows = _scalar(conninfo, "SELECT count(*) FROM telemetry")
+                        return state.drained and rows >= sent
+
+                    # The killed replica's deliveries come back after ack_wait (3 s).
+                    await until(stored_and_drained, 60, "every message stored and acked")
+                    survivor.signal(signal.SIGTERM)
+                    await survivor.wait_exit(30)
+            finally:
+                await trio.to_thread.run_sync(gateways.stop)
+        alerted = await trio.to_thread.run_sync(_alerted, nats)
+
+    assert alerted == ["g00", "g01"]
+    rows = _scalar(conninfo, "SELECT count(*) FROM telemetry")
+    distinct = _scalar(
+        conninfo, "SELECT count(DISTINCT (tenant_id, gateway_id, sensor_id, time)) FROM telemetry"
+    )
+    assert rows == distinct == sent
+    for name in names:
+        expected = ["online", "offline"] if name in ("g00", "g01") else ["online"]
+        assert standin.statuses(name) == expected, name
