@@ -68,16 +68,44 @@ def _fmt(value: float | None) -> str:
 
 @dataclass
 class Summary:
-    """Builds one status line per call; remembers the last row count for the rate."""
+    """Builds one status line per call; remembers the last row count for the rate.
+
+    With several replicas (`replica_urls`: each one's /metrics), counters are
+    summed over them, the gateway counts are the leader's, and the line says
+    which replica leads.
+    """
 
     metrics_url: str
     readyz_url: str
     conninfo: str
     interval_s: float
+    replica_urls: tuple[str, ...] = ()
     _last_rows: int | None = field(default=None, repr=False)
 
+    def _scrape(self) -> tuple[dict[str, float] | None, str]:
+        if len(self.replica_urls) < 2:
+            return scrape(self.metrics_url), ""
+        each = [scrape(url) for url in self.replica_urls]
+        up = [s for s in each if s is not None]
+        if not up:
+            return None, "leader -"
+        leaders = [i + 1 for i, s in enumerate(each) if s and s.get(_P + "liveness_leader")]
+        total: dict[str, float] = defaultdict(float)
+        for s in up:
+            for name, value in s.items():
+                total[name] += value
+        leader = next((s for s in each if s and s.get(_P + "liveness_leader")), up[0])
+        for gauge in ("gateways_online", "gateways_offline"):
+            total[_P + gauge] = leader.get(_P + gauge, 0.0)
+        total[_P + "consumer_pending_messages"] = max(
+            s.get(_P + "consumer_pending_messages", 0.0) for s in up
+        )
+        who = ",".join(f"r{i}" for i in leaders) or "none"
+        return total, f"leader {who} of {len(self.replica_urls)} ({len(up)} up)"
+
     def line(self, elapsed_s: float, notes: str = "") -> str:
-        scraped = scrape(self.metrics_url)
+        scraped, replicas = self._scrape()
+        notes = " | ".join(n for n in (replicas, notes) if n)
         rows, rejected_rows = db_counts(self.conninfo)
         delta = ""
         if rows is not None and self._last_rows is not None:

@@ -140,6 +140,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=Path(".trio-run"),
         help="default .trio-run; locked while a run uses it",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="daemons sharing the durables (one leads liveness); replica i serves "
+        "/metrics on --metrics-port + i - 1",
+    )
     p.add_argument("--gateways", type=int, default=40)
     p.add_argument("--tenants", type=int, default=2)
     p.add_argument("--rate", type=float, default=100.0, help="messages per second in all")
@@ -158,7 +165,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start everything but the daemon (run it yourself with the printed environment)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.replicas < 1:
+        p.error("--replicas must be at least 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,10 +268,16 @@ def _command_of(pid: int) -> str:
 
 
 def _run_locked(args: argparse.Namespace, signals: _Signals, state: Path) -> int:
-    metrics_port = args.metrics_port or free_port()
-    if not args.no_daemon and port_accepts("127.0.0.1", metrics_port):
+    if args.metrics_port:
+        ports = [args.metrics_port + i for i in range(args.replicas)]
+    else:
+        ports = [free_port() for _ in range(args.replicas)]
+    metrics_port = ports[0]
+    busy = [p for p in ports if port_accepts("127.0.0.1", p)]
+    if not args.no_daemon and busy:
         print(
-            f"trio-run: port {metrics_port} is in use; pick another with --metrics-port",
+            f"trio-run: port {busy[0]} is in use; pick another with --metrics-port "
+            f"(replica i listens on it + i - 1)",
             file=sys.stderr,
         )
         return 1
@@ -296,23 +312,31 @@ def _run_locked(args: argparse.Namespace, signals: _Signals, state: Path) -> int
         base = f"http://127.0.0.1:{metrics_port}"
         children = [standin, sim]
         if not args.no_daemon:
-            print("trio-run: starting the daemon ...", flush=True)
-            daemon = _start_child(
-                stack,
-                "daemon",
-                python_module("notip_trio"),
-                logs,
-                env=env,
-                grace_s=DAEMON_STOP_GRACE_S,
-            )
-            children.append(daemon)
-            _wait_for_daemon(daemon, f"{base}/readyz")
+            for i, port in enumerate(ports, start=1):
+                name = "daemon" if i == 1 else f"daemon-{i}"
+                print(f"trio-run: starting the {name} (:{port}) ...", flush=True)
+                daemon = _start_child(
+                    stack,
+                    name,
+                    python_module("notip_trio"),
+                    logs,
+                    env={**env, "METRICS_ADDR": f"127.0.0.1:{port}"},
+                    grace_s=DAEMON_STOP_GRACE_S,
+                )
+                children.append(daemon)
+                _wait_for_daemon(daemon, f"http://127.0.0.1:{port}/readyz")
 
         signals.raising = False  # from here on a signal only asks the loop to stop
         if signals.stop_requested:
             return 0
         _print_banner(base, nats, pg, state, args)
-        summary = Summary(f"{base}/metrics", f"{base}/readyz", pg.conninfo(), args.summary_every)
+        summary = Summary(
+            f"{base}/metrics",
+            f"{base}/readyz",
+            pg.conninfo(),
+            args.summary_every,
+            replica_urls=tuple(f"http://127.0.0.1:{p}/metrics" for p in ports),
+        )
         status = _report_until_stopped(args, signals, summary, children, t0)
         print("trio-run: stopping (daemon first) ...", flush=True)
     print("trio-run: stopped", flush=True)
@@ -483,7 +507,7 @@ notip-trio dev stack is up
   nats      {nats.url}   monitor {nats.monitor_url}   certs {state / "pki"}
   postgres  host={pg.host} port={pg.port} dbname={pg.dbname} user={pg.user} \
 password file {pg.password_file}
-  logs      {logs}/{{daemon,simulator,mgmt-standin}}.log
+  logs      {logs}/{{daemon,simulator,mgmt-standin}}.log (replica i: daemon-i.log)
   daemon environment: {state / "daemon.env"}""",
         flush=True,
     )

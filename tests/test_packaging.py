@@ -121,10 +121,15 @@ def test_build_context_keeps_what_the_containerfile_copies():
 # --- manifest ------------------------------------------------------------------
 
 
-def test_manifest_has_configmap_secret_and_one_replica_deployment():
-    for kind in ("ConfigMap", "Secret", "Deployment"):
+def test_manifest_runs_two_replicas_with_a_disruption_budget():
+    for kind in ("ConfigMap", "Secret", "Deployment", "PodDisruptionBudget"):
         _document(kind)
-    assert re.search(r"(?m)^  replicas: 1$", _document("Deployment"))
+    deployment = _document("Deployment")
+    assert re.search(r"(?m)^  replicas: 2$", deployment)
+    assert re.search(r"(?m)^\s+maxUnavailable: 0$", deployment)
+    assert re.search(r"(?m)^  minAvailable: 1$", _document("PodDisruptionBudget"))
+    selector = "matchLabels:\n      app.kubernetes.io/name: notip-trio"
+    assert selector in _document("PodDisruptionBudget")
 
 
 def test_manifest_names_every_required_variable():

@@ -185,7 +185,7 @@ def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
         sys.executable, "-m", "devstack.stack", "--duration", "28",
         "--metrics-port", "0", "--state-dir", str(state), "--summary-every", "2",
         "--gateways", "8", "--rate", "80", "--silent-seconds", "10",
-        "--silent-fraction", "0.5", "--alert-timeout-ms", "4000",
+        "--silent-fraction", "0.5", "--alert-timeout-ms", "4000", "--replicas", "2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     out = proc.stdout
@@ -200,7 +200,12 @@ def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
     assert first_alert is not None, out
     assert fields[first_alert]["alerts"] >= 1, out
     assert any(f["offline"] == 0 for f in fields[first_alert + 1 :]), out
+    # Two replicas share the durable; exactly one leads liveness.
+    assert any("| leader r1 of 2 (2 up)" in line or "| leader r2 of 2 (2 up)" in line
+               for line in status_lines), out  # fmt: skip
+    assert "stopping daemon-2 ... exit status 0" in out
     assert "stopping daemon ... exit status 0" in out
+    assert out.index("stopping daemon-2") < out.index("stopping daemon ...")
     assert out.index("stopping daemon") < out.index("stopping simulator")
     assert out.index("stopping mgmt-standin") < out.index("stopping PostgreSQL")
     assert out.rstrip().endswith("trio-run: stopped")
@@ -210,6 +215,46 @@ def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
     ).stdout.split()
     assert leftovers == []
     assert not (state / "postgres.json").exists()
+
+
+def test_summary_sums_replicas_and_names_the_leader(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    pages = {
+        1: "notip_consumer_messages_written_total 10\nnotip_consumer_liveness_leader 0\n"
+        "notip_consumer_gateways_online 0\nnotip_consumer_consumer_pending_messages 5\n",
+        2: "notip_consumer_messages_written_total 32\nnotip_consumer_liveness_leader 1\n"
+        "notip_consumer_gateways_online 7\nnotip_consumer_consumer_pending_messages 2\n",
+    }
+    servers = []
+    for i in (1, 2):
+        body = pages[i].encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            page = body
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(self.page)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        urls = tuple(f"http://127.0.0.1:{s.server_address[1]}/metrics" for s in servers)
+        conninfo = f"host=127.0.0.1 port={free_port()} dbname=x user=x password=x"
+        line = Summary(urls[0], urls[0], conninfo, 5, replica_urls=urls).line(3.0)
+    finally:
+        for server in servers:
+            server.shutdown()
+    fields = _status_fields(line)
+    assert (fields["written"], fields["online"], fields["lag"]) == (42, 7, 5)
+    assert "| leader r2 of 2 (2 up)" in line
 
 
 def _status_fields(line: str) -> dict[str, int]:
