@@ -1,21 +1,17 @@
 """Ingest on in-memory fakes and Trio's virtual clock: exact times, exact order.
 
 Rules for this file: everything runs on `autojump_clock`. The writer and the
-acker are fakes that append to one shared event log with the virtual time of
-each call, so a test states the whole sequence of writes, commits, acks, naks
-and terms exactly. Messages carry real JetStream ack subjects (their stream
-sequence is the message's number in the log); bodies go through the real
-decoder. Every test has a hang guard.
+acker are the fakes of tests/ingest_fakes.py, which append to one shared event
+log with the virtual time of each call, so a test states the whole sequence of
+writes, commits, acks, naks and terms exactly. Messages carry real JetStream ack
+subjects; bodies go through the real decoder. Every test has a hang guard.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
-import json
-import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,15 +19,23 @@ import pytest
 import trio
 import trio.testing
 
-from devstack import simulator
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.envelope import Row
 from notip_trio.ingest import BACKOFF_INITIAL_S, BACKOFF_MAX_S, IngestState, run_ingest
 from notip_trio.jetstream import JsMsg
 from notip_trio.liveness import Heartbeats, LivenessTracker, run_liveness
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient
-from notip_trio.storage import DatabaseError, RejectedRecord, WriteResult
+from tests.ingest_fakes import (
+    Events,
+    FakeAcker,
+    FakeWriter,
+    ack_subject,
+    bad,
+    envelope,
+    good,
+    spoofed,
+    value,
+)
 from tests.liveness_fakes import (
     FakePublisher,
     FakeRequester,
@@ -42,123 +46,7 @@ from tests.liveness_fakes import (
 )
 
 GUARD_S = 3600
-BASE = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 MAX_BODY = 16384
-
-
-def value(metrics: Metrics, name: str, **labels: str) -> float:
-    """A sample's current value; fails on a name the registry does not have."""
-    found = metrics.registry.get_sample_value("notip_consumer_" + name, labels or None)
-    assert found is not None, f"no sample notip_consumer_{name} {labels}"
-    return found
-
-
-# --- messages -----------------------------------------------------------------
-
-
-def ack_subject(seq: int, delivered: int = 1) -> str:
-    return (
-        f"$JS.ACK.TELEMETRY.data-consumer-telemetry.{delivered}.{seq}.{seq}.1700000000000000000.0"
-    )
-
-
-def envelope(gateway: str, seq: int, **fields: Any) -> bytes:
-    body = simulator.envelope_fields(
-        gateway, f"s{seq}", "temperature", BASE + dt.timedelta(seconds=seq), rng=random.Random(seq)
-    )
-    body.update(fields)
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def good(seq: int, gateway: str = "gw-1", tenant: str = "t1") -> JsMsg:
-    return JsMsg(f"telemetry.data.{tenant}.{gateway}", envelope(gateway, seq), ack_subject(seq))
-
-
-def bad(
-    seq: int, body: bytes = b'{"gatewayId": ', subject: str = "telemetry.data.t1.gw-1"
-) -> JsMsg:
-    return JsMsg(subject, body, ack_subject(seq))
-
-
-def spoofed(seq: int, subject_gateway: str, payload_gateway: str) -> JsMsg:
-    """A valid envelope of `payload_gateway` on the subject of `subject_gateway`."""
-    return JsMsg(
-        f"telemetry.data.t1.{subject_gateway}", envelope(payload_gateway, seq), ack_subject(seq)
-    )
-
-
-def seqs(msgs: Sequence[JsMsg]) -> list[int]:
-    out = []
-    for m in msgs:
-        delivery = m.delivery
-        assert delivery is not None
-        out.append(delivery.stream_seq)
-    return out
-
-
-# --- fakes ----------------------------------------------------------------------
-
-
-class Events:
-    """One log for the writer and the acker: (virtual time, what, details...)."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple[Any, ...]] = []
-
-    def add(self, *what: Any) -> None:
-        self.log.append((trio.current_time(), *what))
-
-    def only(self, *kinds: str) -> list[tuple[Any, ...]]:
-        return [e for e in self.log if e[1] in kinds]
-
-
-class FakeWriter:
-    """`Writer`: logs "write" (rows, rejected) when called, then "commit" or "fail".
-
-    `hold_s` keeps each write in progress that long (virtual time); `fail` makes
-    the next N writes raise DatabaseError instead of committing.
-    """
-
-    def __init__(self, events: Events, *, hold_s: float = 0.0, fail: int = 0) -> None:
-        self.events = events
-        self.hold_s = hold_s
-        self.fail = fail
-        self.rows: list[Row] = []  # committed
-        self.rejected: list[RejectedRecord] = []  # committed
-
-    async def write_batch(
-        self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
-    ) -> WriteResult:
-        self.events.add("write", len(rows), len(rejected))
-        await trio.sleep(self.hold_s)
-        if self.fail:
-            self.fail -= 1
-            self.events.add("fail")
-            raise DatabaseError("OperationalError: the connection is lost")
-        self.rows += rows
-        self.rejected += rejected
-        self.events.add("commit", [r.sensor_id for r in rows], [r.stream_seq for r in rejected])
-        return WriteResult(inserted=len(rows), duplicates=0)
-
-
-class FakeAcker:
-    """`Acker` logging each call by stream sequence. An empty call is not logged:
-    the real one sends nothing for it."""
-
-    def __init__(self, events: Events) -> None:
-        self.events = events
-
-    async def ack(self, msgs: Sequence[JsMsg]) -> None:
-        if msgs:
-            self.events.add("ack", seqs(msgs))
-
-    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None:
-        if msgs:
-            self.events.add("nak", seqs(msgs), delay_s)
-
-    async def term(self, msgs: Sequence[JsMsg]) -> None:
-        if msgs:
-            self.events.add("term", seqs(msgs))
 
 
 @dataclasses.dataclass(eq=False)
