@@ -17,12 +17,20 @@ GUARD_S = 60
 
 
 class RecordingTracker:
-    def __init__(self, tracked: set[tuple[str, str]]) -> None:
+    """Records removals; with `source`, also how many acks had been sent at each."""
+
+    def __init__(
+        self, tracked: set[tuple[str, str]], source: FakeBatchSource | None = None
+    ) -> None:
         self.tracked = tracked
+        self.source = source
         self.removed: list[tuple[str, str]] = []
+        self.acked_before: list[int] = []  # len(source.acked) at each removal
 
     def remove(self, tenant_id: str, gateway_id: str) -> bool:
         self.removed.append((tenant_id, gateway_id))
+        if self.source is not None:
+            self.acked_before.append(len(self.source.acked))
         key = (tenant_id, gateway_id)
         if key in self.tracked:
             self.tracked.discard(key)
@@ -82,4 +90,28 @@ async def test_batches_are_handled_in_turn(autojump_clock: trio.abc.Clock) -> No
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         assert [gw for _, gw in tracker.removed] == ["gw0", "gw1", "gw2"]
-        assert len(source.acked) == 3
+        assert source.acked == [f"gateway.decommissioned.t1.gw{i}" for i in range(3)]
+
+
+async def test_a_message_is_acked_only_after_its_gateway_was_removed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        source = FakeBatchSource()
+        tracker = RecordingTracker({("t1", "gw1"), ("t1", "gw2")}, source)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_decommission, source.batches, source, tracker, Metrics())
+            await source.send(["gateway.decommissioned.t1.gw1", "gateway.decommissioned.t1.gw2"])
+            await trio.testing.wait_all_tasks_blocked()
+            await source.send(["gateway.decommissioned.t1.gw3"])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    # Each batch is acked after all its removals: none had been acked during the
+    # first batch's, both before the second's.
+    assert tracker.removed == [("t1", "gw1"), ("t1", "gw2"), ("t1", "gw3")]
+    assert tracker.acked_before == [0, 0, 2]
+    assert source.acked == [
+        "gateway.decommissioned.t1.gw1",
+        "gateway.decommissioned.t1.gw2",
+        "gateway.decommissioned.t1.gw3",
+    ]
