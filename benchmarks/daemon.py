@@ -171,9 +171,14 @@ def run_daemon_bench(
                 )
             result["daemon_peak_rss_mib"] = (_vm_hwm_kib(daemon.proc.pid) or 0) / 1024
         finally:
+            # How fast it exits, idle, after the signal: measured here, not asserted
+            # in the tests (tests/test_daemon_process.py checks the clean drain).
+            stopping = time.monotonic()
             code = daemon.stop(30.0, signal.SIGTERM if profile is None else signal.SIGINT)
+            exit_s = time.monotonic() - stopping
             standin.stop(10.0)
         result["exit_code"] = code
+        result["exit_s"] = exit_s
         return result
 
 

@@ -44,6 +44,7 @@ def render(r: dict[str, Any]) -> str:
         detail = (
             f"{_n(d['msgs'])} msgs in {d['seconds']:.2f} s, committed+acked; "
             f"peak RSS {d['daemon_peak_rss_mib']:.0f} MiB; exit {d['exit_code']}"
+            + (f", {d['exit_s']:.2f} s after SIGTERM" if "exit_s" in d else "")
         )
         rows.append((label, _n(d["rate"]), detail))
         lat = d.get("latency")

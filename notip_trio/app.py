@@ -39,9 +39,9 @@ from .dispatch import Dispatcher
 from .http import run_http_server
 from .ingest import IngestState, run_ingest
 from .jetstream import JsMsg, NatsBridge, PullSpec, StartupError
-from .leader import AdvisoryLock, run_leadership
+from .leader import AdvisoryLock, Lock, run_leadership
 from .liveness import CatchUp, LivenessTracker, lead_liveness
-from .livestate import PgStateStore
+from .livestate import PgStateStore, StateStore
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
@@ -141,7 +141,16 @@ async def run_daemon(
                 await bridge.ensure_pull_consumer(telemetry_spec(settings))
                 await bridge.ensure_pull_consumer(decommission_spec())
                 log.info("nats_ready", url=settings.nats_url)
-                await _serve(settings, metrics, storage, bridge, stop, task_status)
+                await _serve(
+                    settings,
+                    metrics,
+                    storage,
+                    bridge,
+                    stop,
+                    task_status,
+                    store=PgStateStore(storage),
+                    lock=AdvisoryLock(settings.db_conninfo(keepalives=True)),
+                )
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await bridge.close()
@@ -158,6 +167,9 @@ async def _serve(
     bridge: NatsBridge,
     stop: trio.Event,
     task_status: trio.TaskStatus[int],
+    *,
+    store: StateStore,
+    lock: Lock,
 ) -> None:
     ingest_state = IngestState()
     health = Health(storage, bridge, ingest_state)
@@ -168,7 +180,6 @@ async def _serve(
     dispatcher = Dispatcher(
         mgmt, metrics, capacity=settings.gateway_buffer_size, drain_s=drain_s
     )
-    store = PgStateStore(storage)
     catch_up = CatchUp(
         threshold=settings.liveness_catchup_pending,
         # Batches delivered before the consumer was seen caught up may still be
@@ -214,7 +225,7 @@ async def _serve(
                 await liveness.start(
                     functools.partial(
                         run_leadership,
-                        AdvisoryLock(settings.db_conninfo(keepalives=True)),
+                        lock,
                         lead,
                         metrics,
                         retry_s=min(1.0, tick_s / 2),

@@ -26,11 +26,11 @@ class RecordingTracker(FakeStore):
             self.record(key, WALL0)
         self.source = source
         self.removed: list[tuple[str, str]] = []
-        self.acked_before: list[list[str]] = []
+        self.acked_before: list[int] = []  # len(source.acked) at each removal
 
     async def decommission(self, key: tuple[str, str]) -> bool:
         self.removed.append(key)
-        self.acked_before.append(list(self.source.acked))
+        self.acked_before.append(len(self.source.acked))
         return await super().decommission(key)
 
 
@@ -47,7 +47,7 @@ async def test_removes_and_acks(autojump_clock: trio.abc.Clock) -> None:
             nursery.cancel_scope.cancel()
         # Untracked gateways are acked too: removal is idempotent.
         assert tracker.removed == [("t1", "gw1"), ("t2", "gw7")]
-        assert tracker.acked_before == [[], []]  # acked only after every removal
+        assert tracker.acked_before == [0, 0]  # acked only after every removal
         assert tracker.status(("t1", "gw1")) == "decommissioned"
         assert source.acked == subjects
         assert source.termed == []
@@ -88,7 +88,7 @@ async def test_batches_are_handled_in_turn(autojump_clock: trio.abc.Clock) -> No
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         assert [gw for _, gw in tracker.removed] == ["gw0", "gw1", "gw2"]
-        assert len(source.acked) == 3
+        assert source.acked == [f"gateway.decommissioned.t1.gw{i}" for i in range(3)]
 
 
 async def test_database_down_naks_the_rest_of_the_batch_with_a_delay(
@@ -106,3 +106,27 @@ async def test_database_down_naks_the_rest_of_the_batch_with_a_delay(
         assert source.acked == []
         assert source.naked == ["gateway.decommissioned.t1.gw0", "gateway.decommissioned.t1.gw1"]
         assert tracker.status(("t1", "gw0")) == "new"  # still tracked: it comes back
+
+
+async def test_a_message_is_acked_only_after_its_gateway_was_removed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        source = FakeBatchSource()
+        tracker = RecordingTracker({("t1", "gw1"), ("t1", "gw2")}, source)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_decommission, source.batches, source, tracker, Metrics())
+            await source.send(["gateway.decommissioned.t1.gw1", "gateway.decommissioned.t1.gw2"])
+            await trio.testing.wait_all_tasks_blocked()
+            await source.send(["gateway.decommissioned.t1.gw3"])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    # Each batch is acked after all its removals: none had been acked during the
+    # first batch's, both before the second's.
+    assert tracker.removed == [("t1", "gw1"), ("t1", "gw2"), ("t1", "gw3")]
+    assert tracker.acked_before == [0, 0, 2]
+    assert source.acked == [
+        "gateway.decommissioned.t1.gw1",
+        "gateway.decommissioned.t1.gw2",
+        "gateway.decommissioned.t1.gw3",
+    ]

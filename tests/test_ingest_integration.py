@@ -9,6 +9,7 @@ as assertions.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 
 import psycopg
@@ -32,13 +33,15 @@ def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **extra: str
 
 
 def _envelopes(n: int, gateways: int, tenant: str = "t1", seed: int = 7) -> list[tuple[str, bytes]]:
+    """`n` valid envelopes, distinct keys; times with microseconds, key versions 1-5."""
     rng = random.Random(seed)
     base = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
     out = []
     for i in range(n):
         gw = f"gw-{i % gateways:03d}"
+        ts = base + dt.timedelta(seconds=i, microseconds=(i * 7919) % 1_000_000)
         body = simulator.make_envelope(
-            gw, f"s{i % 3}", "temperature", base + dt.timedelta(seconds=i), rng=rng
+            gw, f"s{i % 3}", "temperature", ts, key_version=1 + i % 5, rng=rng
         )
         out.append((f"telemetry.data.{tenant}.{gw}", body))
     return out
@@ -82,30 +85,31 @@ async def test_10k_messages_exactly_once_blobs_identical(
     assert state.num_ack_pending == 0
     assert _count(pg_database.conninfo) == 10_000
     assert metrics.messages_written._value.get() == 10_000
-    # Blobs byte-identical (Rule Zero): compare every published triple with the table.
-    import json
-
-    published = {
-        (json.loads(b)["gatewayId"], json.loads(b)["sensorId"], json.loads(b)["timestamp"]): (
-            json.loads(b)["encryptedData"],
-            json.loads(b)["iv"],
-            json.loads(b)["authTag"],
+    # Blobs byte-identical (Rule Zero), and every other field exact: each
+    # published envelope is one row, to the microsecond and the key version.
+    published = {}
+    for subject, body in msgs:
+        env = json.loads(body)
+        time = dt.datetime.fromisoformat(env["timestamp"])
+        key = (subject.split(".")[2], env["gatewayId"], env["sensorId"], time)
+        published[key] = (
+            env["sensorType"],
+            env["encryptedData"],
+            env["iv"],
+            env["authTag"],
+            env["keyVersion"],
         )
-        for _, b in msgs
-    }
+    assert len(published) == 10_000
+    assert {k[3].microsecond for k in published} != {0}  # sub-second times are checked
+    assert {v[4] for v in published.values()} == {1, 2, 3, 4, 5}
     with psycopg.connect(pg_database.conninfo) as conn:
         rows = conn.execute(
-            "SELECT gateway_id, sensor_id, time, encrypted_data, iv, auth_tag, tenant_id,"
-            " key_version, sensor_type FROM telemetry"
+            "SELECT tenant_id, gateway_id, sensor_id, time, sensor_type, encrypted_data, iv,"
+            " auth_tag, key_version FROM telemetry"
         ).fetchall()
-    stored = {
-        (gw, s, t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")): (e, iv, tag)
-        for gw, s, t, e, iv, tag, *_ in rows
-    }
-    norm = {(g, s, ts[:19]): v for (g, s, ts), v in published.items()}
-    assert stored == norm
-    assert {r[6] for r in rows} == {"t1"}
-    assert {r[8] for r in rows} == {"temperature"}
+    stored = {(t, gw, s, time): tuple(rest) for t, gw, s, time, *rest in rows}
+    assert len(stored) == len(rows) == 10_000
+    assert stored == {k: tuple(v) for k, v in published.items()}
 
 
 async def test_redelivery_from_a_new_durable_adds_no_rows(
@@ -148,9 +152,17 @@ BAD_CASES = [
 ]
 
 
-def _bad_body(kind: object) -> bytes:
-    import json
+MAX_BODY = 16384  # TELEMETRY_MAX_BODY_BYTES here
+KEPT_BODY = 100  # REJECTED_BODY_MAX_BYTES here: a different cap, so each shows which cut
 
+
+def _padded(body: bytes, size: int) -> bytes:
+    """`body` (JSON) with trailing whitespace to exactly `size` bytes."""
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def _bad_body(kind: object) -> bytes:
     good = json.loads(
         simulator.make_envelope(
             "gw-1",
@@ -170,8 +182,8 @@ def _bad_body(kind: object) -> bytes:
         good["sensorType"] = "radiation"
     elif kind == "timestamp":
         good["timestamp"] = "yesterday"
-    elif kind == "oversized":
-        good["encryptedData"] = "A" * 40_000
+    elif kind == "oversized":  # valid but for its size: one byte over the cap
+        return _padded(json.dumps(good).encode(), MAX_BODY + 1)
     return json.dumps(good).encode()
 
 
@@ -179,8 +191,16 @@ async def test_each_bad_input_kept_once_terminated_and_good_ones_written(
     private_nats_server, pg_server, pg_database, monkeypatch
 ):
     env = daemon_env(private_nats_server, pg_server, pg_database.name)
-    settings = _settings(env, monkeypatch, TELEMETRY_MAX_BODY_BYTES="16384")
+    settings = _settings(
+        env,
+        monkeypatch,
+        TELEMETRY_MAX_BODY_BYTES=str(MAX_BODY),
+        REJECTED_BODY_MAX_BYTES=str(KEPT_BODY),
+    )
     good = _envelopes(200, 10, seed=3)
+    # A valid envelope of exactly the cap is accepted (the cap is inclusive).
+    subject, body = good[-1]
+    good[-1] = (subject, _padded(body, MAX_BODY))
     msgs: list[tuple[str, bytes]] = []
     for i, (subject, kind, _reason) in enumerate(BAD_CASES):
         msgs.extend(good[i * 20 : (i + 1) * 20])
@@ -202,12 +222,23 @@ async def test_each_bad_input_kept_once_terminated_and_good_ones_written(
         kept = conn.execute(
             "SELECT reason, subject, body, body_length FROM telemetry_rejected ORDER BY id"
         ).fetchall()
+        at_cap = conn.execute(
+            "SELECT count(*) FROM telemetry WHERE encrypted_data = %s",
+            (json.loads(good[-1][1])["encryptedData"],),
+        ).fetchone()
+    assert at_cap == (1,)
     assert sorted(r[0] for r in kept) == sorted(reason for *_, reason in BAD_CASES)
     for reason, subject, body, length in kept:
         case = next(c for c in BAD_CASES if c[2] == reason)
+        sent = _bad_body(case[1])
         assert subject == case[0]
-        assert length == len(_bad_body(case[1]))
-        assert bytes(body) == _bad_body(case[1])[:16384]
+        assert length == len(sent)
+        assert bytes(body) == sent[:KEPT_BODY]
+    # The cut is REJECTED_BODY_MAX_BYTES's: shorter bodies whole, the rest at 100.
+    lengths = {reason: (len(bytes(body)), length) for reason, _, body, length in kept}
+    assert lengths["malformed_json"] == (22, 22)
+    assert lengths["oversized"] == (KEPT_BODY, MAX_BODY + 1)
+    assert all(len(bytes(body)) == KEPT_BODY for _, _, body, length in kept if length > KEPT_BODY)
     for *_, reason in BAD_CASES:
         assert metrics.message_parsing_errors.labels(reason)._value.get() == 1
     # Not redelivered: nothing pending, nothing awaiting ack, nothing redelivered.
@@ -227,8 +258,10 @@ async def test_database_outage_loses_nothing_and_daemon_recovers(
         async with running_daemon(settings, metrics):
             await trio.to_thread.run_sync(private_pg_server.stop)
             await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
-            await trio.sleep(10)  # the outage lasts 10 s (scenario length, not an assertion)
-            assert metrics.write_errors._value.get() >= 1
+            # The outage lasts until writes have failed and been nak'd three times
+            # (back-off and nak delays 0.5, 1, 2 s: tests/test_ingest_unit.py).
+            await until(lambda: metrics.write_errors._value.get() >= 3, 60, "3 failed writes")
+            assert metrics.messages_written._value.get() == 0
             await trio.to_thread.run_sync(private_pg_server.start)
             await until(lambda: _count(db.conninfo) >= 2_000, 90, "2,000 rows after the outage")
             await until(
@@ -237,6 +270,7 @@ async def test_database_outage_loses_nothing_and_daemon_recovers(
                 "the consumer to drain",
             )
     assert _count(db.conninfo) == 2_000
+    assert metrics.messages_written._value.get() == 2_000  # each row written once
     assert (
         _count(
             db.conninfo,

@@ -194,6 +194,40 @@ async def test_hypertable_when_timescaledb_is_available(timescaledb_database) ->
         await storage.close()
 
 
+async def test_go_filled_table_that_is_already_a_hypertable(timescaledb_database) -> None:
+    """The Go service's table, made a hypertable by hand and filled across several
+    chunks (one row a day over 40 days), with exact duplicates in more than one
+    chunk: kept a hypertable, duplicates removed chunk by chunk, the dedup index
+    built. Only where TimescaleDB exists (the fixture skips, saying why)."""
+    conninfo = timescaledb_database.conninfo
+    day = [_row(0)._replace(time=T0 + dt.timedelta(days=i)) for i in range(40)]
+    with psycopg.connect(conninfo) as conn:
+        conn.execute(GO_SCHEMA)
+        conn.execute("SELECT create_hypertable('telemetry', 'time')")
+        with conn.cursor().copy("COPY telemetry FROM STDIN") as copy:
+            for i, row in enumerate(day):
+                copy.write_row(row)
+                if i % 10 == 0:
+                    copy.write_row(row)  # written twice, in four different chunks
+        chunks = conn.execute("SELECT count(*) FROM show_chunks('telemetry')").fetchone()
+    assert chunks is not None
+    assert chunks[0] >= 4
+    assert _is_hypertable(conninfo)
+    storage = await _storage(conninfo)
+    try:
+        info = await storage.migrate()
+        assert (info.hypertable, info.dedup_index) == (True, True)
+        assert (info.exact_duplicates_removed, info.conflicting_keys) == (4, 0)
+        assert _is_hypertable(conninfo)
+        result = await storage.write_batch([*day[:5], _row(7)], [])
+        assert (result.inserted, result.duplicates) == (1, 5)
+        # A restart finds the same state and removes nothing more.
+        assert await storage.migrate() == info.__class__(True, True, 0, 0)
+    finally:
+        await storage.close()
+    assert _scalar(conninfo, "SELECT count(*) FROM telemetry") == 41
+
+
 async def test_unreachable_database_is_a_clear_error() -> None:
     from notip_trio.storage import DatabaseError
 

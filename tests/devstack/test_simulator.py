@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import json
 import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -30,14 +31,19 @@ FIELDS = {
 
 
 class FakeNats:
-    """Records core publishes; flush does nothing."""
+    """Records core publishes; flush does nothing. With `stop_after`, sets `stop`
+    once that many messages were published (a run ends by count, not by time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_after: int = 0) -> None:
         self.published: list[tuple[str, bytes]] = []
         self.flushes = 0
+        self.stop_after = stop_after
+        self.stop = asyncio.Event()
 
     async def publish(self, subject: str, payload: bytes) -> None:
         self.published.append((subject, payload))
+        if self.stop_after and len(self.published) >= self.stop_after:
+            self.stop.set()
 
     async def flush(self, **_options: object) -> None:
         self.flushes += 1
@@ -208,7 +214,8 @@ def test_no_silence_with_zero_fraction() -> None:
 
 def test_simulation_follows_the_malformed_rotation() -> None:
     async def run() -> tuple[FakeNats, sim.SimStats]:
-        nc = FakeNats()
+        # Three rounds of the malformed kinds: ends by count, not by time.
+        nc = FakeNats(stop_after=7 * len(sim.MALFORMED_KINDS) * 3)
         stats = await sim.run_simulation(
             nc,  # type: ignore[arg-type]
             gateways=4,
@@ -216,39 +223,50 @@ def test_simulation_follows_the_malformed_rotation() -> None:
             rate_per_s=2000,
             silent_fraction=0,
             malformed_every=7,
-            duration=0.2,
+            stop_event=nc.stop,
             rng=random.Random(3),
         )
         return nc, stats
 
-    nc, stats = asyncio.run(run())
-    assert stats.sent == len(nc.published) > 7
-    assert stats.valid + sum(stats.malformed.values()) == stats.sent
-    for i, (subject, body) in enumerate(nc.published):
-        kind = sim.malformed_kind(i, 7)
+    nc, stats = asyncio.run(asyncio.wait_for(run(), 60))  # the hang guard
+    assert stats.sent == len(nc.published) >= nc.stop_after
+    kinds = [sim.malformed_kind(i, 7) for i in range(stats.sent)]
+    assert stats.valid == kinds.count(None)
+    assert stats.malformed == Counter(k for k in kinds if k is not None)
+    assert set(stats.malformed) == set(sim.MALFORMED_KINDS)
+    checked = Counter[str]()
+    for (subject, body), kind in zip(nc.published, kinds, strict=True):
         if kind is None:
             env = json.loads(body)
             assert subject.endswith("." + env["gatewayId"])
+            checked["valid"] += 1
         elif kind != "bad_json":
             json.loads(body)  # well-formed JSON, bad content
+            checked["bad content"] += 1
         else:
             with pytest.raises(json.JSONDecodeError):
                 json.loads(body)
+            checked["bad_json"] += 1
+    assert checked["valid"] == stats.valid
+    assert checked["bad_json"] == stats.malformed["bad_json"]
+    assert checked["bad content"] == sum(stats.malformed.values()) - stats.malformed["bad_json"]
     valid = [json.loads(b) for i, (_, b) in enumerate(nc.published) if not sim.malformed_kind(i, 7)]
     keys = {(e["gatewayId"], e["sensorId"], e["timestamp"]) for e in valid}
     assert len(keys) == len(valid)
 
 
 def test_simulation_stops_on_the_event() -> None:
+    nc = FakeNats(stop_after=1)
+
     async def run() -> sim.SimStats:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(0.1, stop.set)
         return await sim.run_simulation(
-            FakeNats(),  # type: ignore[arg-type]
+            nc,  # type: ignore[arg-type]
             gateways=2,
             rate_per_s=100,
-            stop_event=stop,
+            stop_event=nc.stop,
         )
 
-    stats = asyncio.run(asyncio.wait_for(run(), 5))  # the hang guard is the test
+    # Without the event the run would go on forever (no duration): it returns.
+    stats = asyncio.run(asyncio.wait_for(run(), 30))  # the hang guard
+    assert stats.sent == len(nc.published) >= 1
     assert stats.publish_errors == 0
