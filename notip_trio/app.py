@@ -42,6 +42,7 @@ from .liveness import Heartbeats, LivenessTracker, run_liveness
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
+from .progress import ProgressWatchdog
 from .storage import DatabaseError, Storage
 
 log = get_logger(__name__)
@@ -111,7 +112,11 @@ async def run_daemon(
     stop = stop if stop is not None else trio.Event()
     async with trio_asyncio.open_loop():
         storage = Storage.create(
-            settings.db_conninfo(), min_size=settings.db_min_conns, max_size=settings.db_max_conns
+            settings.db_conninfo(),
+            min_size=settings.db_min_conns,
+            max_size=settings.db_max_conns,
+            write_timeout_s=settings.db_write_timeout_ms / 1000,
+            migrate_timeout_s=settings.db_migrate_timeout_ms / 1000,
         )
         await storage.open(timeout_s=30.0)
         try:
@@ -129,6 +134,8 @@ async def run_daemon(
                 cert=str(settings.nats_tls_cert),
                 key=str(settings.nats_tls_key),
                 connect_timeout_s=settings.nats_connect_timeout_s,
+                ping_interval_s=settings.nats_ping_interval_s,
+                max_outstanding_pings=settings.nats_max_outstanding_pings,
                 metrics=metrics,
             )
             try:
@@ -154,8 +161,19 @@ async def _serve(
     stop: trio.Event,
     task_status: trio.TaskStatus[int],
 ) -> None:
-    ingest_state = IngestState()
+    watchdog = ProgressWatchdog(
+        stall_s=settings.livez_stall_ms / 1000,
+        tick_s=settings.heartbeat_tick_ms / 1000,
+        started_at=trio.current_time(),
+    )
+    ingest_state = IngestState(progress=watchdog.ingest)
     health = Health(storage, bridge, ingest_state)
+
+    def live() -> list[str]:
+        now = trio.current_time()
+        watchdog.nats_connected(bridge.connected, now)
+        return watchdog.problems(now)
+
     mgmt = MgmtClient(bridge)
     cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
     drain_s = settings.shutdown_drain_ms / 1000
@@ -169,7 +187,7 @@ async def _serve(
 
     async with trio.open_nursery() as root:
         port = await root.start(
-            run_http_server,
+            functools.partial(run_http_server, liveness=live),
             settings.metrics_host,
             settings.metrics_port,
             metrics.registry,
@@ -179,7 +197,9 @@ async def _serve(
         dispatch_done = trio.Event()
         root.start_soon(_run_then_set, dispatcher.run, dispatch_done)
         # Returns when ingest closes the heartbeat channel; then closes the dispatcher.
-        await root.start(run_liveness, tracker, heartbeats_rx)
+        await root.start(
+            functools.partial(run_liveness, observer=watchdog), tracker, heartbeats_rx
+        )
         root.start_soon(_watch_signals, stop)
 
         with trio.CancelScope() as ingest_scope:

@@ -60,7 +60,7 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "DB_WRITE_TIMEOUT_MS": "15000",
     "DB_MIGRATE_TIMEOUT_MS": "600000",
     "DB_TCP_USER_TIMEOUT_MS": "30000",
-    "NATS_PING_INTERVAL_MS": "5000",
+    "NATS_PING_INTERVAL_SECONDS": "5",
     "NATS_MAX_OUTSTANDING_PINGS": "2",
     "LIVEZ_STALL_MS": "120000",
 }
@@ -116,7 +116,7 @@ class Settings:
     db_write_timeout_ms: int = 15000
     db_migrate_timeout_ms: int = 600000
     db_tcp_user_timeout_ms: int = 30000
-    nats_ping_interval_ms: int = 5000
+    nats_ping_interval_s: int = 5
     nats_max_outstanding_pings: int = 2
     livez_stall_ms: int = 120000
 
@@ -273,7 +273,7 @@ def _load(env: environs.Env) -> Settings:
         db_write_timeout_ms=pos_int("DB_WRITE_TIMEOUT_MS", minimum=100),
         db_migrate_timeout_ms=pos_int("DB_MIGRATE_TIMEOUT_MS", minimum=1000),
         db_tcp_user_timeout_ms=pos_int("DB_TCP_USER_TIMEOUT_MS", minimum=1000),
-        nats_ping_interval_ms=pos_int("NATS_PING_INTERVAL_MS", minimum=1000),
+        nats_ping_interval_s=pos_int("NATS_PING_INTERVAL_SECONDS"),
         nats_max_outstanding_pings=pos_int("NATS_MAX_OUTSTANDING_PINGS"),
         livez_stall_ms=pos_int("LIVEZ_STALL_MS", minimum=1000),
     )

@@ -161,9 +161,14 @@ class NatsBridge:
         cert: str,
         key: str,
         connect_timeout_s: float,
+        ping_interval_s: int = 5,
+        max_outstanding_pings: int = 2,
         metrics: Metrics | None = None,
         name: str = "notip-trio",
     ) -> NatsBridge:
+        """Connect, reconnecting for ever after. A server that stops answering is
+        noticed when `max_outstanding_pings` pings in a row got no pong: within
+        (max_outstanding_pings + 1) x ping_interval_s; then nats-py reconnects."""
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
         ctx.load_cert_chain(cert, key)
 
@@ -187,6 +192,8 @@ class NatsBridge:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
+                ping_interval=ping_interval_s,
+                max_outstanding_pings=max_outstanding_pings,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,

@@ -411,10 +411,19 @@ class LivenessTracker:
         m.gateways_offline.set(total - self._online)
 
 
+class TickObserver(Protocol):
+    """Told when each tick begins and ends (the progress watchdog behind /livez)."""
+
+    def tick_started(self, now: float) -> None: ...
+
+    def tick_finished(self, now: float) -> None: ...
+
+
 async def run_liveness(
     tracker: LivenessTracker,
     heartbeats: trio.MemoryReceiveChannel[Heartbeats],
     *,
+    observer: TickObserver | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Apply heartbeats and tick on schedule until the heartbeat channel closes.
@@ -426,7 +435,7 @@ async def run_liveness(
     """
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_tick_forever, tracker)
+            nursery.start_soon(_tick_forever, tracker, observer)
             task_status.started()
             async with heartbeats:
                 async for hb in heartbeats:
@@ -436,13 +445,17 @@ async def run_liveness(
         tracker.close_updates()
 
 
-async def _tick_forever(tracker: LivenessTracker) -> None:
+async def _tick_forever(tracker: LivenessTracker, observer: TickObserver | None) -> None:
     tick_s = tracker.tick_s
     start = trio.current_time()
     n = 1
     while True:
         await trio.sleep_until(start + n * tick_s)
+        if observer is not None:
+            observer.tick_started(trio.current_time())
         await tracker.tick()
+        if observer is not None:
+            observer.tick_finished(trio.current_time())
         # A tick that overran (slow management API) skips the slots it missed
         # instead of running back to back; the schedule keeps its phase.
         behind = int((trio.current_time() - start) // tick_s)
