@@ -193,8 +193,8 @@ async def test_ten_times_slower_database_slows_ingest_and_trips_nothing(
 
     def mean_write_s() -> tuple[float, float]:
         hist = {s.name: s.value for s in metrics.write_duration.collect()[0].samples}
-        return hist["notip_trio_write_duration_seconds_sum"], hist[
-            "notip_trio_write_duration_seconds_count"
+        return hist["notip_consumer_write_duration_seconds_sum"], hist[
+            "notip_consumer_write_duration_seconds_count"
         ]
 
     with trio.fail_after(150):
