@@ -24,7 +24,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -40,6 +40,8 @@ from .metrics import Metrics
 
 log = get_logger(__name__)
 R = TypeVar("R")
+
+FLUSH_TIMEOUT_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +222,9 @@ class NatsBridge:
                 reconnect_time_wait=1,
                 ping_interval=ping_interval_s,
                 max_outstanding_pings=max_outstanding_pings,
+                # A publish that overflows the pending buffer waits for a flush;
+                # on a dead connection that wait ends here (or at the reconnect).
+                flush_timeout=FLUSH_TIMEOUT_S,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,

@@ -285,3 +285,48 @@ async def test_frozen_nats_connection_is_detected_and_nothing_is_lost(
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+async def test_livez_fails_while_a_write_is_stuck_and_recovers_with_it(
+    clean_nats_server, pg_server, pg_database, pg_relay, monkeypatch
+):
+    """With the write deadline out of the way (10 min), a frozen database leaves
+    ingest stuck with work in hand: /livez must say so (and name it) once
+    LIVEZ_STALL_MS passes, and be 200 again once the write completes."""
+    env = daemon_env(clean_nats_server, pg_server, pg_database.name, DB_PORT=str(pg_relay.port))
+    settings = daemon_settings(
+        env,
+        monkeypatch,
+        HEARTBEAT_GRACE_PERIOD_MS="600000",
+        DB_WRITE_TIMEOUT_MS="600000",
+        LIVEZ_STALL_MS="3000",
+    )
+    flow = Flow(total=3000)
+    metrics = Metrics()
+    with trio.fail_after(150):
+        async with running_daemon(settings, metrics) as port, trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, flow.run, clean_nats_server)
+            await until(lambda: _rows(pg_database.conninfo) >= 500, 30, "rows flowing")
+            assert await trio.to_thread.run_sync(_livez, port) == 200
+            pg_relay.freeze_open()
+            t_freeze = time.monotonic()
+            await until(lambda: _livez(port) == 503, 60, "/livez failing")
+            t_failed = time.monotonic() - t_freeze
+            body = await trio.to_thread.run_sync(_livez_body, port)
+            pg_relay.unfreeze()
+            await until(lambda: _livez(port) == 200, 30, "/livez passing again")
+            await until(lambda: _rows(pg_database.conninfo) >= flow.total, 60, "every message")
+            nursery.cancel_scope.cancel()
+    assert body.startswith("ingest: ")
+    assert "nothing committed" in body
+    assert _count(pg_database.conninfo) == (flow.total, flow.total)
+    assert _metric(metrics.write_errors) == 0  # the write was stuck, never failed
+    _report("livez on a stuck write", stall_bound_s=3.0, livez_failed_after_s=round(t_failed, 1))
+
+
+def _livez_body(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
+            return str(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        return str(exc.read().decode())
