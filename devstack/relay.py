@@ -124,6 +124,7 @@ class Relay:
 
     target: tuple[str, int]
     listener: socket.socket
+    port: int
     delay_s: float = 0.0
     _links: list[_Link] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -132,18 +133,13 @@ class Relay:
     @classmethod
     def start(cls, host: str, port: int) -> Relay:
         listener = socket.create_server(("127.0.0.1", 0))
-        relay = cls((host, port), listener)
+        relay = cls((host, port), listener, listener.getsockname()[1])
         threading.Thread(target=relay._accept, daemon=True, name="relay-accept").start()
         return relay
 
     @property
     def host(self) -> str:
         return "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        port: int = self.listener.getsockname()[1]
-        return port
 
     @property
     def open_connections(self) -> int:
