@@ -356,8 +356,10 @@ class Storage:
             min_size=min_size,
             max_size=max_size,
             open=False,
-            kwargs={"autocommit": False},
-            configure=_configure,
+            # statement_timeout as a startup option, not a statement: a new
+            # connection makes no round trip outside a deadline (README:
+            # Failure handling); the server still ends a runaway statement.
+            kwargs={"autocommit": False, "options": "-c statement_timeout=60s"},
             # A connection broken by a database restart is found and replaced on
             # checkout; the check runs inside the round trip's deadline.
             check=_check,
@@ -425,6 +427,7 @@ class Storage:
             with conn.transaction():
                 inserted = 0
                 if rows:
+                    conn.execute(_STAGE)  # once per connection; later a no-op
                     self._copy(conn, _COPY_STAGE, rows)
                     cur = conn.execute(
                         _MERGE_ON_CONFLICT if self._dedup_index else _MERGE_NOT_EXISTS
@@ -494,13 +497,6 @@ class Storage:
             return SchemaInfo(hypertable, self._dedup_index, removed, conflicts)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
-
-
-def _configure(conn: Conn) -> None:
-    # Bound how long a write in a worker thread can block (threads can't be cancelled).
-    conn.execute("SET statement_timeout = '60s'")
-    conn.execute(_STAGE)
-    conn.commit()
 
 
 def _maybe_hypertable(conn: Conn) -> bool:

@@ -30,7 +30,9 @@ from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.relay import Relay
+from notip_trio.envelope import Row
 from notip_trio.metrics import Metrics
+from notip_trio.storage import DeadlineExceeded, Storage
 
 from ._inprocess import daemon_settings, running_daemon, until
 
@@ -330,3 +332,54 @@ def _livez_body(port: int) -> str:
             return str(resp.read().decode())
     except urllib.error.HTTPError as exc:
         return str(exc.read().decode())
+
+
+def _row(i: int) -> Row:
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
+    return Row(t, "t1", "gw-1", "s1", "temperature", "ZGF0YQ==", "aXY=", "dGFn", 1)
+
+
+async def test_storage_cuts_frozen_connections_and_goes_on_with_fresh_ones(
+    pg_server, pg_database, pg_relay
+):
+    """Storage alone: a write, a ping and a cancelled write on frozen connections
+    each come back (cut), and the next write succeeds on a fresh connection."""
+    conninfo = pg_server.conninfo(pg_database.name, port=pg_relay.port)
+    # One connection, so that a successful call before each freeze shows the
+    # connection in the pool is the one the freeze catches.
+    storage = Storage.create(conninfo, min_size=1, max_size=1, write_timeout_s=2.0)
+    with trio.fail_after(60):
+        await storage.open(timeout_s=10)
+        try:
+            await storage.migrate()
+            assert (await storage.write_batch([_row(i) for i in range(100)], [])).inserted == 100
+
+            assert pg_relay.freeze_open() >= 1
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await storage.write_batch([_row(i) for i in range(100, 200)], [])
+            cut_after = time.monotonic() - t0
+            t0 = time.monotonic()
+            result = await storage.write_batch([_row(i) for i in range(100, 200)], [])
+            fresh_after = time.monotonic() - t0
+            assert (result.inserted, result.duplicates) == (100, 0)
+
+            pg_relay.freeze_open()
+            with pytest.raises(DeadlineExceeded):
+                await storage.ping(timeout_s=1.0)
+            await storage.ping(timeout_s=5.0)
+            pg_relay.freeze_open()
+            with trio.move_on_after(0.5) as scope:  # e.g. the shutdown drain running out
+                await storage.write_batch([_row(i) for i in range(200, 300)], [])
+            assert scope.cancelled_caught
+            result = await storage.write_batch([_row(i) for i in range(200, 300)], [])
+            assert result.inserted + result.duplicates == 100
+            assert _count(pg_database.conninfo) == (300, 300)
+        finally:
+            await storage.close()
+    _report(
+        "storage cut",
+        deadline_s=2.0,
+        write_cut_after_s=round(cut_after, 2),
+        next_write_s=round(fresh_after, 2),
+    )
