@@ -142,6 +142,10 @@ class DatabaseError(Exception):
 class DeadlineExceeded(DatabaseError):
     """No answer within the round trip's deadline; its connections were abandoned."""
 
+    def __init__(self, message: str, *, connections_cut: int = 0) -> None:
+        super().__init__(message)
+        self.connections_cut = connections_cut
+
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -243,7 +247,9 @@ async def bounded(fn: Callable[[], T], timeout_s: float) -> T:
         await returned.wait()
     if not returned.is_set():
         log.error("database_thread_left_behind", grace_s=CUT_GRACE_S)
-    raise DeadlineExceeded(f"no answer within {timeout_s:g} s; connection abandoned")
+    raise DeadlineExceeded(
+        f"no answer within {timeout_s:g} s; connection abandoned", connections_cut=cut
+    )
 
 
 def _hold_connection(conn: Conn) -> None:
@@ -403,10 +409,12 @@ class Storage:
         timeout_s = self._write_timeout_s if timeout_s is None else timeout_s
         try:
             return await bounded(fn, timeout_s)
-        except DeadlineExceeded:
-            # The path that swallowed this round trip likely holds the idle
-            # connections too: replace them all rather than time out on each.
-            await trio.to_thread.run_sync(self._pool.drain, abandon_on_cancel=True)
+        except DeadlineExceeded as exc:
+            if exc.connections_cut:
+                # The path that swallowed this round trip likely holds the idle
+                # connections too: replace them all rather than time out on each.
+                # (Not when it only waited for a free connection: a busy pool.)
+                await trio.to_thread.run_sync(self._pool.drain, abandon_on_cancel=True)
             raise
         except (psycopg.Error, psycopg_pool.PoolTimeout, _Cut) as exc:
             raise DatabaseError(f"{type(exc).__name__}: {exc}".strip()) from None

@@ -101,6 +101,7 @@ async def test_the_deadline_cuts_the_connection_and_the_thread_returns(
         assert trio.current_time() == 15.0  # exactly at the deadline
     assert isinstance(error, DeadlineExceeded)
     assert str(error) == "no answer within 15 s; connection abandoned"
+    assert error.connections_cut == 1
     assert isinstance(error, DatabaseError)  # ingest naks on DatabaseError
     assert (conn.cut_count, conn.released) == (1, 1)
 
