@@ -176,14 +176,18 @@ class RoundTrip:
         self.cut_done = False
 
     def hold(self, key: object, cut: Callable[[], None], release: Callable[[], None]) -> None:
+        """Hold `key` until `let_go` (a second hold of it keeps the first).
+
+        Raises `_Cut` (after `release()`) once the round trip has been cut."""
         with self._lock:
-            if self.cut_done:
-                release()
-                raise _Cut
-            old = self._held.pop(id(key), None)
-            self._held[id(key)] = (cut, release)
-        if old is not None:
-            old[1]()
+            fresh = not self.cut_done and id(key) not in self._held
+            if fresh:
+                self._held[id(key)] = (cut, release)
+            refused = self.cut_done
+        if not fresh:
+            release()
+        if refused:
+            raise _Cut
 
     def let_go(self, key: object) -> None:
         with self._lock:
@@ -259,6 +263,8 @@ def _hold_connection(conn: Conn) -> None:
     trip = current_round_trip()
     if trip is None:
         return
+    if trip.cut_done:
+        raise _Cut
     try:
         sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
     except (psycopg.Error, OSError):
@@ -295,7 +301,11 @@ class _Pool(psycopg_pool.ConnectionPool[Conn]):
         if trip is not None and trip.cut_done:
             raise _Cut
         conn = super().getconn(timeout)
-        _hold_connection(conn)
+        try:
+            _hold_connection(conn)
+        except _Cut:
+            super().putconn(conn)  # cut while waiting for it: give it back unused
+            raise
         return conn
 
     def putconn(self, conn: Conn) -> None:

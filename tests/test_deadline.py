@@ -176,8 +176,9 @@ def test_round_trip_bookkeeping() -> None:
     a, b = object(), object()
     trip.hold(a, *make("a"))
     trip.hold(b, *make("b"))
+    trip.hold(b, *make("b again"))  # held already: the new handle is released at once
     trip.let_go(a)
     trip.let_go(a)  # twice: no-op
     assert trip.cut() == 1
-    assert calls == ["release a", "cut b", "release b"]
+    assert calls == ["release b again", "release a", "cut b", "release b"]
     assert trip.cut() == 0
