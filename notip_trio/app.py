@@ -45,6 +45,7 @@ from .livestate import PgStateStore, StateStore
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
+from .progress import ProgressWatchdog
 from .storage import DatabaseError, Storage
 
 log = get_logger(__name__)
@@ -116,7 +117,11 @@ async def run_daemon(
     stop = stop if stop is not None else trio.Event()
     async with trio_asyncio.open_loop():
         storage = Storage.create(
-            settings.db_conninfo(), min_size=settings.db_min_conns, max_size=settings.db_max_conns
+            settings.db_conninfo(),
+            min_size=settings.db_min_conns,
+            max_size=settings.db_max_conns,
+            write_timeout_s=settings.db_write_timeout_ms / 1000,
+            migrate_timeout_s=settings.db_migrate_timeout_ms / 1000,
         )
         await storage.open(timeout_s=30.0)
         try:
@@ -134,6 +139,8 @@ async def run_daemon(
                 cert=str(settings.nats_tls_cert),
                 key=str(settings.nats_tls_key),
                 connect_timeout_s=settings.nats_connect_timeout_s,
+                ping_interval_s=settings.nats_ping_interval_s,
+                max_outstanding_pings=settings.nats_max_outstanding_pings,
                 metrics=metrics,
             )
             try:
@@ -171,8 +178,19 @@ async def _serve(
     store: StateStore,
     lock: Lock,
 ) -> None:
-    ingest_state = IngestState()
+    watchdog = ProgressWatchdog(
+        stall_s=settings.livez_stall_ms / 1000,
+        tick_s=settings.heartbeat_tick_ms / 1000,
+        started_at=trio.current_time(),
+    )
+    ingest_state = IngestState(progress=watchdog.ingest)
     health = Health(storage, bridge, ingest_state)
+
+    def live() -> list[str]:
+        now = trio.current_time()
+        watchdog.nats_connected(bridge.connected, now)
+        return watchdog.problems(now)
+
     mgmt = MgmtClient(bridge)
     cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
     drain_s = settings.shutdown_drain_ms / 1000
@@ -202,14 +220,14 @@ async def _serve(
             grace_until=grace_until,
             concurrency=settings.liveness_query_concurrency,
         )
-        await lead_liveness(tracker, tick_s)
+        await lead_liveness(tracker, tick_s, observer=watchdog)
 
     pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
     decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
 
     async with trio.open_nursery() as root:
         port = await root.start(
-            run_http_server,
+            functools.partial(run_http_server, liveness=live),
             settings.metrics_host,
             settings.metrics_port,
             metrics.registry,

@@ -58,6 +58,13 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "LIVENESS_CATCHUP_MAX_MS": "300000",
     "SHUTDOWN_DRAIN_MS": "8000",
     "LOG_LEVEL": "INFO",
+    # deadlines on network waits (README: Failure handling)
+    "DB_WRITE_TIMEOUT_MS": "15000",
+    "DB_MIGRATE_TIMEOUT_MS": "600000",
+    "DB_TCP_USER_TIMEOUT_MS": "30000",
+    "NATS_PING_INTERVAL_SECONDS": "5",
+    "NATS_MAX_OUTSTANDING_PINGS": "2",
+    "LIVEZ_STALL_MS": "120000",
 }
 # Optional without a default: needed only for DB_SSL_MODE verify-ca / verify-full.
 OPTIONAL_VARIABLES: Final = ("DB_SSL_ROOT_CERT",)
@@ -110,6 +117,12 @@ class Settings:
     liveness_catchup_max_ms: int = 300000
     shutdown_drain_ms: int = 8000
     log_level: str = "INFO"
+    db_write_timeout_ms: int = 15000
+    db_migrate_timeout_ms: int = 600000
+    db_tcp_user_timeout_ms: int = 30000
+    nats_ping_interval_s: int = 5
+    nats_max_outstanding_pings: int = 2
+    livez_stall_ms: int = 120000
 
     def __repr__(self) -> str:  # never print the password
         return f"Settings(nats_url={self.nats_url!r}, db_host={self.db_host!r}, ...)"
@@ -131,6 +144,15 @@ class Settings:
             "password": self.db_password,
             "sslmode": self.db_ssl_mode,
             "application_name": "notip-trio",
+            # A dead path is found by the kernel too (README: Failure handling):
+            # unacknowledged data for longer than tcp_user_timeout, or an idle
+            # connection that misses its keepalives, fails the socket.
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": self.db_tcp_user_timeout_ms,
         }
         if self.db_ssl_root_cert is not None:
             params["sslrootcert"] = str(self.db_ssl_root_cert)
@@ -267,4 +289,10 @@ def _load(env: environs.Env) -> Settings:
         liveness_catchup_max_ms=pos_int("LIVENESS_CATCHUP_MAX_MS"),
         shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS"),
         log_level=log_level,
+        db_write_timeout_ms=pos_int("DB_WRITE_TIMEOUT_MS", minimum=100),
+        db_migrate_timeout_ms=pos_int("DB_MIGRATE_TIMEOUT_MS", minimum=1000),
+        db_tcp_user_timeout_ms=pos_int("DB_TCP_USER_TIMEOUT_MS", minimum=1000),
+        nats_ping_interval_s=pos_int("NATS_PING_INTERVAL_SECONDS"),
+        nats_max_outstanding_pings=pos_int("NATS_MAX_OUTSTANDING_PINGS"),
+        livez_stall_ms=pos_int("LIVEZ_STALL_MS", minimum=1000),
     )

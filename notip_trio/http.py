@@ -3,8 +3,9 @@
 Routes, all GET:
 
 - ``/metrics``: the Prometheus text exposition of the registry.
-- ``/livez``: 200 ``ok`` for as long as this task runs (it runs inside the
-  daemon's task tree, so it answers exactly while the tree is alive).
+- ``/livez``: 200 ``ok`` while the daemon makes progress: ``liveness()``
+  (synchronous, no I/O: the progress watchdog) returns no problem. Otherwise
+  503 with one problem per line. Nothing answers once the task tree is gone.
 - ``/readyz`` and ``/healthz`` (kept from the Go service): await ``readiness()``,
   bounded by ``readiness_timeout``. An empty list of reasons means 200 ``ok``;
   otherwise 503 with one reason per line. A readiness check that times out or
@@ -31,6 +32,11 @@ from notip_trio.log import get_logger
 log = get_logger(__name__)
 
 Readiness = Callable[[], Awaitable[list[str]]]
+Liveness = Callable[[], list[str]]
+
+
+def _always_live() -> list[str]:
+    return []
 
 _MAX_HEADER_BYTES = 16 * 1024
 _MAX_BODY_BYTES = 16 * 1024
@@ -56,6 +62,7 @@ async def run_http_server(
     registry: CollectorRegistry,
     readiness: Readiness,
     *,
+    liveness: Liveness = _always_live,
     readiness_timeout: float = 2.0,
     request_timeout: float = 10.0,
     max_connections: int = 64,
@@ -86,7 +93,9 @@ async def run_http_server(
         # One connection's trouble (a reset, a protocol error, a bug) must not
         # take the server down with it.
         try:
-            await _serve_connection(stream, registry, readiness, readiness_timeout, request_timeout)
+            await _serve_connection(
+                stream, registry, readiness, liveness, readiness_timeout, request_timeout
+            )
         except _CLIENT_ERRORS as exc:
             log.debug("http_connection_error", error=f"{type(exc).__name__}: {exc}")
         except Exception:
@@ -103,6 +112,7 @@ async def _serve_connection(
     stream: trio.SocketStream,
     registry: CollectorRegistry,
     readiness: Readiness,
+    liveness: Liveness,
     readiness_timeout: float,
     request_timeout: float,
 ) -> None:
@@ -125,7 +135,7 @@ async def _serve_connection(
                 head = request.method == b"HEAD"
                 try:
                     status, body, headers = await _route(
-                        request, registry, readiness, readiness_timeout
+                        request, registry, readiness, liveness, readiness_timeout
                     )
                 except Exception:  # e.g. a collector that raises: a 500, not a dead server
                     log.error(
@@ -178,6 +188,7 @@ async def _route(
     request: h11.Request,
     registry: CollectorRegistry,
     readiness: Readiness,
+    liveness: Liveness,
     readiness_timeout: float,
 ) -> tuple[int, bytes, list[tuple[str, str]]]:
     path = request.target.decode("ascii", "replace").split("?", 1)[0]
@@ -189,6 +200,9 @@ async def _route(
     if path == "/metrics":
         return 200, generate_latest(registry), [("Content-Type", CONTENT_TYPE_LATEST)]
     if path == "/livez":
+        if problems := liveness():
+            log.warning("livez_failing", problems=problems)
+            return 503, "".join(f"{problem}\n" for problem in problems).encode(), text
         return 200, b"ok\n", text
     reasons = ["readiness check timed out"]
     with trio.move_on_after(readiness_timeout):

@@ -31,6 +31,7 @@ from .jetstream import Acker, JsMsg
 from .livestate import Key
 from .log import get_logger
 from .metrics import Metrics
+from .progress import IngestProgress
 from .storage import DatabaseError, RejectedRecord, WriteResult
 
 log = get_logger(__name__)
@@ -64,6 +65,7 @@ class IngestState:
     running: bool = False
     last_write_ok: bool = True
     last_error: str = ""
+    progress: IngestProgress = field(default_factory=IngestProgress)  # what /livez needs
 
 
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -148,7 +150,13 @@ async def run_ingest(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                _decode_stage, pulled, prepared_tx, metrics, max_body, rejected_body_max
+                _decode_stage,
+                pulled,
+                prepared_tx,
+                metrics,
+                state.progress,
+                max_body,
+                rejected_body_max,
             )
             nursery.start_soon(_write_stage, prepared_rx, writer, acker, metrics, state)
             task_status.started()
@@ -160,11 +168,16 @@ async def _decode_stage(
     pulled: trio.MemoryReceiveChannel[list[JsMsg]],
     prepared_tx: trio.MemorySendChannel[Prepared],
     metrics: Metrics,
+    progress: IngestProgress,
     max_body: int,
     rejected_body_max: int,
 ) -> None:
     async with pulled, prepared_tx:
         async for msgs in pulled:
+            last = msgs[-1].delivery if msgs else None
+            progress.received(
+                len(msgs), last.pending if last is not None else None, trio.current_time()
+            )
             batch = prepare(
                 msgs, max_body=max_body, rejected_body_max=rejected_body_max, metrics=metrics
             )
@@ -196,6 +209,9 @@ async def _write_stage(
                 )
                 await acker.nak(batch.good + batch.bad, delay_s=backoff)
                 metrics.consumer_ack_pending.dec(len(batch.good) + len(batch.bad))
+                state.progress.settled(
+                    len(batch.good) + len(batch.bad), committed=False, now=trio.current_time()
+                )
                 await trio.sleep(backoff)
                 continue
             if not state.last_write_ok:
@@ -215,6 +231,9 @@ async def _write_stage(
             await acker.ack(batch.good)
             await acker.term(batch.bad)
             metrics.consumer_ack_pending.dec(len(batch.good) + len(batch.bad))
+            state.progress.settled(
+                len(batch.good) + len(batch.bad), committed=True, now=trio.current_time()
+            )
             metrics.messages_written.inc(result.inserted)
             metrics.rejected_stored.inc(len(batch.rejected))
             if result.duplicates:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Final, NoReturn, Protocol
 
 import trio
 
@@ -373,23 +373,61 @@ class LivenessTracker:
         m.gateways_offline.set(len(self._offline))
 
 
-async def lead_liveness(tracker: LivenessTracker, tick_s: float) -> None:
+class TickObserver(Protocol):
+    """Told when leading begins and ends and when each tick begins and ends
+    (the progress watchdog behind /livez)."""
+
+    def lead_started(self, now: float) -> None: ...
+
+    def lead_ended(self) -> None: ...
+
+    def tick_started(self, now: float) -> None: ...
+
+    def tick_finished(self, now: float) -> None: ...
+
+
+async def lead_liveness(
+    tracker: LivenessTracker, tick_s: float, observer: TickObserver | None = None
+) -> None:
     """The leader's work: load the state, then tick on schedule until cancelled.
 
     While the database cannot be read, the load is retried every tick.
     """
-    while True:
-        try:
-            await tracker.take_over()
-            break
-        except DatabaseError as exc:
-            log.warning("liveness_state_load_failed", error=str(exc)[:300], retry_in_s=tick_s)
-            await trio.sleep(tick_s)
+    if observer is not None:
+        observer.lead_started(trio.current_time())
+    try:
+        while True:
+            try:
+                # Each attempt counts as a tick for the watchdog: the leader is at work.
+                if observer is not None:
+                    observer.tick_started(trio.current_time())
+                try:
+                    await tracker.take_over()
+                finally:
+                    if observer is not None:
+                        observer.tick_finished(trio.current_time())
+                break
+            except DatabaseError as exc:
+                log.warning("liveness_state_load_failed", error=str(exc)[:300], retry_in_s=tick_s)
+                await trio.sleep(tick_s)
+        await _tick_forever(tracker, tick_s, observer)
+    finally:
+        if observer is not None:
+            observer.lead_ended()
+
+
+async def _tick_forever(
+    tracker: LivenessTracker, tick_s: float, observer: TickObserver | None
+) -> NoReturn:
     start = trio.current_time()
     n = 1
     while True:
         await trio.sleep_until(start + n * tick_s)
+        if observer is not None:
+            observer.tick_started(trio.current_time())
         await tracker.tick()
+        if observer is not None:
+            observer.tick_finished(trio.current_time())
         # A tick that overran (slow management API) skips the slots it missed
         # instead of running back to back; the schedule keeps its phase.
         behind = int((trio.current_time() - start) // tick_s)

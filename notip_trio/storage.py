@@ -2,9 +2,16 @@
 
 psycopg 3's *sync* connections run in worker threads (`trio.to_thread`): measured
 faster than its asyncio connection through trio-asyncio (README: Storage), and it
-keeps the database off the asyncio bridge. A thread cannot be interrupted, so a
-write in flight always finishes (or fails) before cancellation takes effect;
-`statement_timeout` and `connect_timeout` bound how long that can be.
+keeps the database off the asyncio bridge.
+
+Every round trip has a deadline (`_run`). A thread cannot be interrupted and a
+server that stopped answering never sends the error `statement_timeout` would
+make, so when the deadline passes (or the caller is cancelled) the round trip
+is cut loose: the socket of every connection it holds is shut down under the
+blocked call, libpq fails at once, the worker thread returns, the pool discards
+the broken connection, and the idle ones (likely behind the same dead path) are
+replaced too. Statements that take connections from `self._pool` inside `_run`
+get this without doing anything (`_Pool` and `_check` register them).
 
 Effectively once: a unique index on (tenant_id, gateway_id, sensor_id, time)
 and `INSERT ... SELECT FROM <staging> ON CONFLICT DO NOTHING` after a COPY into
@@ -13,11 +20,15 @@ a temporary staging table, so a redelivered message never makes a second row.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
+import os
+import socket
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -25,6 +36,7 @@ import trio
 from psycopg import sql
 
 from . import livestate
+from .config import DEFAULTS
 from .envelope import Row
 from .log import get_logger
 
@@ -138,6 +150,180 @@ class DatabaseError(Exception):
     """The database could not be reached or refused a write; the batch was not committed."""
 
 
+class DeadlineExceeded(DatabaseError):
+    """No answer within the round trip's deadline; its connections were abandoned."""
+
+    def __init__(self, message: str, *, connections_cut: int = 0) -> None:
+        super().__init__(message)
+        self.connections_cut = connections_cut
+
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+# After cutting a round trip loose, wait this long for its thread to return
+# before leaving it behind (it then still returns its connection when it ends).
+CUT_GRACE_S: Final = 5.0
+WRITE_TIMEOUT_S: Final = int(DEFAULTS["DB_WRITE_TIMEOUT_MS"]) / 1000
+MIGRATE_TIMEOUT_S: Final = int(DEFAULTS["DB_MIGRATE_TIMEOUT_MS"]) / 1000
+
+
+class _Cut(BaseException):
+    """Raised in a worker thread that asks for a connection after its round trip
+    was cut. A BaseException so the pool gives the connection back and stops
+    retrying (it retries checks that fail with an Exception)."""
+
+
+class RoundTrip:
+    """What one round trip holds, so that its deadline can cut it loose. Thread-safe.
+
+    The worker thread `hold`s each connection it uses (with a way to cut it and
+    a way to let it go); `cut` runs every cutter once and makes later `hold`s
+    raise. Pure bookkeeping: `_run` owns the timing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[Callable[[], None], Callable[[], None]]] = {}
+        self.cut_done = False
+
+    def hold(self, key: object, cut: Callable[[], None], release: Callable[[], None]) -> None:
+        """Hold `key` until `let_go` (a second hold of it keeps the first).
+
+        Raises `_Cut` (after `release()`) once the round trip has been cut."""
+        with self._lock:
+            fresh = not self.cut_done and id(key) not in self._held
+            if fresh:
+                self._held[id(key)] = (cut, release)
+            refused = self.cut_done
+        if not fresh:
+            release()
+        if refused:
+            raise _Cut
+
+    def let_go(self, key: object) -> None:
+        with self._lock:
+            entry = self._held.pop(id(key), None)
+        if entry is not None:
+            entry[1]()
+
+    def cut(self) -> int:
+        """Cut every held connection; returns how many."""
+        with self._lock:
+            self.cut_done = True
+            held, self._held = list(self._held.values()), {}
+        for cut, release in held:
+            try:
+                cut()
+            finally:
+                release()
+        return len(held)
+
+
+_local = threading.local()  # .trip: the RoundTrip of the worker thread's current call
+
+
+def current_round_trip() -> RoundTrip | None:
+    """The round trip this worker thread runs for (None outside `bounded`)."""
+    trip: RoundTrip | None = getattr(_local, "trip", None)
+    return trip
+
+
+async def bounded(fn: Callable[[], T], timeout_s: float) -> T:
+    """Run `fn` in a worker thread; cut its connections loose at the deadline or
+    when the caller is cancelled.
+
+    On the deadline raises `DeadlineExceeded` (whatever the thread then raised
+    is dropped); on cancellation lets `Cancelled` through without waiting for
+    the thread. Exceptions from `fn` before the deadline pass through.
+    """
+    trip = RoundTrip()
+    token = trio.lowlevel.current_trio_token()
+    returned = trio.Event()
+
+    def in_thread() -> T:
+        _local.trip = trip
+        try:
+            return fn()
+        finally:
+            _local.trip = None
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(returned.set)
+
+    deadline = trio.current_time() + timeout_s
+    try:
+        with trio.move_on_at(deadline):
+            return await trio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
+    except trio.Cancelled:
+        trip.cut()  # the caller gave up: nothing must stay blocked on its behalf
+        raise
+    cut = trip.cut()
+    log.warning("database_deadline_exceeded", timeout_s=timeout_s, connections_cut=cut)
+    with trio.move_on_after(CUT_GRACE_S):
+        await returned.wait()
+    if not returned.is_set():
+        log.error("database_thread_left_behind", grace_s=CUT_GRACE_S)
+    raise DeadlineExceeded(
+        f"no answer within {timeout_s:g} s; connection abandoned", connections_cut=cut
+    )
+
+
+def _hold_connection(conn: Conn) -> None:
+    """Register `conn` with this thread's round trip (if any), by a duplicate of
+    its socket: shutting that down fails libpq's blocked call, and the duplicate
+    keeps the socket from being reused under us should libpq close its own fd."""
+    trip = current_round_trip()
+    if trip is None:
+        return
+    if trip.cut_done:
+        raise _Cut
+    try:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except (psycopg.Error, OSError):
+        return  # already broken: nothing to cut
+
+    def cut() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    trip.hold(conn, cut, sock.close)
+
+
+def _let_go_connection(conn: Conn) -> None:
+    trip = current_round_trip()
+    if trip is not None:
+        trip.let_go(conn)
+
+
+def _check(conn: Conn) -> None:
+    """The pool's check on checkout, itself inside the round trip's deadline."""
+    _hold_connection(conn)
+    try:
+        psycopg_pool.ConnectionPool.check_connection(conn)
+    except BaseException:
+        _let_go_connection(conn)
+        raise
+
+
+class _Pool(psycopg_pool.ConnectionPool[Conn]):
+    """A pool whose checked-out connections belong to the current round trip."""
+
+    def getconn(self, timeout: float | None = None) -> Conn:
+        trip = current_round_trip()
+        if trip is not None and trip.cut_done:
+            raise _Cut
+        conn = super().getconn(timeout)
+        try:
+            _hold_connection(conn)
+        except _Cut:
+            super().putconn(conn)  # cut while waiting for it: give it back unused
+            raise
+        return conn
+
+    def putconn(self, conn: Conn) -> None:
+        _let_go_connection(conn)
+        super().putconn(conn)
+
+
 @dataclass(frozen=True, slots=True)
 class RejectedRecord:
     received_at: dt.datetime
@@ -167,26 +353,46 @@ class Storage:
     """A connection pool and the statements the daemon runs. All methods are async
     and run psycopg in a worker thread; errors come out as `DatabaseError`."""
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool) -> None:
+    def __init__(
+        self,
+        pool: psycopg_pool.ConnectionPool[Conn],
+        *,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
+        migrate_timeout_s: float = MIGRATE_TIMEOUT_S,
+    ) -> None:
         self._pool = pool
         self._dedup_index = True
+        self._write_timeout_s = write_timeout_s
+        self._migrate_timeout_s = migrate_timeout_s
 
     # ---- lifecycle -------------------------------------------------------
 
     @classmethod
-    def create(cls, conninfo: str, *, min_size: int, max_size: int) -> Storage:
-        pool = psycopg_pool.ConnectionPool(
+    def create(
+        cls,
+        conninfo: str,
+        *,
+        min_size: int,
+        max_size: int,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
+        migrate_timeout_s: float = MIGRATE_TIMEOUT_S,
+    ) -> Storage:
+        """`write_timeout_s` is the deadline of every round trip but migrations."""
+        pool = _Pool(
             conninfo,
             min_size=min_size,
             max_size=max_size,
             open=False,
-            kwargs={"autocommit": False},
-            configure=_configure,
-            # A connection broken by a database restart is found and replaced on checkout.
-            check=psycopg_pool.ConnectionPool.check_connection,
+            # statement_timeout as a startup option, not a statement: a new
+            # connection makes no round trip outside a deadline (README:
+            # Failure handling); the server still ends a runaway statement.
+            kwargs={"autocommit": False, "options": "-c statement_timeout=60s"},
+            # A connection broken by a database restart is found and replaced on
+            # checkout; the check runs inside the round trip's deadline.
+            check=_check,
             name="notip-trio",
         )
-        return cls(pool)
+        return cls(pool, write_timeout_s=write_timeout_s, migrate_timeout_s=migrate_timeout_s)
 
     async def open(self, *, timeout_s: float) -> None:
         """Open the pool and wait until one connection works, or raise DatabaseError."""
@@ -201,14 +407,14 @@ class Storage:
     # ---- statements ------------------------------------------------------
 
     async def migrate(self) -> SchemaInfo:
-        return await self._run(self._migrate_sync)
+        return await self._run(self._migrate_sync, timeout_s=self._migrate_timeout_s)
 
     async def ping(self, *, timeout_s: float = 2.0) -> None:
         def _ping() -> None:
             with self._pool.connection(timeout=timeout_s) as conn:
                 conn.execute("SELECT 1")
 
-        await self._run(_ping)
+        await self._run(_ping, timeout_s=timeout_s)
 
     async def write_batch(
         self,
@@ -231,10 +437,20 @@ class Storage:
 
     # ---- sync internals (worker thread) ---------------------------------
 
-    async def _run(self, fn: Callable[[], T]) -> T:
+    async def _run(self, fn: Callable[[], T], *, timeout_s: float | None = None) -> T:
+        """`fn()` in a worker thread under a deadline (the write timeout unless
+        given); every error comes out as `DatabaseError`."""
+        timeout_s = self._write_timeout_s if timeout_s is None else timeout_s
         try:
-            return await trio.to_thread.run_sync(fn)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            return await bounded(fn, timeout_s)
+        except DeadlineExceeded as exc:
+            if exc.connections_cut:
+                # The path that swallowed this round trip likely holds the idle
+                # connections too: replace them all rather than time out on each.
+                # (Not when it only waited for a free connection: a busy pool.)
+                await trio.to_thread.run_sync(self._pool.drain, abandon_on_cancel=True)
+            raise
+        except (psycopg.Error, psycopg_pool.PoolTimeout, _Cut) as exc:
             raise DatabaseError(f"{type(exc).__name__}: {exc}".strip()) from None
 
     def _write_sync(
@@ -259,6 +475,7 @@ class Storage:
             with conn.transaction():
                 inserted = 0
                 if rows:
+                    conn.execute(_STAGE)  # once per connection; later a no-op
                     self._copy(conn, _COPY_STAGE, rows)
                     cur = conn.execute(
                         _MERGE_ON_CONFLICT if self._dedup_index else _MERGE_NOT_EXISTS
@@ -269,7 +486,7 @@ class Storage:
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     @staticmethod
-    def _copy(conn: psycopg.Connection[tuple[object, ...]], stmt: str, rows: Sequence[Row]) -> None:
+    def _copy(conn: Conn, stmt: str, rows: Sequence[Row]) -> None:
         with conn.cursor().copy(stmt) as copy:
             copy.set_types(_COPY_TYPES)
             for row in rows:
@@ -277,7 +494,7 @@ class Storage:
 
     @staticmethod
     def _insert_rejected(
-        conn: psycopg.Connection[tuple[object, ...]], rejected: Sequence[RejectedRecord]
+        conn: Conn, rejected: Sequence[RejectedRecord]
     ) -> None:
         if not rejected:
             return
@@ -297,7 +514,7 @@ class Storage:
             finally:
                 conn.autocommit = False
 
-    def _migrate_locked(self, conn: psycopg.Connection[tuple[object, ...]]) -> SchemaInfo:
+    def _migrate_locked(self, conn: Conn) -> SchemaInfo:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
             # Before any DDL: with an unpreloaded extension, DDL alone ends the connection.
@@ -318,7 +535,7 @@ class Storage:
                     conn.execute(_DEDUP)
                 except psycopg.errors.UniqueViolation:
                     row = conn.execute(_COUNT_KEY_CONFLICTS).fetchone()
-                    conflicts = int(row[0]) if row else 0  # type: ignore[call-overload]
+                    conflicts = int(row[0]) if row else 0
             self._dedup_index = conflicts == 0
             if not self._dedup_index:
                 log.warning(
@@ -333,17 +550,6 @@ class Storage:
             return SchemaInfo(hypertable, self._dedup_index, removed, conflicts)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
-
-
-def _configure(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    # Bound how long a write in a worker thread can block (threads can't be cancelled).
-    conn.execute("SET statement_timeout = '60s'")
-    # An unpreloaded timescaledb extension in the database turns any DDL (its event
-    # triggers) into a lost connection: leave the staging table out, so the pool
-    # opens and migrate() stops with one clear line instead.
-    if timescaledb_plan(probe_timescaledb(conn)) is not TimescalePlan.STOP_NOT_PRELOADED:
-        conn.execute(_STAGE)
-    conn.commit()
 
 
 # ---- TimescaleDB: use it only where it can work -------------------------------
@@ -452,7 +658,7 @@ def decide_timescaledb(conn: psycopg.Connection[tuple[object, ...]]) -> Timescal
     return plan
 
 
-def _make_hypertable(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+def _make_hypertable(conn: Conn) -> None:
     conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     conn.execute(
         sql.SQL(

@@ -2,7 +2,7 @@
 the stream (SPEC.md Behaviour 3: deterministic `Nats-Msg-Id`, server dedup).
 
 Rules: a real nats-server (mTLS, JetStream) from the fixtures; the daemon's
-`NatsBridge` reaches it through a TCP relay of the test (tests/_relay.py) that
+`NatsBridge` reaches it through the toolkit's TCP relay (devstack/relay.py) that
 can hold back everything the server sends, so a publish is stored by the
 server while its PubAck never arrives. The liveness tracker is the real one;
 the management API is an in-memory fake (every gateway online) and the status
@@ -19,13 +19,13 @@ import trio_asyncio
 
 from devstack import js as _js
 from devstack.natsd import NatsServer
+from devstack.relay import Relay
 from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.jetstream import NatsBridge
 from notip_trio.liveness import LivenessTracker
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient
 from notip_trio.wire import offline_alert_msg_id
-from tests._relay import FreezableRelay
 from tests.ingest_fakes import value
 from tests.liveness_fakes import (
     CaughtUp,
@@ -43,15 +43,14 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
 ) -> None:
     server = private_nats_server
     client = server.client("notip-trio")
-    relay = FreezableRelay("127.0.0.1", server.port)
+    relay = Relay.start("127.0.0.1", server.port)
     metrics, sink, store = Metrics(), RecordingSink(), FakeStore()
     # Heard long ago with a 30 s timeout: due at the first tick.
     store.record(("t1", "gw-1"), LAST_SEEN)
     with trio.fail_after(120):
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(relay.run)
+        with relay:
             bridge = await NatsBridge.connect(
-                f"tls://127.0.0.1:{port}",
+                f"tls://127.0.0.1:{relay.port}",
                 ca=str(client.ca),
                 cert=str(client.cert),
                 key=str(client.key),
@@ -71,7 +70,7 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
                 )
                 await tracker.take_over()
 
-                relay.freeze_replies()
+                relay.freeze_open(replies_only=True)
                 await tracker.tick()  # the publish reaches the server; its PubAck does not
                 stored_without_ack = await trio.to_thread.run_sync(
                     _js.stream_count, server, "ALERTS"
@@ -81,11 +80,10 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
                 assert tracker.status("t1", "gw-1") == "online"  # not marked before a PubAck
                 assert [u.status for u in sink.updates] == ["online"]
 
-                relay.thaw()
+                relay.unfreeze()
                 await tracker.tick()  # the same alert again, the same Nats-Msg-Id
             finally:
                 await bridge.close()
-            nursery.cancel_scope.cancel()
         alerts = await trio.to_thread.run_sync(_js.stream_messages, server, "ALERTS")
     assert stored_without_ack == 1  # the first attempt was stored: only its PubAck was lost
     assert [(s, b["gatewayId"], h["Nats-Msg-Id"]) for s, b, h in alerts] == [
@@ -97,4 +95,4 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
         ("online", LAST_SEEN),
         ("offline", LAST_SEEN),
     ]
-    assert relay.connections == 1  # one connection all along: no reconnect hid anything
+    assert relay.accepted == 1  # one connection all along: no reconnect hid anything

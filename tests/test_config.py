@@ -56,6 +56,23 @@ def test_defaults_match_the_spec(env: dict[str, str]) -> None:
     assert (s.metrics_host, s.metrics_port) == ("0.0.0.0", 9090)
     assert "s3cret" not in repr(s)
     assert "password=s3cret" in s.db_conninfo()
+    # Deadlines on network waits (README: Failure handling).
+    assert (s.db_write_timeout_ms, s.db_migrate_timeout_ms) == (15000, 600000)
+    assert (s.nats_ping_interval_s, s.nats_max_outstanding_pings) == (5, 2)
+    assert s.livez_stall_ms == 120000
+
+
+def test_conninfo_sets_keepalives_and_tcp_user_timeout(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    monkeypatch.setenv("DB_TCP_USER_TIMEOUT_MS", "7000")
+    params = conninfo_to_dict(load_settings().db_conninfo())
+    assert params["tcp_user_timeout"] == "7000"
+    assert params["keepalives"] == "1"
+    assert int(str(params["keepalives_idle"])) > 0
+    assert int(str(params["connect_timeout"])) > 0
 
 
 def test_declared_variables_are_the_spec_ones_and_defaults_are_the_ones_used(
@@ -95,6 +112,12 @@ def test_each_missing_required_variable_is_named(
         ("NATS_TLS_CA", "/does/not/exist", "file not found"),
         ("DB_MIN_CONNS", "20", "exceeds DB_MAX_CONNS"),
         ("TELEMETRY_BATCH_SIZE", "x", "not an integer"),
+        ("DB_WRITE_TIMEOUT_MS", "50", ">= 100"),
+        ("DB_MIGRATE_TIMEOUT_MS", "soon", "not an integer"),
+        ("DB_TCP_USER_TIMEOUT_MS", "0", ">= 1000"),
+        ("NATS_PING_INTERVAL_SECONDS", "0", ">= 1"),
+        ("NATS_MAX_OUTSTANDING_PINGS", "0", ">= 1"),
+        ("LIVEZ_STALL_MS", "999", ">= 1000"),
     ],
 )
 def test_invalid_values_are_named(

@@ -154,6 +154,30 @@ async def test_livez(nursery: trio.Nursery, registry: CollectorRegistry) -> None
     assert (reply.status, reply.text) == (200, "ok\n")
 
 
+async def test_livez_lists_what_is_stuck(
+    nursery: trio.Nursery, registry: CollectorRegistry
+) -> None:
+    problems = ["ingest: 10 deliveries in hand", "nats: disconnected for 200 s"]
+    asked: list[int] = []
+
+    def liveness() -> list[str]:
+        asked.append(1)
+        return list(problems)
+
+    with trio.fail_after(GUARD_S):
+        port = await start(nursery, registry, ready_with(), liveness=liveness)
+        reply = await get(port, "/livez")
+        problems.clear()
+        again = await get(port, "/livez")
+    assert reply.status == 503
+    assert reply.text.splitlines() == [
+        "ingest: 10 deliveries in hand",
+        "nats: disconnected for 200 s",
+    ]
+    assert (again.status, again.text) == (200, "ok\n")
+    assert len(asked) == 2  # asked on every request
+
+
 @pytest.mark.parametrize("path", ["/readyz", "/healthz"])
 async def test_ready(nursery: trio.Nursery, registry: CollectorRegistry, path: str) -> None:
     with trio.fail_after(GUARD_S):

@@ -15,7 +15,6 @@ import random
 import threading
 
 import psycopg
-import pytest
 import trio
 
 from devstack import js as _js
@@ -56,12 +55,6 @@ def _copy_waits_on_the_lock(conninfo: str) -> bool:
         return bool(row and row[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a write in trio.to_thread cannot be cancelled, so the shutdown "
-    "budget does not bound a write stuck in PostgreSQL (storage.py must cancel "
-    "the statement or abandon the thread); see the issue 14 report",
-)
 async def test_shutdown_does_not_wait_for_a_write_stuck_in_the_database(
     private_nats_server, pg_server, pg_database, monkeypatch
 ):
