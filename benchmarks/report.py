@@ -33,6 +33,17 @@ def render(r: dict[str, Any]) -> str:
 
     rate_row("n", "1. Ceiling N: JetStream pull + ack, no DB", f"NatsBridge.run_pull, {cfg}")
     rate_row("p", "2. Ceiling P: COPY, no NATS", f"Storage.write_batch, {s.get('batch')} rows/txn")
+    if "p" in r and "last_seen_upserts_per_s" in r["p"]:
+        p = r["p"]
+        rows.append(
+            (
+                "2b. Last-seen flush (upsert into gateway_liveness)",
+                f"{_n(p['last_seen_upserts_per_s'])} gateways/s",
+                f"{100 * p['last_seen_share']:.0f}% of the database time if every message "
+                f"were a distinct gateway-second ({p['gateways_per_batch']:.0f} per "
+                f"{p['batch']}-row batch); written once per gateway per second",
+            )
+        )
     rate_row("g", "3. Baseline G: Go strategy", "fast pull, 100 INSERTs/txn (pipeline), 500 ms")
     rate_row("naive", "4. Naive port", "pull_subscribe+fetch(100), 100 INSERTs, ack each")
     ours = None

@@ -17,10 +17,10 @@ from typing import Protocol
 
 import trio
 
-from notip_trio.config import Settings
-from notip_trio.log import get_logger
-from notip_trio.metrics import Metrics
-from notip_trio.mgmt import AlertConfig, MgmtError
+from .config import Settings
+from .log import get_logger
+from .metrics import Metrics
+from .mgmt import AlertConfig, MgmtError
 
 log = get_logger(__name__)
 
@@ -97,10 +97,29 @@ class AlertConfigCache:
         return len(self.table.by_gateway) + len(self.table.by_tenant)
 
 
+@dataclass(frozen=True, slots=True)
+class FetchPolicy:
+    """How configs are fetched: the first fetch's attempts and back-off, then refreshes."""
+
+    attempts: int
+    initial_backoff_s: float
+    max_backoff_s: float
+    refresh_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FetchPolicy:
+        return cls(
+            attempts=settings.alert_config_max_retries,
+            initial_backoff_s=settings.alert_config_initial_backoff_ms / 1000,
+            max_backoff_s=settings.alert_config_max_backoff_ms / 1000,
+            refresh_s=settings.alert_config_refresh_ms / 1000,
+        )
+
+
 async def run_alert_configs(
     source: AlertConfigSource,
     cache: AlertConfigCache,
-    settings: Settings,
+    policy: FetchPolicy,
     metrics: Metrics,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -111,17 +130,17 @@ async def run_alert_configs(
     not wait on the management API, and the cache answers with the default
     timeout meanwhile.
 
-    First fetch: up to `alert_config_max_retries` attempts, waiting
-    `initial_backoff`, then twice that, ... capped at `max_backoff` between
+    First fetch: up to `policy.attempts` attempts, waiting
+    `initial_backoff_s`, then twice that, ... capped at `max_backoff_s` between
     them; if all fail, log it and run on the default. Then refresh every
-    `alert_config_refresh_ms` on a fixed schedule; a failed refresh keeps the
+    `refresh_s` on a fixed schedule; a failed refresh keeps the
     last good configs. Each failed fetch counts `alert_cache_refresh_errors`;
     each success sets `alert_cache_last_success` to the wall-clock time.
     """
     task_status.started()
-    backoff_s = settings.alert_config_initial_backoff_ms / 1000
-    max_backoff_s = settings.alert_config_max_backoff_ms / 1000
-    attempts = settings.alert_config_max_retries
+    backoff_s = policy.initial_backoff_s
+    max_backoff_s = policy.max_backoff_s
+    attempts = policy.attempts
     for attempt in range(1, attempts + 1):
         if await _fetch(source, cache, metrics, phase="initial", attempt=attempt):
             break
@@ -135,7 +154,7 @@ async def run_alert_configs(
             default_timeout_ms=cache.default_timeout_ms,
         )
 
-    refresh_s = settings.alert_config_refresh_ms / 1000
+    refresh_s = policy.refresh_s
     start = trio.current_time()
     n = 0
     while True:

@@ -2,20 +2,25 @@
 
 Start order (each `nursery.start` returns only when its task is truly ready):
 
-    metrics/health server ─ alert configs ─ status dispatcher ─ liveness
+    metrics/health server ─ alert configs ─ status dispatcher ─ leadership
       ─ ingest (writer ready) ─ telemetry pull ─ decommission pull
       ─ signal watcher
 
 Channels (all bounded):
 
-    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──Heartbeats (64)──▶ liveness
-    liveness ──StatusUpdate (GATEWAY_BUFFER_SIZE, never blocks)──▶ dispatcher ──▶ mgmt API
-    decommission pull ──list[JsMsg] (1)──▶ decommission ──▶ liveness.remove
+    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY + last-seen (one txn)
+    leader (liveness) ──StatusUpdate (GATEWAY_BUFFER_SIZE, never blocks)──▶ dispatcher
+    decommission pull ──list[JsMsg] (1)──▶ decommission ──▶ tombstone in the state table
+
+Liveness runs only while this replica holds the advisory lock (`leader.py`);
+it reads the state every replica's ingest writes (`livestate.py`). The pull
+path tells the catch-up horizon how far behind the consumer is.
 
 Shutdown (SIGTERM/SIGINT): stop pulling, let ingest write and ack what it
-holds (bounded by SHUTDOWN_DRAIN_MS), stop liveness, drain the status queue
-(bounded), close NATS and the pool, return. Any unexpected exception cancels
-the whole tree and propagates to `__main__`, which exits non-zero.
+holds (bounded by SHUTDOWN_DRAIN_MS), stop leading (the lock is released: a
+follower takes over), drain the status queue (bounded), close NATS and the
+pool, return. Any unexpected exception cancels the whole tree and propagates
+to `__main__`, which exits non-zero.
 """
 
 from __future__ import annotations
@@ -32,16 +37,16 @@ from dataclasses import dataclass
 import trio
 
 from . import wire
-from .alertconfig import AlertConfigCache, run_alert_configs
+from .alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from .config import Settings
 from .decommission import run_decommission
 from .dispatch import Dispatcher
 from .http import run_http_server
-from .ingest import IngestState, run_ingest
+from .ingest import SEEN_FLUSH_S, IngestState, run_ingest, run_seen_flusher
 from .jetstream import JsMsg, NatsBridge, PullSpec, StartupError
 from .leader import AdvisoryLock, Lock, run_leadership
 from .liveness import CatchUp, LivenessTracker, lead_liveness
-from .livestate import PgStateStore, StateStore
+from .livestate import PgStateStore, SeenBuffer, StateStore, flush_seen
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
@@ -49,7 +54,6 @@ from .progress import ProgressWatchdog
 from .storage import DatabaseError, Storage
 
 log = get_logger(__name__)
-
 
 
 @dataclass(eq=False)
@@ -195,18 +199,18 @@ async def _serve(
     cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
     drain_s = settings.shutdown_drain_ms / 1000
     tick_s = settings.heartbeat_tick_ms / 1000
-    dispatcher = Dispatcher(
-        mgmt, metrics, capacity=settings.gateway_buffer_size, drain_s=drain_s
-    )
+    dispatcher = Dispatcher(mgmt, metrics, capacity=settings.gateway_buffer_size, drain_s=drain_s)
     catch_up = CatchUp(
         threshold=settings.liveness_catchup_pending,
         # Batches delivered before the consumer was seen caught up may still be
-        # in flight on some replica: give them this long to commit.
-        settle_s=max(1.0, 2 * settings.telemetry_flush_ms / 1000),
+        # in flight on some replica: give them this long to commit, and their
+        # last-seen to reach the table (written once a second).
+        settle_s=max(1.0, 2 * settings.telemetry_flush_ms / 1000) + SEEN_FLUSH_S,
         max_lag_s=settings.liveness_catchup_max_ms / 1000,
         wall=time.time,
     )
     grace_until = trio.current_time() + settings.heartbeat_grace_period_ms / 1000
+    seen = SeenBuffer()
 
     async def lead() -> None:
         tracker = LivenessTracker(
@@ -233,7 +237,9 @@ async def _serve(
             metrics.registry,
             health.reasons,
         )
-        await root.start(run_alert_configs, mgmt, cache, settings, metrics)
+        await root.start(
+            run_alert_configs, mgmt, cache, FetchPolicy.from_settings(settings), metrics
+        )
         dispatch_done = trio.Event()
         root.start_soon(_run_then_set, dispatcher.run, dispatch_done)
         root.start_soon(_watch_signals, stop)
@@ -250,6 +256,7 @@ async def _serve(
                         check_s=min(1.0, tick_s / 2),
                     )
                 )
+                await liveness.start(run_seen_flusher, seen, store, metrics)
                 with trio.CancelScope() as ingest_scope:
                     async with trio.open_nursery() as ingest:
                         await ingest.start(
@@ -263,6 +270,7 @@ async def _serve(
                             bridge,
                             metrics,
                             ingest_state,
+                            seen,
                         )
                         async with trio.open_nursery() as intake:
                             intake.start_soon(
@@ -295,11 +303,23 @@ async def _serve(
                         dispatcher.drain_by(deadline + 1.0)
                 if ingest_scope.cancelled_caught:
                     log.warning("ingest_drain_timeout", drain_s=drain_s)
+                # What ingest committed last reaches the state table too (bounded).
+                await _flush_seen_at_shutdown(seen, store, max(deadline, trio.current_time() + 0.5))
                 # Stop leading (releases the lock at once: a follower takes over).
                 liveness_scope.cancel()
         dispatcher.close()
         await dispatch_done.wait()  # bounded by the dispatcher itself (drain_by)
         root.cancel_scope.cancel()
+
+
+async def _flush_seen_at_shutdown(seen: SeenBuffer, store: StateStore, deadline: float) -> None:
+    with trio.move_on_at(deadline) as scope:
+        try:
+            await flush_seen(seen, store)
+        except DatabaseError as exc:
+            log.warning("last_seen_flush_failed", error=str(exc)[:300], gateways=len(seen))
+    if scope.cancelled_caught:
+        log.warning("last_seen_flush_timeout", gateways=len(seen))
 
 
 async def _watch_signals(stop: trio.Event) -> None:

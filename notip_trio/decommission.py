@@ -11,25 +11,28 @@ terminated, counted (`decommission_rejected`) and logged once.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Final, Protocol
 
 import trio
 
-from notip_trio.jetstream import Acker, JsMsg
-from notip_trio.log import get_logger
-from notip_trio.metrics import Metrics
-from notip_trio.storage import DatabaseError
-from notip_trio.wire import parse_decommission_subject
+from .jetstream import Acker, JsMsg
+from .log import get_logger
+from .metrics import Metrics
+from .storage import DatabaseError
+from .wire import parse_decommission_subject
 
 log = get_logger(__name__)
 
 
 NAK_DELAY_S: Final = 5.0
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class Forgetful(Protocol):
-    async def decommission(self, key: tuple[str, str]) -> bool:
-        """Stop tracking the gateway; False if it was not tracked. DatabaseError on failure."""
+    async def decommission(self, key: tuple[str, str], at: dt.datetime) -> bool:
+        """Stop tracking the gateway as of `at`; False if it was not tracked.
+        DatabaseError on failure."""
         ...
 
 
@@ -58,8 +61,14 @@ async def run_decommission(
                 log.warning("decommission_rejected", subject=msg.subject, reason="bad_subject")
                 continue
             tenant_id, gateway_id = ids
+            delivery = msg.delivery
+            at = (
+                _EPOCH + dt.timedelta(microseconds=delivery.timestamp_ns // 1000)
+                if delivery is not None
+                else dt.datetime.now(dt.UTC)
+            )
             try:
-                tracked = await tracker.decommission((tenant_id, gateway_id))
+                tracked = await tracker.decommission((tenant_id, gateway_id), at)
             except DatabaseError as exc:
                 log.warning("decommission_deferred", error=str(exc)[:300], retry_in_s=NAK_DELAY_S)
                 await acker.nak(batch[i:], delay_s=NAK_DELAY_S)

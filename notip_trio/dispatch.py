@@ -25,9 +25,9 @@ from typing import Protocol
 
 import trio
 
-from notip_trio.log import get_logger
-from notip_trio.metrics import Metrics
-from notip_trio.mgmt import MgmtError, Status
+from .log import get_logger
+from .metrics import Metrics
+from .mgmt import MgmtError, Status
 
 log = get_logger(__name__)
 

@@ -27,7 +27,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from notip_trio.log import get_logger
+from .log import get_logger
 
 log = get_logger(__name__)
 

@@ -6,11 +6,13 @@ current one is written:
     pull slots ──list[JsMsg]──▶ decode ──Prepared──▶ write (thread) ──▶ ack / term
 
 A message is acked only after the transaction holding its row commits; a bad
-message is terminated only after its `telemetry_rejected` record commits. The
-same transaction records each gateway's last-seen (SPEC.md Behaviour 8): the
-time its newest valid message reached the stream, read from the delivery's ack
-subject, so a backlog, a redelivery or another replica cannot move it. Only
-valid rows count: a message naming another gateway keeps nobody alive. When
+message is terminated only after its `telemetry_rejected` record commits. Each
+committed batch adds its gateways' last-seen (SPEC.md Behaviour 8) to a
+`SeenBuffer`, which `run_seen_flusher` writes to the state table at least once
+a second: the time each gateway's newest valid message reached the stream,
+read from the delivery's ack subject, so a backlog, a redelivery or another
+replica cannot move it. Only valid rows count: a message naming another
+gateway keeps nobody alive. When
 the write fails, the whole batch is nak'ed with a delay (it comes back by
 redelivery) and the writer backs off; nothing is acked, nothing is lost.
 Closing the input channel means "drain and stop": what is in hand is written
@@ -20,15 +22,15 @@ and acked before `run_ingest` returns.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, NoReturn, Protocol
 
 import trio
 
 from .envelope import Rejection, Row, decode
 from .jetstream import Acker, JsMsg
-from .livestate import Key
+from .livestate import Key, SeenBuffer, SeenRecorder, flush_seen
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
@@ -42,10 +44,7 @@ BACKOFF_MAX_S = 30.0
 
 class Writer(Protocol):
     async def write_batch(
-        self,
-        rows: Sequence[Row],
-        rejected: Sequence[RejectedRecord],
-        seen: Mapping[Key, dt.datetime] | None = None,
+        self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
     ) -> WriteResult: ...
 
 
@@ -139,6 +138,7 @@ async def run_ingest(
     acker: Acker,
     metrics: Metrics,
     state: IngestState,
+    seen: SeenBuffer,
     *,
     max_body: int,
     rejected_body_max: int,
@@ -158,7 +158,7 @@ async def run_ingest(
                 max_body,
                 rejected_body_max,
             )
-            nursery.start_soon(_write_stage, prepared_rx, writer, acker, metrics, state)
+            nursery.start_soon(_write_stage, prepared_rx, writer, acker, metrics, state, seen)
             task_status.started()
     finally:
         state.running = False
@@ -190,13 +190,14 @@ async def _write_stage(
     acker: Acker,
     metrics: Metrics,
     state: IngestState,
+    seen: SeenBuffer,
 ) -> None:
     backoff = 0.0
     async with prepared_rx:
         async for batch in prepared_rx:
             started = trio.current_time()
             try:
-                result = await writer.write_batch(batch.rows, batch.rejected, batch.seen)
+                result = await writer.write_batch(batch.rows, batch.rejected)
             except DatabaseError as exc:
                 backoff = min(max(backoff * 2, BACKOFF_INITIAL_S), BACKOFF_MAX_S)
                 metrics.write_errors.inc()
@@ -228,6 +229,7 @@ async def _write_stage(
                 seconds=round(elapsed, 4),
             )
             metrics.batch_size.observe(len(batch.rows))
+            seen.add(batch.seen)  # committed: its gateways were heard
             await acker.ack(batch.good)
             await acker.term(batch.bad)
             metrics.consumer_ack_pending.dec(len(batch.good) + len(batch.bad))
@@ -239,3 +241,37 @@ async def _write_stage(
             if result.duplicates:
                 metrics.duplicates_skipped.inc(result.duplicates)
                 log.info("duplicates_skipped", count=result.duplicates)
+
+
+SEEN_FLUSH_S: Final = 1.0
+
+
+async def run_seen_flusher(
+    buffer: SeenBuffer,
+    recorder: SeenRecorder,
+    metrics: Metrics,
+    *,
+    interval_s: float = SEEN_FLUSH_S,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Write the committed batches' last-seen every `interval_s`; never returns.
+
+    A failed write keeps the times for the next one (newest per gateway wins),
+    counted and logged once per outage. The caller flushes once more after
+    ingest has drained (`flush_seen`).
+    """
+    task_status.started()
+    failing = False
+    while True:
+        await trio.sleep(interval_s)
+        try:
+            await flush_seen(buffer, recorder)
+        except DatabaseError as exc:
+            metrics.last_seen_flush_errors.inc()
+            if not failing:
+                log.warning("last_seen_flush_failed", error=str(exc)[:300], gateways=len(buffer))
+            failing = True
+            continue
+        if failing:
+            log.info("last_seen_flush_recovered")
+            failing = False

@@ -21,8 +21,8 @@ from typing import Final, NoReturn, Protocol
 import psycopg
 import trio
 
-from notip_trio.log import get_logger
-from notip_trio.metrics import Metrics
+from .log import get_logger
+from .metrics import Metrics
 
 log = get_logger(__name__)
 

@@ -41,16 +41,16 @@ from typing import Final, NoReturn, Protocol
 
 import trio
 
-from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.dispatch import StatusUpdate
-from notip_trio.jetstream import AlertPublisher, NatsRequestError
-from notip_trio.lanes import Due, Key, LaneIndex
-from notip_trio.livestate import GatewayRow, StateStore
-from notip_trio.log import get_logger
-from notip_trio.metrics import Metrics
-from notip_trio.mgmt import GatewayState, MgmtError, Status
-from notip_trio.storage import DatabaseError
-from notip_trio.wire import alert_subject, format_rfc3339, offline_alert_body, offline_alert_msg_id
+from .alertconfig import AlertConfigCache
+from .dispatch import StatusUpdate
+from .jetstream import AlertPublisher, NatsRequestError
+from .lanes import Due, Key, LaneIndex
+from .livestate import GatewayRow, StateStore
+from .log import get_logger
+from .metrics import Metrics
+from .mgmt import GatewayState, MgmtError, Status
+from .storage import DatabaseError
+from .wire import alert_subject, format_rfc3339, offline_alert_body, offline_alert_msg_id
 
 log = get_logger(__name__)
 

@@ -149,3 +149,8 @@ class Metrics:
             "Times this replica became the liveness leader",
             registry=r,
         )
+        self.last_seen_flush_errors = Counter(
+            _P + "last_seen_flush_errors",
+            "Failed writes of gateways' last-seen to the liveness state (retried)",
+            registry=r,
+        )

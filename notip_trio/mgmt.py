@@ -26,9 +26,9 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 import trio
 
-from notip_trio.jetstream import NatsRequestError, Requester
-from notip_trio.log import get_logger
-from notip_trio.wire import format_rfc3339
+from .jetstream import NatsRequestError, Requester
+from .log import get_logger
+from .wire import format_rfc3339
 
 log = get_logger(__name__)
 

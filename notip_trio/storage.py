@@ -26,7 +26,7 @@ import enum
 import os
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -417,14 +417,10 @@ class Storage:
         await self._run(_ping, timeout_s=timeout_s)
 
     async def write_batch(
-        self,
-        rows: Sequence[Row],
-        rejected: Sequence[RejectedRecord],
-        seen: Mapping[livestate.Key, dt.datetime] | None = None,
+        self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
     ) -> WriteResult:
-        """Write good rows, rejected records and the gateways' last-seen
-        (`livestate.record_seen`) in one transaction."""
-        return await self._run(lambda: self._write_sync(rows, rejected, seen or {}))
+        """Write good rows and rejected records in one transaction."""
+        return await self._run(lambda: self._write_sync(rows, rejected))
 
     async def run_in_transaction(self, fn: Callable[[livestate.Conn], T]) -> T:
         """`fn(conn)` in a worker thread, inside one transaction on a pooled connection."""
@@ -453,12 +449,7 @@ class Storage:
         except (psycopg.Error, psycopg_pool.PoolTimeout, _Cut) as exc:
             raise DatabaseError(f"{type(exc).__name__}: {exc}".strip()) from None
 
-    def _write_sync(
-        self,
-        rows: Sequence[Row],
-        rejected: Sequence[RejectedRecord],
-        seen: Mapping[livestate.Key, dt.datetime],
-    ) -> WriteResult:
+    def _write_sync(self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]) -> WriteResult:
         with self._pool.connection(timeout=5.0) as conn:
             if self._dedup_index and rows:
                 # Fast path: COPY straight into the table. A redelivered row makes the
@@ -468,7 +459,6 @@ class Storage:
                     with conn.transaction():
                         self._copy(conn, _COPY_DIRECT, rows)
                         self._insert_rejected(conn, rejected)
-                        livestate.record_seen(conn, seen)
                     return WriteResult(inserted=len(rows), duplicates=0)
                 except psycopg.errors.UniqueViolation:
                     pass
@@ -482,7 +472,6 @@ class Storage:
                     )
                     inserted = max(cur.rowcount, 0)
                 self._insert_rejected(conn, rejected)
-                livestate.record_seen(conn, seen)
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     @staticmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import trio
@@ -19,9 +19,10 @@ import trio
 from devstack import simulator
 from notip_trio.envelope import Row
 from notip_trio.jetstream import JsMsg
-from notip_trio.livestate import Key
+from notip_trio.livestate import Key, SeenBuffer
 from notip_trio.metrics import Metrics
 from notip_trio.storage import DatabaseError, RejectedRecord, WriteResult
+from tests.liveness_fakes import FakeStore
 
 BASE = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 
@@ -115,27 +116,15 @@ class FakeWriter:
     the next N writes raise DatabaseError instead of committing.
     """
 
-    def __init__(
-        self,
-        events: Events,
-        *,
-        hold_s: float = 0.0,
-        fail: int = 0,
-        on_commit: Callable[[Mapping[Key, dt.datetime]], None] | None = None,
-    ) -> None:
+    def __init__(self, events: Events, *, hold_s: float = 0.0, fail: int = 0) -> None:
         self.events = events
         self.hold_s = hold_s
         self.fail = fail
-        self.on_commit = on_commit  # e.g. a FakeStore's record, as the real transaction does
         self.rows: list[Row] = []  # committed
         self.rejected: list[RejectedRecord] = []  # committed
-        self.seen: list[dict[Key, dt.datetime]] = []  # committed last-seen, per batch
 
     async def write_batch(
-        self,
-        rows: Sequence[Row],
-        rejected: Sequence[RejectedRecord],
-        seen: Mapping[Key, dt.datetime] | None = None,
+        self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
     ) -> WriteResult:
         self.events.add("write", len(rows), len(rejected))
         await trio.sleep(self.hold_s)
@@ -145,11 +134,29 @@ class FakeWriter:
             raise DatabaseError("OperationalError: the connection is lost")
         self.rows += rows
         self.rejected += rejected
-        self.seen.append(dict(seen or {}))
-        if self.on_commit is not None:
-            self.on_commit(seen or {})
         self.events.add("commit", [r.sensor_id for r in rows], [r.stream_seq for r in rejected])
         return WriteResult(inserted=len(rows), duplicates=0)
+
+
+class RecordingSeenBuffer(SeenBuffer):
+    """A `SeenBuffer` that keeps each batch's last-seen as it is added, and where
+    in the event log that happened (`positions`: events logged before it); with
+    `store` it writes them there at once (a flush with no delay)."""
+
+    def __init__(self, events: Events, store: FakeStore | None = None) -> None:
+        super().__init__()
+        self.events = events
+        self.store = store
+        self.added: list[dict[Key, dt.datetime]] = []
+        self.positions: list[int] = []
+
+    def add(self, seen: Mapping[Key, dt.datetime]) -> None:
+        super().add(seen)
+        self.added.append(dict(seen))
+        self.positions.append(len(self.events.log))
+        if self.store is not None:
+            for key, at in self.take().items():
+                self.store.record(key, at)
 
 
 class FakeAcker:

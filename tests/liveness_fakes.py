@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,11 @@ class FakeStore:
     def _row(self, key: Key, row: dict[str, Any]) -> GatewayRow:
         return GatewayRow(key, row["last_seen"], row["status"], row["status_last_seen"])
 
+    async def record_seen(self, seen: Mapping[Key, datetime]) -> None:
+        await self._enter("record_seen")
+        for key, at in seen.items():
+            self.record(key, at)
+
     async def load(self) -> Changes:
         await self._enter("load")
         rows = [self._row(k, r) for k, r in self.rows.items() if r["status"] != "decommissioned"]
@@ -261,14 +266,19 @@ class FakeStore:
         row.update(status="offline", status_last_seen=last_seen, xid=self._xid)
         return row["last_seen"]  # type: ignore[no-any-return]
 
-    async def decommission(self, key: Key) -> bool:
+    async def decommission(self, key: Key, at: datetime | None = None) -> bool:
         await self._enter("decommission")
         row = self.rows.get(key)
-        if row is None or row["status"] == "decommissioned":
-            return False
+        tracked = row is not None and row["status"] != "decommissioned"
         self._xid += 1
-        row.update(status="decommissioned", xid=self._xid)
-        return True
+        if row is None:
+            assert at is not None
+            self.rows[key] = {"last_seen": at, "status": "decommissioned",
+                              "status_last_seen": None, "xid": self._xid}  # fmt: skip
+        else:
+            last = row["last_seen"] if at is None else max(row["last_seen"], at)
+            row.update(status="decommissioned", last_seen=last, xid=self._xid)
+        return tracked
 
 
 class CaughtUp:

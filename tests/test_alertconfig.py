@@ -10,7 +10,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from notip_trio.alertconfig import AlertConfigCache, run_alert_configs
+from notip_trio.alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import AlertConfig, MgmtError
 from tests.liveness_fakes import make_settings, sample
@@ -75,7 +75,13 @@ async def test_started_at_once_with_defaults_meanwhile(autojump_clock: trio.abc.
                 raise AssertionError("unreachable")
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_alert_configs, HangingSource(), cache, settings, Metrics())
+            await nursery.start(
+                run_alert_configs,
+                HangingSource(),
+                cache,
+                FetchPolicy.from_settings(settings),
+                Metrics(),
+            )
             assert trio.current_time() == 0
             assert cache.timeout_ms("t1", "gw1") == 60_000
             nursery.cancel_scope.cancel()
@@ -93,7 +99,9 @@ async def test_first_fetch_backoff_doubles_up_to_the_cap(autojump_clock: trio.ab
         cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
         source = FakeSource(then=MgmtError("down"))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_alert_configs, source, cache, settings, metrics)
+            nursery.start_soon(
+                run_alert_configs, source, cache, FetchPolicy.from_settings(settings), metrics
+            )
             await trio.sleep(150)
             nursery.cancel_scope.cancel()
         # Waits 1, 2, 4, 4, 4 between six attempts; then on defaults, and the
@@ -111,7 +119,9 @@ async def test_first_fetch_success_after_failures(autojump_clock: trio.abc.Clock
         cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
         source = FakeSource(MgmtError("down"), MgmtError("down"), CONFIGS_A, then=CONFIGS_A)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_alert_configs, source, cache, settings, metrics)
+            nursery.start_soon(
+                run_alert_configs, source, cache, FetchPolicy.from_settings(settings), metrics
+            )
             await trio.sleep(4)
             assert source.times == [0, 1, 3]
             assert cache.timeout_ms("t1", "gw1") == 50_000
@@ -129,7 +139,9 @@ async def test_failed_refresh_keeps_last_configs(autojump_clock: trio.abc.Clock)
         cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
         source = FakeSource(CONFIGS_A, MgmtError("down"), MgmtError("down"), CONFIGS_B)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_alert_configs, source, cache, settings, metrics)
+            nursery.start_soon(
+                run_alert_configs, source, cache, FetchPolicy.from_settings(settings), metrics
+            )
             await trio.sleep(25)
             assert source.times == [0, 10, 20]
             assert cache.timeout_ms("t1", "gw1") == 50_000  # still CONFIGS_A

@@ -7,6 +7,8 @@ test has a hang guard.
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 import trio.testing
 
@@ -28,10 +30,10 @@ class RecordingTracker(FakeStore):
         self.removed: list[tuple[str, str]] = []
         self.acked_before: list[int] = []  # len(source.acked) at each removal
 
-    async def decommission(self, key: tuple[str, str]) -> bool:
+    async def decommission(self, key: tuple[str, str], at: Any = None) -> bool:
         self.removed.append(key)
         self.acked_before.append(len(self.source.acked))
-        return await super().decommission(key)
+        return await super().decommission(key, at)
 
 
 async def test_removes_and_acks(autojump_clock: trio.abc.Clock) -> None:

@@ -10,9 +10,8 @@ subjects; bodies go through the real decoder. Every test has a hang guard.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,13 +23,14 @@ from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.ingest import BACKOFF_INITIAL_S, BACKOFF_MAX_S, IngestState, run_ingest
 from notip_trio.jetstream import JsMsg
 from notip_trio.liveness import LivenessTracker, lead_liveness
-from notip_trio.livestate import Key
+from notip_trio.livestate import SeenBuffer
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient
 from tests.ingest_fakes import (
     Events,
     FakeAcker,
     FakeWriter,
+    RecordingSeenBuffer,
     ack_subject,
     bad,
     envelope,
@@ -61,6 +61,7 @@ class Rig:
     pulled: trio.MemorySendChannel[list[JsMsg]]
     metrics: Metrics
     state: IngestState
+    seen: RecordingSeenBuffer
     returned_at: float | None = None
 
     async def send(self, *msgs: JsMsg) -> None:
@@ -78,20 +79,14 @@ async def running_ingest(
     store: FakeStore | None = None,
 ) -> AsyncIterator[Rig]:
     """`run_ingest` on fakes. On exit the input closes and the block waits for
-    `run_ingest` to return (`rig.returned_at`). With `store`, each commit records
-    its batch's last-seen there, as the real transaction does in the state table."""
+    `run_ingest` to return (`rig.returned_at`). With `store`, each committed
+    batch's last-seen is written there at once (as if the flusher ran then)."""
     events = Events()
     pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](32)
-
-    def record(seen: Mapping[Key, dt.datetime]) -> None:
-        for key, at in seen.items():
-            assert store is not None
-            store.record(key, at)
-
-    writer = FakeWriter(
-        events, hold_s=hold_s, fail=fail, on_commit=record if store is not None else None
+    writer = FakeWriter(events, hold_s=hold_s, fail=fail)
+    rig = Rig(
+        writer, events, pulled_tx, Metrics(), IngestState(), RecordingSeenBuffer(events, store)
     )
-    rig = Rig(writer, events, pulled_tx, Metrics(), IngestState())
 
     async def ingest(task_status: trio.TaskStatus[None]) -> None:
         await run_ingest(
@@ -100,6 +95,7 @@ async def running_ingest(
             FakeAcker(events),
             rig.metrics,
             rig.state,
+            rig.seen,
             max_body=max_body,
             rejected_body_max=rejected_body_max,
             task_status=task_status,
@@ -259,11 +255,13 @@ async def test_last_seen_comes_only_from_valid_rows(autojump_clock: trio.abc.Clo
             # A batch with no valid row records no last-seen at all.
             await rig.send(spoofed(7, "gw-2", "gw-9"), bad(8, subject="telemetry.data.t1.gw-2"))
     # Each gateway's newest valid message, at the time it reached the stream
-    # (its ack subject), committed with the batch's rows.
-    assert rig.writer.seen == [
+    # (its ack subject), recorded once its batch committed and before the ack.
+    assert rig.seen.added == [
         {("t1", "gw-1"): stream_time(2), ("t2", "gw-5"): stream_time(6)},
         {},
     ]
+    first = rig.seen.positions[0]
+    assert [e[1] for e in rig.events.log[first - 2 : first + 1]] == ["write", "commit", "ack"]
     assert rig.events.only("term") == [(7, "term", [3, 4, 5]), (10, "term", [7, 8])]
 
 
@@ -281,7 +279,7 @@ async def test_last_seen_is_the_stream_time_not_the_processing_time(
                 ((1, good(1)), (2, good(2)))
             ]  # fmt: skip
             await rig.send(*redelivered)
-    assert rig.writer.seen == [{("t1", "gw-1"): stream_time(2)}]
+    assert rig.seen.added == [{("t1", "gw-1"): stream_time(2)}]  # not from the failed write
 
 
 @pytest.mark.parametrize(
@@ -418,6 +416,7 @@ async def test_cancelled_ingest_acks_nothing_it_did_not_commit(
                     FakeAcker(events),
                     Metrics(),
                     state,
+                    SeenBuffer(),
                 )
                 await pulled_tx.send([good(1), bad(2)])
     assert scope.cancelled_caught
