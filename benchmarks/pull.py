@@ -46,14 +46,7 @@ _INSERT = (
 
 
 async def _connect(settings: Settings) -> NatsBridge:
-    return await NatsBridge.connect(
-        settings.nats_url,
-        ca=str(settings.nats_tls_ca),
-        cert=str(settings.nats_tls_cert),
-        key=str(settings.nats_tls_key),
-        connect_timeout_s=settings.nats_connect_timeout_s,
-        name="notip-bench",
-    )
+    return await NatsBridge.from_settings(settings, name="notip-bench")
 
 
 async def _await_drained(bridge: NatsBridge, durable: str) -> None:

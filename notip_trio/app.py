@@ -137,16 +137,7 @@ async def run_daemon(
                 host=settings.db_host,
                 database=settings.db_name,
             )
-            bridge = await NatsBridge.connect(
-                settings.nats_url,
-                ca=str(settings.nats_tls_ca),
-                cert=str(settings.nats_tls_cert),
-                key=str(settings.nats_tls_key),
-                connect_timeout_s=settings.nats_connect_timeout_s,
-                ping_interval_s=settings.nats_ping_interval_s,
-                max_outstanding_pings=settings.nats_max_outstanding_pings,
-                metrics=metrics,
-            )
+            bridge = await NatsBridge.from_settings(settings, metrics=metrics)
             try:
                 await bridge.require_streams(list(wire.STREAMS))
                 await bridge.ensure_pull_consumer(telemetry_spec(settings))

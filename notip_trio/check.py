@@ -117,14 +117,8 @@ async def check_nats(settings: Settings, emit: Emit) -> None:
     specs = (telemetry_spec(settings), decommission_spec())
     try:
         with trio.fail_after(settings.nats_connect_timeout_s + 2):
-            bridge = await NatsBridge.connect(
-                settings.nats_url,
-                ca=str(settings.nats_tls_ca),
-                cert=str(settings.nats_tls_cert),
-                key=str(settings.nats_tls_key),
-                connect_timeout_s=settings.nats_connect_timeout_s,
-                name="notip-trio-check",
-                retry=False,
+            bridge = await NatsBridge.from_settings(
+                settings, name="notip-trio-check", retry=False
             )
     except (StartupError, trio.TooSlowError) as exc:
         reason = str(exc).removeprefix("NATS: ") or "no connection"

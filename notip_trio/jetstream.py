@@ -36,6 +36,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from .config import Settings
 from .log import get_logger
 from .metrics import Metrics
 
@@ -293,6 +294,29 @@ class NatsBridge:
         self._replies: dict[str, asyncio.Future[Msg]] = {}
 
     # ---- connection ------------------------------------------------------
+
+    @classmethod
+    async def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        name: str = "notip-trio",
+        retry: bool = True,
+    ) -> NatsBridge:
+        """`connect` with the daemon's NATS settings (URL, mTLS files, timeouts)."""
+        return await cls.connect(
+            settings.nats_url,
+            ca=str(settings.nats_tls_ca),
+            cert=str(settings.nats_tls_cert),
+            key=str(settings.nats_tls_key),
+            connect_timeout_s=settings.nats_connect_timeout_s,
+            ping_interval_s=settings.nats_ping_interval_s,
+            max_outstanding_pings=settings.nats_max_outstanding_pings,
+            metrics=metrics,
+            name=name,
+            retry=retry,
+        )
 
     @classmethod
     async def connect(

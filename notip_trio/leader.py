@@ -115,8 +115,12 @@ async def run_leadership(
     try:
         while True:
             acquired = False
-            with trio.move_on_after(CHECK_DEADLINE_S):
+            with trio.move_on_after(CHECK_DEADLINE_S) as trying:
                 acquired = await lock.try_acquire()
+            if trying.cancelled_caught:
+                # No answer: start over on a fresh connection next time, never
+                # behind a call still stuck on this one.
+                await lock.release()
             if acquired:
                 await _lead_while_held(lock, lead, metrics, check_s)
             else:

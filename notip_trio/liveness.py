@@ -366,6 +366,11 @@ class LivenessTracker:
     def _submit(self, key: Key, status: Status, last_seen: datetime) -> None:
         self._sink.submit(StatusUpdate(key[0], key[1], status, last_seen))
 
+    def clear_gauges(self) -> None:
+        m = self._metrics
+        for gauge in (m.heartbeat_map_size, m.gateways_online, m.gateways_offline):
+            gauge.set(0)
+
     def _update_gauges(self) -> None:
         m = self._metrics
         m.heartbeat_map_size.set(len(self))
@@ -412,6 +417,7 @@ async def lead_liveness(
                 await trio.sleep(tick_s)
         await _tick_forever(tracker, tick_s, observer)
     finally:
+        tracker.clear_gauges()  # a follower tracks nothing
         if observer is not None:
             observer.lead_ended()
 

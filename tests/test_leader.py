@@ -159,3 +159,29 @@ async def test_leader_work_errors_travel_up(autojump_clock: trio.abc.Clock) -> N
                     check_s=1.0,
                 )
             )
+
+
+async def test_a_try_that_never_answers_is_abandoned_with_its_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    class HangingOnce(ReplicaLock):
+        calls = 0
+
+        async def try_acquire(self) -> bool:
+            HangingOnce.calls += 1
+            if HangingOnce.calls == 1:
+                await trio.sleep_forever()  # a frozen connection
+            return await super().try_acquire()
+
+    with trio.fail_after(GUARD_S):
+        shared = FakeLock()
+        work, metrics = Work(), Metrics()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _leadership(HangingOnce(shared, "a"), work, metrics)  # type: ignore[arg-type]
+            )
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+        # Given up after the deadline, the connection dropped, tried again 1 s later.
+        assert shared.released[0] == CHECK_DEADLINE_S
+        assert work.started == [CHECK_DEADLINE_S + 1]
