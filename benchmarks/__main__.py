@@ -32,10 +32,11 @@ from typing import Any
 
 from benchmarks.common import make_message_file, run_child
 from benchmarks.daemon import run_daemon_bench
+from benchmarks.replicas import run_replicas_bench
 from benchmarks.report import render
 from benchmarks.stack import Stack, nats_server_version
 
-SECTIONS = ("n", "p", "g", "naive", "daemon", "liveness", "decisions")
+SECTIONS = ("n", "p", "g", "naive", "daemon", "replicas", "liveness", "decisions")
 DEFAULT_CONFIG = (1000, 2)
 
 
@@ -146,6 +147,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     profile=workdir / f"profile-{b}x{d}.txt" if args.profile else None,
                 )
                 results["daemon"].append({"batch": b, "depth": d, **run})
+        if "replicas" in only:
+            results["replicas"] = []
+            for n in (1, 2):
+                step(f"{n} replica(s)")
+                results["replicas"].append(run_replicas_bench(stack, messages, total, n))
         if "liveness" in only:
             step("liveness")
             sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]

@@ -69,6 +69,16 @@ def render(r: dict[str, Any]) -> str:
                     f"(target rate {_n(lat['target_rate'])})",
                 )
             )
+    for run in r.get("replicas", []):
+        rows.append(
+            (
+                f"5b. Ingest with {run['replicas']} replica(s), one durable",
+                _n(run["rate"]),
+                f"{_n(run['msgs'])} msgs in {run['seconds']:.2f} s; written per replica "
+                + ", ".join(_n(w) for w in run["written_by_replica"])
+                + "; 2 cores shared with nats-server and PostgreSQL",
+            )
+        )
     for size, t in r.get("tick", {}).items():
         rows.append(
             (
