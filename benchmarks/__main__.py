@@ -4,6 +4,7 @@ One run starts its own servers (PostgreSQL with fsync on, a fresh mTLS
 nats-server per measurement), publishes the same message set from 1,000
 gateways for every measurement, and prints one table:
 
+0. N0: the bare thin pull on plain asyncio, no Trio, no bridge (`benchmarks.bare`).
 1. Ceiling N: NatsBridge.run_pull + bulk ack, no database (`benchmarks.pull`).
 2. Ceiling P: Storage.write_batch (binary COPY), no NATS (`benchmarks.pg`).
 3. Baseline G: the Go service's strategy, 100 INSERTs per transaction (`benchmarks.pull`).
@@ -35,7 +36,7 @@ from benchmarks.daemon import run_daemon_bench
 from benchmarks.report import render
 from benchmarks.stack import Stack, nats_server_version
 
-SECTIONS = ("n", "p", "g", "naive", "daemon", "liveness", "decisions")
+SECTIONS = ("n0", "n", "p", "g", "naive", "daemon", "liveness", "decisions")
 DEFAULT_CONFIG = (1000, 2)
 
 
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base_env = {"TELEMETRY_BATCH_SIZE": str(batch), "TELEMETRY_PIPELINE_DEPTH": str(depth)}
         results["settings"] = {"batch": batch, "depth": depth, "flush_ms": 200}
         for name, module, mode in (
+            ("n0", "bare", "bare-n"),
             ("n", "pull", "ceiling-n"),
             ("g", "pull", "baseline-g"),
             ("naive", "pull", "naive"),

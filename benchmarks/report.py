@@ -31,6 +31,7 @@ def render(r: dict[str, Any]) -> str:
                 (label, _n(m["rate"]), f"{_n(m['msgs'])} msgs in {m['seconds']:.2f} s; {detail}")
             )
 
+    rate_row("n0", "0. N0: bare thin pull + ack, plain asyncio", "no Trio, no bridge, same TLS/stream")
     rate_row("n", "1. Ceiling N: JetStream pull + ack, no DB", f"NatsBridge.run_pull, {cfg}")
     rate_row("p", "2. Ceiling P: COPY, no NATS", f"Storage.write_batch, {s.get('batch')} rows/txn")
     rate_row("g", "3. Baseline G: Go strategy", "fast pull, 100 INSERTs/txn (pipeline), 500 ms")
@@ -83,6 +84,9 @@ def render(r: dict[str, Any]) -> str:
 
 def _ratios(r: dict[str, Any], ours: float | None) -> list[str]:
     out = ["Ratios and goals:"]
+    if "n0" in r and "n" in r:
+        x = r["n"]["rate"] / r["n0"]["rate"]
+        out.append(f"- N/N0 = {x:.2f} (goal >= 0.85: {_check(x >= 0.85)})")
     if ours is not None:
         if "n" in r and "p" in r:
             floor = min(r["n"]["rate"], r["p"]["rate"])

@@ -80,9 +80,11 @@ def telemetry_spec(settings: Settings) -> PullSpec:
         durable=settings.nats_consumer_durable_name,
         filter_subject=wire.TELEMETRY_SUBJECTS,
         batch=batch,
+        batch_min=settings.telemetry_batch_min,
         expires_s=settings.telemetry_flush_ms / 1000,
         depth=depth,
-        # Slots + the pulled channel + the decode stage + the write stage hold batches.
+        # Slots + the pulled channel + the decode stage + the write stage hold batches
+        # (at most `batch` each: the adaptive size never exceeds it).
         max_ack_pending=max(1000, batch * (2 * depth + 3)),
     )
 
@@ -250,7 +252,8 @@ async def _serve(
                                 "started",
                                 metrics_port=port,
                                 durable=settings.nats_consumer_durable_name,
-                                batch_size=settings.telemetry_batch_size,
+                                batch_min=settings.telemetry_batch_min,
+                                batch_max=settings.telemetry_batch_size,
                                 flush_ms=settings.telemetry_flush_ms,
                             )
                             task_status.started(port)

@@ -95,6 +95,8 @@ def test_each_missing_required_variable_is_named(
         ("NATS_TLS_CA", "/does/not/exist", "file not found"),
         ("DB_MIN_CONNS", "20", "exceeds DB_MAX_CONNS"),
         ("TELEMETRY_BATCH_SIZE", "x", "not an integer"),
+        ("TELEMETRY_BATCH_MIN", "0", ">= 1"),
+        ("TELEMETRY_BATCH_MIN", "6000", "exceeds TELEMETRY_BATCH_SIZE 5000"),
     ],
 )
 def test_invalid_values_are_named(
@@ -118,6 +120,21 @@ def test_verify_modes_need_a_root_cert(
     s = load_settings()
     assert s.db_ssl_root_cert == tmp_path / "root.pem"
     assert "sslrootcert=" in s.db_conninfo()
+
+
+def test_batch_bounds(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (100, 5000)
+    monkeypatch.setenv("TELEMETRY_BATCH_SIZE", "1000")
+    monkeypatch.setenv("TELEMETRY_BATCH_MIN", "1000")  # equal bounds: a fixed size
+    s = load_settings()
+    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (1000, 1000)
+    # A TELEMETRY_BATCH_SIZE from before the bounds, below the default minimum,
+    # keeps working: it caps the minimum too.
+    monkeypatch.delenv("TELEMETRY_BATCH_MIN")
+    monkeypatch.setenv("TELEMETRY_BATCH_SIZE", "50")
+    s = load_settings()
+    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (50, 50)
 
 
 def test_metrics_addr_forms(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
