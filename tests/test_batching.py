@@ -92,7 +92,7 @@ def test_equal_bounds_keep_the_size_fixed() -> None:
 
 @pytest.mark.parametrize(("low", "high", "fill"), [(0, 10, 0.1), (11, 10, 0.1), (1, 10, 0.0)])
 def test_bad_bounds_are_refused(low: int, high: int, fill: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be|need"):
         BatchPolicy(low, high, fill)
 
 
