@@ -36,9 +36,7 @@ def test_a_trickle_shrinks_it_by_at_most_half_per_pull_down_to_the_minimum() -> 
     sizes = []
     for _ in range(8):
         # 500 msgs/s over two slots: ~50 per expired 200 ms request, nothing pending.
-        sizes.append(
-            policy.observe(requested=policy.size, got=50, elapsed_s=0.23, pending=0)
-        )
+        sizes.append(policy.observe(requested=policy.size, got=50, elapsed_s=0.23, pending=0))
     assert sizes == [2500, 1250, 625, 312, 156, 100, 100, 100]
 
 
