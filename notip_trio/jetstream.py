@@ -82,17 +82,26 @@ class Delivery:
     @staticmethod
     def timestamp_of(reply: str) -> int | None:
         """`from_reply(reply).timestamp_ns` (None alike) without building the rest:
-        ingest reads it for every message."""
+        ingest reads it for every message, so no generator and no dataclass."""
         tokens = reply.split(".")
-        if len(tokens) == 9:
-            fields = tokens[4], tokens[5], tokens[7], tokens[8]
-        elif len(tokens) >= 11:
-            fields = tokens[6], tokens[7], tokens[9], tokens[10]
+        count = len(tokens)
+        if count == 9:
+            i = 4
+        elif count >= 11:
+            i = 6
         else:
             return None
-        if tokens[0] != "$JS" or tokens[1] != "ACK" or not all(f.isdigit() for f in fields):
-            return None
-        return int(fields[2])
+        ts = tokens[i + 3]
+        if (
+            tokens[0] == "$JS"
+            and tokens[1] == "ACK"
+            and tokens[i].isdigit()
+            and tokens[i + 1].isdigit()
+            and ts.isdigit()
+            and tokens[i + 4].isdigit()
+        ):
+            return int(ts)
+        return None
 
 
 class JsMsg(NamedTuple):
