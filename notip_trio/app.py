@@ -24,6 +24,7 @@ from __future__ import annotations
 import trio_asyncio  # isort: split
 
 import functools
+import gc
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -290,9 +291,25 @@ async def _run_then_set(fn: Callable[[], Awaitable[None]], done: trio.Event) -> 
         done.set()
 
 
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Fewer cyclic-GC passes: ingest allocates a few objects per message (nats-py's
+    Msg, our tuple, the decoded row), nearly none of them in cycles, and at the
+    default threshold (700 allocations) the collector ran every few dozen messages.
+    Objects from start-up are frozen out of every pass. Measured (BENCHMARKS.md):
+    +8-10 % backlog throughput, peak RSS unchanged.
+    """
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run_app(settings: Settings) -> int:
     """Run the daemon in a fresh Trio run; return the process exit code."""
     setup_logging(settings.log_level)
+    tune_gc()
     code = 0
     try:
         trio.run(run_daemon, settings)
