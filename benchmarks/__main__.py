@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import make_message_file, run_child
+from benchmarks.common import BenchError, make_message_file, run_child
 from benchmarks.daemon import run_daemon_bench
 from benchmarks.report import render
 from benchmarks.stack import Stack, nats_server_version
@@ -186,14 +186,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "liveness" in only:
             step("liveness")
             sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
-            with stack.nats(None) as server, stack.database() as db:
-                env = stack.env(server, db)
-                results["tick"] = run_child(
-                    "benchmarks.liveness", {"mode": "tick", "sizes": sizes}, env=env
-                )
-                results["rss"] = run_child(
-                    "benchmarks.liveness", {"mode": "rss", "count": sizes[-1]}, env=env
-                )
+            try:
+                with stack.nats(None) as server, stack.database() as db:
+                    env = stack.env(server, db)
+                    results["tick"] = run_child(
+                        "benchmarks.liveness", {"mode": "tick", "sizes": sizes}, env=env
+                    )
+                    results["rss"] = run_child(
+                        "benchmarks.liveness", {"mode": "rss", "count": sizes[-1]}, env=env
+                    )
+            except BenchError as exc:  # the table still shows what was measured
+                _failed(results, "liveness", exc)
         if "decisions" in only:
             step("decisions")
             with stack.nats(None) as server, stack.database() as db:
@@ -211,6 +214,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["load_after"] = _load()
     results["wall_seconds"] = time.monotonic() - started
     return results
+
+
+def _failed(results: dict[str, Any], section: str, exc: Exception) -> None:
+    results.setdefault("errors", {})[section] = str(exc).splitlines()[-1][:300]
+    print(f"{section} FAILED: {exc}", file=sys.stderr, flush=True)
 
 
 def _stepper(started: float) -> Any:

@@ -80,6 +80,8 @@ def render(r: dict[str, Any]) -> str:
     out = ["| measurement | result | detail |", "|---|---:|---|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out += ["", *_ratios(r, ours), "", *_decisions(r), "", *_context(r)]
+    for section, error in r.get("errors", {}).items():
+        out.append(f"FAILED: {section}: {error}")
     return "\n".join(out)
 
 
