@@ -39,7 +39,7 @@ from notip_trio.config import DEFAULTS
 
 SECTIONS = ("n0", "n", "p", "g", "naive", "daemon", "liveness", "decisions")
 DEFAULT_CONFIG = "default"
-FULL_CONFIGS = (DEFAULT_CONFIG, "1000x2", "2000x2", "5000x2")
+FULL_CONFIGS = (DEFAULT_CONFIG, "1000x2", "2000x2", "5000x2", "10000x2")
 LIGHT_RATE = 500.0  # msgs/s: the light-load latency measurement
 
 

@@ -48,7 +48,7 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "ALERT_CONFIG_MAX_BACKOFF_MS": "30000",
     "METRICS_ADDR": ":9090",
     # our own (README: Configuration)
-    "TELEMETRY_BATCH_SIZE": "5000",
+    "TELEMETRY_BATCH_SIZE": "10000",
     "TELEMETRY_BATCH_MIN": "100",
     "TELEMETRY_FLUSH_MS": "200",
     "TELEMETRY_MAX_BODY_BYTES": "16384",
@@ -101,7 +101,7 @@ class Settings:
     metrics_port: int
 
     # Our own additions (README: Configuration).
-    telemetry_batch_size: int = 5000  # the largest batch (adaptive between min and this)
+    telemetry_batch_size: int = 10000  # the largest batch (adaptive between min and this)
     telemetry_batch_min: int = 100
     telemetry_flush_ms: int = 200
     telemetry_max_body_bytes: int = 16384

@@ -96,7 +96,7 @@ def test_each_missing_required_variable_is_named(
         ("DB_MIN_CONNS", "20", "exceeds DB_MAX_CONNS"),
         ("TELEMETRY_BATCH_SIZE", "x", "not an integer"),
         ("TELEMETRY_BATCH_MIN", "0", ">= 1"),
-        ("TELEMETRY_BATCH_MIN", "6000", "exceeds TELEMETRY_BATCH_SIZE 5000"),
+        ("TELEMETRY_BATCH_MIN", "20000", "exceeds TELEMETRY_BATCH_SIZE 10000"),
     ],
 )
 def test_invalid_values_are_named(
@@ -124,7 +124,7 @@ def test_verify_modes_need_a_root_cert(
 
 def test_batch_bounds(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings()
-    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (100, 5000)
+    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (100, 10000)
     monkeypatch.setenv("TELEMETRY_BATCH_SIZE", "1000")
     monkeypatch.setenv("TELEMETRY_BATCH_MIN", "1000")  # equal bounds: a fixed size
     s = load_settings()
