@@ -4,6 +4,7 @@ One run starts its own servers (PostgreSQL with fsync on, a fresh mTLS
 nats-server per measurement), publishes the same message set from 1,000
 gateways for every measurement, and prints one table:
 
+0. N0: the bare thin pull on plain asyncio, no Trio, no bridge (`benchmarks.bare`).
 1. Ceiling N: NatsBridge.run_pull + bulk ack, no database (`benchmarks.pull`).
 2. Ceiling P: Storage.write_batch (binary COPY), no NATS (`benchmarks.pg`).
 3. Baseline G: the Go service's strategy, 100 INSERTs per transaction (`benchmarks.pull`).
@@ -30,14 +31,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import make_message_file, run_child
+from benchmarks.common import BenchError, make_message_file, run_child
 from benchmarks.daemon import run_daemon_bench
 from benchmarks.replicas import run_replicas_bench
 from benchmarks.report import render
 from benchmarks.stack import Stack, nats_server_version
+from notip_trio.config import DEFAULTS
 
-SECTIONS = ("n", "p", "g", "naive", "daemon", "replicas", "liveness", "decisions")
-DEFAULT_CONFIG = (1000, 2)
+SECTIONS = ("n0", "n", "p", "g", "naive", "daemon", "replicas", "liveness", "decisions")
+DEFAULT_CONFIG = "default"
+FULL_CONFIGS = (DEFAULT_CONFIG, "1000x2", "2000x2", "5000x2", "10000x2")
+LIGHT_RATE = 500.0  # msgs/s: the light-load latency measurement
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,8 +50,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--messages", type=int, help="pre-published messages (200000; quick 20000)")
     p.add_argument(
         "--configs",
-        help="daemon TELEMETRY_BATCH_SIZE x TELEMETRY_PIPELINE_DEPTH to try, e.g. 1000x2,2000x2 "
-        "(the first is the one the ratios use; default 1000x2,2000x2,5000x2,1000x4; quick 1000x2)",
+        help="daemon settings to try: 'default' (the daemon's defaults: adaptive batch), "
+        "BxD (a fixed batch B: TELEMETRY_BATCH_MIN = TELEMETRY_BATCH_SIZE = B, depth D) or "
+        "LO-HIxD (adaptive between LO and HI); the first is the one the ratios and the "
+        f"latency use (default {','.join(FULL_CONFIGS)}; quick default)",
     )
     p.add_argument("--latency-seconds", type=float, help="live publishing time (20; quick 4)")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -62,13 +68,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _configs(text: str | None, quick: bool) -> list[tuple[int, int]]:
-    if not text:
-        return [DEFAULT_CONFIG] if quick else [DEFAULT_CONFIG, (2000, 2), (5000, 2), (1000, 4)]
+def _configs(text: str | None, quick: bool) -> list[dict[str, Any]]:
+    """Each daemon setting to run: its label, its environment, its batch bounds."""
+    items = text.split(",") if text else [DEFAULT_CONFIG] if quick else list(FULL_CONFIGS)
     out = []
-    for item in text.split(","):
-        batch, _, depth = item.strip().partition("x")
-        out.append((int(batch), int(depth or 2)))
+    for item in (i.strip() for i in items):
+        if item == DEFAULT_CONFIG:
+            low, high, depth = (
+                int(DEFAULTS["TELEMETRY_BATCH_MIN"]),
+                int(DEFAULTS["TELEMETRY_BATCH_SIZE"]),
+                int(DEFAULTS["TELEMETRY_PIPELINE_DEPTH"]),
+            )
+            out.append({"label": "default", "env": {}, "min": low, "max": high, "depth": depth})
+            continue
+        sizes, _, depth_s = item.partition("x")
+        low_s, _, high_s = sizes.partition("-")
+        low, high, depth = int(low_s), int(high_s or low_s), int(depth_s or 2)
+        env = {
+            "TELEMETRY_BATCH_MIN": str(low),
+            "TELEMETRY_BATCH_SIZE": str(high),
+            "TELEMETRY_PIPELINE_DEPTH": str(depth),
+        }
+        out.append({"label": item, "env": env, "min": low, "max": high, "depth": depth})
     return out
 
 
@@ -113,10 +134,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step = _stepper(started)
     try:
         results["versions"] = _versions(stack)
-        batch, depth = configs[0]
-        base_env = {"TELEMETRY_BATCH_SIZE": str(batch), "TELEMETRY_PIPELINE_DEPTH": str(depth)}
-        results["settings"] = {"batch": batch, "depth": depth, "flush_ms": 200}
+        first = configs[0]
+        base_env = first["env"]
+        batch = first["max"]
+        results["settings"] = {
+            "label": first["label"],
+            "batch_min": first["min"],
+            "batch": first["max"],
+            "depth": first["depth"],
+            "flush_ms": int(DEFAULTS["TELEMETRY_FLUSH_MS"]),
+        }
         for name, module, mode in (
+            ("n0", "bare", "bare-n"),
             ("n", "pull", "ceiling-n"),
             ("g", "pull", "baseline-g"),
             ("naive", "pull", "naive"),
@@ -134,19 +163,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         if "daemon" in only:
             results["daemon"] = []
-            for i, (b, d) in enumerate(configs):
-                step(f"daemon {b}x{d}")
-                env = {"TELEMETRY_BATCH_SIZE": str(b), "TELEMETRY_PIPELINE_DEPTH": str(d)}
+            for i, cfg in enumerate(configs):
+                step(f"daemon {cfg['label']}")
                 run = run_daemon_bench(
                     stack,
                     messages,
                     total,
-                    overrides=env,
+                    overrides=cfg["env"],
                     latency_s=latency_s if i == 0 else 0.0,
+                    light_rate=LIGHT_RATE,
                     warmup_s=1.0 if quick else 2.0,
-                    profile=workdir / f"profile-{b}x{d}.txt" if args.profile else None,
+                    profile=workdir / f"profile-{cfg['label']}.txt" if args.profile else None,
                 )
-                results["daemon"].append({"batch": b, "depth": d, **run})
+                results["daemon"].append(
+                    {
+                        "label": cfg["label"],
+                        "batch_min": cfg["min"],
+                        "batch": cfg["max"],
+                        "depth": cfg["depth"],
+                        **run,
+                    }
+                )
         if "replicas" in only:
             results["replicas"] = []
             for n in (1, 2):
@@ -155,14 +192,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "liveness" in only:
             step("liveness")
             sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
-            with stack.nats(None) as server, stack.database() as db:
-                env = stack.env(server, db)
-                results["tick"] = run_child(
-                    "benchmarks.liveness", {"mode": "tick", "sizes": sizes}, env=env
-                )
-                results["rss"] = run_child(
-                    "benchmarks.liveness", {"mode": "rss", "count": sizes[-1]}, env=env
-                )
+            try:
+                with stack.nats(None) as server, stack.database() as db:
+                    env = stack.env(server, db)
+                    results["tick"] = run_child(
+                        "benchmarks.liveness", {"mode": "tick", "sizes": sizes}, env=env
+                    )
+                    results["rss"] = run_child(
+                        "benchmarks.liveness", {"mode": "rss", "count": sizes[-1]}, env=env
+                    )
+            except BenchError as exc:  # the table still shows what was measured
+                _failed(results, "liveness", exc)
         if "decisions" in only:
             step("decisions")
             with stack.nats(None) as server, stack.database() as db:
@@ -180,6 +220,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["load_after"] = _load()
     results["wall_seconds"] = time.monotonic() - started
     return results
+
+
+def _failed(results: dict[str, Any], section: str, exc: Exception) -> None:
+    results.setdefault("errors", {})[section] = str(exc).splitlines()[-1][:300]
+    print(f"{section} FAILED: {exc}", file=sys.stderr, flush=True)
 
 
 def _stepper(started: float) -> Any:

@@ -138,13 +138,16 @@ def run_daemon_bench(
     *,
     overrides: dict[str, str],
     latency_s: float = 0.0,
+    light_rate: float = 0.0,
     warmup_s: float = 2.0,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    """One daemon run: throughput on the pre-published file, then latency if `latency_s`."""
+    """One daemon run: throughput on the pre-published file, then, if `latency_s`,
+    latency at half that throughput and (if `light_rate`) at `light_rate` msgs/s."""
     logs = stack.workdir / "logs"
     logs.mkdir(exist_ok=True)
     tag = "-".join(f"{v}" for v in overrides.values()) or "default"
+    tag = tag.replace("/", "_")
     for old in (logs / f"mgmt-{tag}.log", logs / f"daemon-{tag}.log"):
         old.unlink(missing_ok=True)  # Child.spawn appends
     with stack.nats(messages) as server, stack.database() as dbname:
@@ -169,6 +172,12 @@ def run_daemon_bench(
                 result["latency"] = _latency(
                     server, daemon, metrics_url, conninfo, total, rate / 2, latency_s, warmup_s
                 )
+                if light_rate > 0:
+                    done = total + result["latency"]["sent"]
+                    result["light"] = _latency(
+                        server, daemon, metrics_url, conninfo, done, light_rate, latency_s,
+                        warmup_s,
+                    )  # fmt: skip
             result["daemon_peak_rss_mib"] = (_vm_hwm_kib(daemon.proc.pid) or 0) / 1024
         finally:
             # How fast it exits, idle, after the signal: measured here, not asserted

@@ -29,6 +29,7 @@ from __future__ import annotations
 import trio_asyncio  # isort: split
 
 import functools
+import gc
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -85,9 +86,11 @@ def telemetry_spec(settings: Settings) -> PullSpec:
         durable=settings.nats_consumer_durable_name,
         filter_subject=wire.TELEMETRY_SUBJECTS,
         batch=batch,
+        batch_min=settings.telemetry_batch_min,
         expires_s=settings.telemetry_flush_ms / 1000,
         depth=depth,
-        # Slots + the pulled channel + the decode stage + the write stage hold batches.
+        # Slots + the pulled channel + the decode stage + the write stage hold batches
+        # (at most `batch` each: the adaptive size never exceeds it).
         max_ack_pending=max(1000, batch * (2 * depth + 3)),
     )
 
@@ -278,7 +281,8 @@ async def _serve(
                                 "started",
                                 metrics_port=port,
                                 durable=settings.nats_consumer_durable_name,
-                                batch_size=settings.telemetry_batch_size,
+                                batch_min=settings.telemetry_batch_min,
+                                batch_max=settings.telemetry_batch_size,
                                 flush_ms=settings.telemetry_flush_ms,
                             )
                             task_status.started(port)
@@ -327,9 +331,25 @@ async def _run_then_set(fn: Callable[[], Awaitable[None]], done: trio.Event) -> 
         done.set()
 
 
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Fewer cyclic-GC passes: ingest allocates a few objects per message (nats-py's
+    Msg, our tuple, the decoded row), nearly none of them in cycles, and at the
+    default threshold (700 allocations) the collector ran every few dozen messages.
+    Objects from start-up are frozen out of every pass. Measured (BENCHMARKS.md):
+    +8-10 % backlog throughput, peak RSS unchanged.
+    """
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run_app(settings: Settings) -> int:
     """Run the daemon in a fresh Trio run; return the process exit code."""
     setup_logging(settings.log_level)
+    tune_gc()
     code = 0
     try:
         trio.run(run_daemon, settings)

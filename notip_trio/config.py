@@ -48,7 +48,8 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "ALERT_CONFIG_MAX_BACKOFF_MS": "30000",
     "METRICS_ADDR": ":9090",
     # our own (README: Configuration)
-    "TELEMETRY_BATCH_SIZE": "1000",
+    "TELEMETRY_BATCH_SIZE": "10000",
+    "TELEMETRY_BATCH_MIN": "100",
     "TELEMETRY_FLUSH_MS": "200",
     "TELEMETRY_MAX_BODY_BYTES": "16384",
     "TELEMETRY_PIPELINE_DEPTH": "2",
@@ -107,7 +108,8 @@ class Settings:
     metrics_port: int
 
     # Our own additions (README: Configuration).
-    telemetry_batch_size: int = 1000
+    telemetry_batch_size: int = 10000  # the largest batch (adaptive between min and this)
+    telemetry_batch_min: int = 100
     telemetry_flush_ms: int = 200
     telemetry_max_body_bytes: int = 16384
     telemetry_pipeline_depth: int = 2
@@ -249,6 +251,18 @@ def _load(env: environs.Env) -> Settings:
 
     metrics_host, metrics_port = _parse_addr("METRICS_ADDR", opt_str("METRICS_ADDR"))
 
+    # TELEMETRY_BATCH_SIZE is the upper bound of the adaptive batch. A value below
+    # the default minimum (a setting from before the bounds) caps the minimum too;
+    # an explicit TELEMETRY_BATCH_MIN above it is an error.
+    batch_max = pos_int("TELEMETRY_BATCH_SIZE")
+    batch_min = pos_int("TELEMETRY_BATCH_MIN")
+    if batch_min > batch_max:
+        if env.str("TELEMETRY_BATCH_MIN", "").strip():
+            raise ConfigError(
+                f"TELEMETRY_BATCH_MIN: {batch_min} exceeds TELEMETRY_BATCH_SIZE {batch_max}"
+            )
+        batch_min = batch_max
+
     log_level = opt_str("LOG_LEVEL").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -279,7 +293,8 @@ def _load(env: environs.Env) -> Settings:
         alert_config_max_backoff_ms=pos_int("ALERT_CONFIG_MAX_BACKOFF_MS"),
         metrics_host=metrics_host,
         metrics_port=metrics_port,
-        telemetry_batch_size=pos_int("TELEMETRY_BATCH_SIZE"),
+        telemetry_batch_size=batch_max,
+        telemetry_batch_min=batch_min,
         telemetry_flush_ms=pos_int("TELEMETRY_FLUSH_MS"),
         telemetry_max_body_bytes=pos_int("TELEMETRY_MAX_BODY_BYTES"),
         telemetry_pipeline_depth=pos_int("TELEMETRY_PIPELINE_DEPTH"),

@@ -29,7 +29,7 @@ from typing import Final, NoReturn, Protocol
 import trio
 
 from .envelope import Rejection, Row, decode
-from .jetstream import Acker, JsMsg
+from .jetstream import Acker, Delivery, JsMsg
 from .livestate import Key, SeenBuffer, SeenRecorder, flush_seen
 from .log import get_logger
 from .metrics import Metrics
@@ -77,17 +77,22 @@ def prepare(
     out = Prepared()
     newest: dict[Key, int] = {}  # stream timestamp (ns) of each gateway's newest message
     now: dt.datetime | None = None
+    good, rows = out.good, out.rows
+    timestamp_of = Delivery.timestamp_of
     for msg in msgs:
-        result = decode(msg.subject, msg.data, max_body=max_body)
-        if isinstance(result, Row):
-            out.good.append(msg)
-            out.rows.append(result)
-            delivery = msg.delivery
-            ts = delivery.timestamp_ns if delivery is not None else _now_ns()
+        subject, data, reply = msg
+        result = decode(subject, data, max_body=max_body)
+        if type(result) is Row:
+            good.append(msg)
+            rows.append(result)
+            ts = timestamp_of(reply)
+            if ts is None:
+                ts = _now_ns()
             key = (result.tenant_id, result.gateway_id)
             if ts > newest.get(key, 0):
                 newest[key] = ts
             continue
+        assert isinstance(result, Rejection)
         if now is None:
             now = dt.datetime.now(dt.UTC)
         out.bad.append(msg)

@@ -14,6 +14,7 @@ def test_v1_and_v2_ack_subjects() -> None:
     assert Delivery.from_reply(V1) == Delivery(1, 4021, 1795767964635151845, 17)
     assert Delivery.from_reply(V2) == Delivery(2, 4021, 1795767964635151845, 3)
     assert JsMsg("telemetry.data.t.g", b"{}", V1).delivery == Delivery.from_reply(V1)
+    assert Delivery.timestamp_of(V1) == Delivery.timestamp_of(V2) == 1795767964635151845
 
 
 @pytest.mark.parametrize(
@@ -30,4 +31,5 @@ def test_v1_and_v2_ack_subjects() -> None:
 )
 def test_anything_else_gives_none(reply: str) -> None:
     assert Delivery.from_reply(reply) is None
+    assert Delivery.timestamp_of(reply) is None
     assert JsMsg("s", b"", reply).delivery is None

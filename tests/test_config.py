@@ -118,6 +118,8 @@ def test_each_missing_required_variable_is_named(
         ("NATS_PING_INTERVAL_SECONDS", "0", ">= 1"),
         ("NATS_MAX_OUTSTANDING_PINGS", "0", ">= 1"),
         ("LIVEZ_STALL_MS", "999", ">= 1000"),
+        ("TELEMETRY_BATCH_MIN", "0", ">= 1"),
+        ("TELEMETRY_BATCH_MIN", "20000", "exceeds TELEMETRY_BATCH_SIZE 10000"),
     ],
 )
 def test_invalid_values_are_named(
@@ -141,6 +143,21 @@ def test_verify_modes_need_a_root_cert(
     s = load_settings()
     assert s.db_ssl_root_cert == tmp_path / "root.pem"
     assert "sslrootcert=" in s.db_conninfo()
+
+
+def test_batch_bounds(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (100, 10000)
+    monkeypatch.setenv("TELEMETRY_BATCH_SIZE", "1000")
+    monkeypatch.setenv("TELEMETRY_BATCH_MIN", "1000")  # equal bounds: a fixed size
+    s = load_settings()
+    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (1000, 1000)
+    # A TELEMETRY_BATCH_SIZE from before the bounds, below the default minimum,
+    # keeps working: it caps the minimum too.
+    monkeypatch.delenv("TELEMETRY_BATCH_MIN")
+    monkeypatch.setenv("TELEMETRY_BATCH_SIZE", "50")
+    s = load_settings()
+    assert (s.telemetry_batch_min, s.telemetry_batch_size) == (50, 50)
 
 
 def test_metrics_addr_forms(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -216,4 +217,57 @@ async def test_requests_leave_no_timers_behind_in_the_loop(
         finally:
             await trio_asyncio.aio_as_trio(standin.stop)()
             await trio_asyncio.aio_as_trio(mgmt_nc.close)()
+            await bridge.close()
+
+
+async def test_adaptive_requests_grow_through_a_backlog_and_shrink_when_idle(
+    private_nats_server, aio_loop
+) -> None:
+    """Real server, real pull path: a backlog is drained in requests that grow from
+    TELEMETRY_BATCH_MIN to TELEMETRY_BATCH_SIZE; after idle pulls a burst starts
+    again at the minimum. (Batch sizes only: no timing is asserted.)"""
+    spec = dataclasses.replace(SPEC, batch=1000, batch_min=10, depth=1, max_ack_pending=5000)
+    with trio.fail_after(60):
+        bridge = await _bridge(private_nats_server)
+        try:
+            await bridge.ensure_pull_consumer(spec)
+
+            async def publish(start: int, n: int) -> None:
+                for i in range(start, start + n):
+                    await bridge.nc.publish(f"telemetry.data.t.g{i % 7}", b"%d" % i)
+                await bridge.nc.flush()
+
+            pulls_since_empty = 0
+            emptied = trio.Event()
+
+            def observe(pending: int) -> None:
+                nonlocal pulls_since_empty
+                pulls_since_empty = pulls_since_empty + 1 if pending == 0 else 0
+                if pulls_since_empty >= 12:  # a dozen pulls that found nothing more
+                    emptied.set()
+
+            await trio_asyncio.aio_as_trio(publish)(0, 3000)
+            sizes: list[int] = []
+            tx, rx = trio.open_memory_channel[list[JsMsg]](1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(bridge.run_pull, spec, tx, observe_pending=observe)
+                )
+                async with rx:
+                    while sum(sizes) < 3000:
+                        batch = await rx.receive()
+                        sizes.append(len(batch))
+                        await bridge.ack(batch)
+                    backlog = list(sizes)
+                    await emptied.wait()
+                    await trio_asyncio.aio_as_trio(publish)(3000, 30)
+                    batch = await rx.receive()
+                    await bridge.ack(batch)
+                    burst_first = len(batch)
+                nursery.cancel_scope.cancel()
+            assert backlog[0] == 10
+            assert max(backlog) == 1000
+            assert backlog.index(1000) <= 7  # at least x2 per full pull with a backlog behind it
+            assert burst_first == 10
+        finally:
             await bridge.close()
