@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import json
 import shutil
-import subprocess
 import tempfile
 import urllib.error
 import urllib.parse
@@ -23,9 +22,10 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from devstack._common import DevstackError, die_with_parent, free_port, log_tail, wait_until
+from devstack._common import DevstackError, free_port, log_tail, wait_until
+from devstack.proc import Child
 
 JOB = "notip-trio"
 START_TIMEOUT_S = 30.0
@@ -41,8 +41,7 @@ def find_prometheus() -> str | None:
 class PrometheusServer:
     workdir: Path
     port: int
-    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    _child: Child | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -54,7 +53,7 @@ class PrometheusServer:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.running
 
     def api(self, path: str, **params: str) -> Any:
         """GET /api/v1/<path>; the `data` of a successful answer, else DevstackError."""
@@ -86,21 +85,13 @@ class PrometheusServer:
 
     def close(self) -> None:
         """Stop Prometheus (idempotent) and remove its directory."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT_S)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop(STOP_TIMEOUT_S)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _ready(self) -> bool:
-        if self._proc is None or self._proc.poll() is not None:
+        if not self.running:
             raise DevstackError(f"prometheus exited\n{self.tail()}")
         try:
             with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
@@ -139,8 +130,8 @@ def start_prometheus(
     }
     config_file = workdir / "prometheus.yml"
     config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
-    server._log = server.log_file.open("ab")
-    server._proc = subprocess.Popen(
+    server._child = Child.spawn(
+        "prometheus",
         [
             binary,
             f"--config.file={config_file}",
@@ -148,11 +139,8 @@ def start_prometheus(
             f"--web.listen-address=127.0.0.1:{server.port}",
             "--log.level=warn",
         ],
+        server.log_file,
         cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        stdout=server._log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=die_with_parent(),
     )
     atexit.register(server.close)
     try:
