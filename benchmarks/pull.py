@@ -24,7 +24,8 @@ import trio_asyncio  # isort: split
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import nats.errors
@@ -86,28 +87,42 @@ async def _migrated_connection(settings: Settings) -> psycopg.Connection[Any]:
     return await trio.to_thread.run_sync(lambda: psycopg.connect(settings.db_conninfo()))
 
 
-async def _ceiling_n(spec: dict[str, Any]) -> dict[str, Any]:
-    settings = load_settings()
-    total = int(spec["total"])
-    async with trio_asyncio.open_loop():
-        bridge = await _connect(settings)
+@asynccontextmanager
+async def _pulling(
+    settings: Settings,
+) -> AsyncIterator[tuple[NatsBridge, str, trio.MemoryReceiveChannel[list[JsMsg]], float]]:
+    """The daemon's pull path running: (bridge, durable, batches, start time).
+
+    The start time is taken just before the pull slots start, as the daemon's
+    own pulling would; the bridge is closed on the way out.
+    """
+    bridge = await _connect(settings)
+    try:
         pull = telemetry_spec(settings)
         await bridge.ensure_pull_consumer(pull)
         tx, rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
         async with trio.open_nursery() as nursery:
             t0 = time.perf_counter()
             await nursery.start(bridge.run_pull, pull, tx)
-            got = 0
-            async with rx:
-                async for batch in rx:
-                    await bridge.ack(batch)
-                    got += len(batch)
-                    if got >= total:
-                        break
-            await _await_drained(bridge, pull.durable)
-            elapsed = time.perf_counter() - t0
+            yield bridge, pull.durable, rx, t0
             nursery.cancel_scope.cancel()
+    finally:
         await bridge.close()
+
+
+async def _ceiling_n(spec: dict[str, Any]) -> dict[str, Any]:
+    settings = load_settings()
+    total = int(spec["total"])
+    async with trio_asyncio.open_loop(), _pulling(settings) as (bridge, durable, rx, t0):
+        got = 0
+        async with rx:
+            async for batch in rx:
+                await bridge.ack(batch)
+                got += len(batch)
+                if got >= total:
+                    break
+        await _await_drained(bridge, durable)
+        elapsed = time.perf_counter() - t0
     return {"msgs": got, "seconds": elapsed, "rate": got / elapsed}
 
 
@@ -115,36 +130,27 @@ async def _baseline_g(spec: dict[str, Any]) -> dict[str, Any]:
     settings = load_settings()
     total = int(spec["total"])
     conn = await _migrated_connection(settings)
-    async with trio_asyncio.open_loop():
-        bridge = await _connect(settings)
-        pull = telemetry_spec(settings)
-        await bridge.ensure_pull_consumer(pull)
-        tx, rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
-        async with trio.open_nursery() as nursery:
-            t0 = time.perf_counter()
-            await nursery.start(bridge.run_pull, pull, tx)
-            done = 0
-            pending: list[JsMsg] = []
-            flush_at = trio.current_time() + GO_FLUSH_S
-            async with rx:
-                while done < total:
-                    if len(pending) < GO_BATCH:
-                        with trio.move_on_at(flush_at):
-                            pending += await rx.receive()
-                            continue
-                    if not pending:
-                        flush_at = trio.current_time() + GO_FLUSH_S
+    async with trio_asyncio.open_loop(), _pulling(settings) as (bridge, durable, rx, t0):
+        done = 0
+        pending: list[JsMsg] = []
+        flush_at = trio.current_time() + GO_FLUSH_S
+        async with rx:
+            while done < total:
+                if len(pending) < GO_BATCH:
+                    with trio.move_on_at(flush_at):
+                        pending += await rx.receive()
                         continue
-                    batch, pending = pending[:GO_BATCH], pending[GO_BATCH:]
-                    rows = _decode_rows(batch, settings.telemetry_max_body_bytes)
-                    await trio.to_thread.run_sync(_insert_sync, conn, rows)
-                    await bridge.ack(batch)
-                    done += len(batch)
+                if not pending:
                     flush_at = trio.current_time() + GO_FLUSH_S
-            await _await_drained(bridge, pull.durable)
-            elapsed = time.perf_counter() - t0
-            nursery.cancel_scope.cancel()
-        await bridge.close()
+                    continue
+                batch, pending = pending[:GO_BATCH], pending[GO_BATCH:]
+                rows = _decode_rows(batch, settings.telemetry_max_body_bytes)
+                await trio.to_thread.run_sync(_insert_sync, conn, rows)
+                await bridge.ack(batch)
+                done += len(batch)
+                flush_at = trio.current_time() + GO_FLUSH_S
+        await _await_drained(bridge, durable)
+        elapsed = time.perf_counter() - t0
     conn.close()
     return {"msgs": done, "seconds": elapsed, "rate": done / elapsed}
 
