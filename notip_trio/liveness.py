@@ -7,8 +7,10 @@ the leader (`leader.py`), runs a `LivenessTracker`:
 - `take_over()` loads every tracked gateway once; then each `tick()` reads only
   the rows changed since the last one (O(changed)), keeps the online gateways
   in a `LaneIndex` (O(due) to find the silent ones), and acts:
-- a gateway `new`, or `offline` and heard since its alert, becomes online
-  through a conditional update; only the update that wins reports `online`
+- a gateway `new`, or `offline` and heard since its alert (by a message
+  younger than its timeout: an old message processed late, say redelivered from
+  a replica that died, does not bring it back), becomes online through a
+  conditional update; only the update that wins reports `online`
   (last_seen_at = its last-seen);
 - an online gateway whose last-seen + timeout (strictly) lies before the alert
   horizon is a candidate, once the grace period after start is over.
@@ -204,10 +206,12 @@ class LivenessTracker:
                 self._offline.discard(key)
                 self._index.set(key, row.last_seen.timestamp(), self._configs.timeout_ms(*key))
             elif row.status == "new" or (
-                row.status_last_seen is not None and row.last_seen > row.status_last_seen
+                row.status_last_seen is not None
+                and row.last_seen > row.status_last_seen
+                and not self._stale(row)
             ):
                 to_online.append(key)
-            else:  # offline, not heard since
+            else:  # offline, and not heard since (or only by a message already too old)
                 self._index.discard(key)
                 self._offline.add(key)
         if to_online:
@@ -221,6 +225,14 @@ class LivenessTracker:
                     log.debug("gateway_first_seen", tenant_id=key[0], gateway_id=key[1])
                 self._submit(key, "online", last_seen)
         self._update_gauges()
+
+    def _stale(self, row: GatewayRow) -> bool:
+        """An offline gateway's newer last-seen that is itself older than its timeout:
+        a message that reached the stream before the alert but was processed late (a
+        replica died holding it, a backlog). The gateway is still silent: it stays
+        offline until a message says it is alive now."""
+        timeout_s = self._configs.timeout_ms(*row.key) / 1000
+        return row.last_seen.timestamp() + timeout_s < self._wall_clock().timestamp()
 
     # --- the periodic check ---
 

@@ -631,3 +631,29 @@ async def test_a_consumer_that_stays_behind_delays_alerts_by_the_bound_only(
         # Due at 31 on a live consumer; held back until now - 60 passes 31: at 91,
         # so the tick at 100 alerts it.
         assert rig.published() == [(100, "alert.t1.gw_offline", "gw1")]
+
+
+async def test_a_late_old_message_does_not_bring_an_offline_gateway_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A message that reached the stream at 2 s but is only processed at 45 s (a
+    replica died holding it, redelivered after ack_wait): gw1 is still silent, so
+    no `online`; a message that says it is alive now does bring it back."""
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(45)
+            assert rig.store.status(GW1) == "offline"  # alerted at 40, last-seen 1 s
+            rig.store.record(GW1, wall_at(2))  # late, and older than its timeout
+            await trio.sleep_until(55)
+            assert rig.tracker.status(*GW1) == "offline"
+            assert [s for _, s, _ in rig.sink.brief()] == ["online", "offline"]
+            await rig.beat_at(56, GW1)  # alive now
+            await trio.sleep_until(65)
+        assert rig.sink.brief() == [
+            ("gw1", "online", wall_at(1)),
+            ("gw1", "offline", wall_at(1)),
+            ("gw1", "online", wall_at(56)),
+        ]
+        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
