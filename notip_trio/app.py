@@ -2,24 +2,26 @@
 
 Start order (each `nursery.start` returns only when its task is truly ready):
 
-    metrics/health server ─ alert configs ─ status dispatcher ─ leadership
-      ─ ingest (writer ready) ─ telemetry pull ─ decommission pull
+    metrics/health server ─ alert configs ─ leadership (ticks + dispatcher)
+      ─ last-seen writer ─ ingest (writer ready) ─ telemetry pull ─ decommission pull
       ─ signal watcher
 
 Channels (all bounded):
 
-    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY + last-seen (one txn)
-    leader (liveness) ──StatusUpdate (GATEWAY_BUFFER_SIZE, never blocks)──▶ dispatcher
+    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY ──▶ last-seen ──▶ ack
+    leader (liveness) ──transition + report (one txn)──▶ outbox table ──▶ dispatcher
     decommission pull ──list[JsMsg] (1)──▶ decommission ──▶ tombstone in the state table
 
 Liveness runs only while this replica holds the advisory lock (`leader.py`);
-it reads the state every replica's ingest writes (`livestate.py`). The pull
-path tells the catch-up horizon how far behind the consumer is.
+it reads the state every replica's ingest writes (`livestate.py`), up to the
+horizon the durable's ack floor gives (`horizon.py`), and the dispatcher sends
+the status reports it queued (`dispatch.py`) while it leads.
 
 Shutdown (SIGTERM/SIGINT): stop pulling, let ingest write and ack what it
-holds (bounded by SHUTDOWN_DRAIN_MS), stop leading (the lock is released: a
-follower takes over), drain the status queue (bounded), close NATS and the
-pool, return. Any unexpected exception cancels the whole tree and propagates
+holds (bounded by SHUTDOWN_DRAIN_MS), write its last-seen and ack, send the
+outbox (on the leader; bounded), stop leading (the lock is released: a
+follower takes over and sends what is left), close NATS and the pool, return.
+Any unexpected exception cancels the whole tree and propagates
 to `__main__`, which exits non-zero.
 """
 
@@ -32,7 +34,6 @@ import functools
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -42,12 +43,13 @@ from .alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from .config import Settings
 from .decommission import run_decommission
 from .dispatch import Dispatcher
+from .horizon import AckFloorHorizon, JsConsumerPosition, StreamClock
 from .http import run_http_server
-from .ingest import SEEN_FLUSH_S, IngestState, run_ingest, run_seen_flusher
-from .jetstream import JsMsg, NatsBridge, PullSpec, StartupError
+from .ingest import IngestState, SeenBuffer, flush_seen, run_ingest, run_seen_flusher
+from .jetstream import Acker, JsMsg, NatsBridge, PullSpec, StartupError
 from .leader import AdvisoryLock, Lock, run_leadership
-from .liveness import CatchUp, LivenessTracker, lead_liveness
-from .livestate import PgStateStore, SeenBuffer, StateStore, flush_seen
+from .liveness import LivenessTracker, lead_liveness
+from .livestate import PgStateStore, StateStore
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
@@ -193,13 +195,18 @@ async def _serve(
     cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
     drain_s = settings.shutdown_drain_ms / 1000
     tick_s = settings.heartbeat_tick_ms / 1000
-    dispatcher = Dispatcher(mgmt, metrics, capacity=settings.gateway_buffer_size, drain_s=drain_s)
-    catch_up = CatchUp(
-        threshold=settings.liveness_catchup_pending,
-        # Batches delivered before the consumer was seen caught up may still be
-        # in flight on some replica: give them this long to commit, and their
-        # last-seen to reach the table (written once a second).
-        settle_s=max(1.0, 2 * settings.telemetry_flush_ms / 1000) + SEEN_FLUSH_S,
+    dispatcher = Dispatcher(
+        store, mgmt, metrics, batch=settings.gateway_buffer_size, poll_s=max(1.0, tick_s)
+    )
+    clock = StreamClock()
+    horizon = AckFloorHorizon(
+        JsConsumerPosition(
+            bridge,
+            wire.TELEMETRY_STREAM,
+            settings.nats_consumer_durable_name,
+            wire.TELEMETRY_SUBJECTS,
+        ),
+        clock,
         max_lag_s=settings.liveness_catchup_max_ms / 1000,
         wall=time.time,
     )
@@ -214,11 +221,15 @@ async def _serve(
             bridge,
             dispatcher,
             metrics,
-            catch_up,
+            horizon,
             grace_until=grace_until,
             concurrency=settings.liveness_query_concurrency,
         )
-        await lead_liveness(tracker, tick_s, observer=watchdog)
+        # The dispatcher sends reports only while this replica leads: it is
+        # cancelled with the ticks, before the lock is let go.
+        async with trio.open_nursery() as leading:
+            await leading.start(dispatcher.run)
+            await lead_liveness(tracker, tick_s, observer=watchdog)
 
     pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
     decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
@@ -234,8 +245,6 @@ async def _serve(
         await root.start(
             run_alert_configs, mgmt, cache, FetchPolicy.from_settings(settings), metrics
         )
-        dispatch_done = trio.Event()
-        root.start_soon(_run_then_set, dispatcher.run, dispatch_done)
         root.start_soon(_watch_signals, stop)
 
         with trio.CancelScope() as liveness_scope:
@@ -250,7 +259,7 @@ async def _serve(
                         check_s=min(1.0, tick_s / 2),
                     )
                 )
-                await liveness.start(run_seen_flusher, seen, store, metrics)
+                await liveness.start(run_seen_flusher, seen, store, bridge, metrics)
                 with trio.CancelScope() as ingest_scope:
                     async with trio.open_nursery() as ingest:
                         await ingest.start(
@@ -258,6 +267,7 @@ async def _serve(
                                 run_ingest,
                                 max_body=settings.telemetry_max_body_bytes,
                                 rejected_body_max=settings.rejected_body_max_bytes,
+                                clock=clock,
                             ),
                             pulled_rx,
                             storage,
@@ -272,7 +282,6 @@ async def _serve(
                                     bridge.run_pull,
                                     telemetry_spec(settings),
                                     pulled_tx,
-                                    observe_pending=catch_up.observe,
                                 )
                             )
                             intake.start_soon(bridge.run_pull, decommission_spec(), decom_tx)
@@ -290,27 +299,32 @@ async def _serve(
                             log.info("shutdown_requested", drain_s=drain_s)
                             # Stop fetching; the closed pull channel drains ingest.
                             intake.cancel_scope.cancel()
-                        # One drain budget for the whole shutdown: ingest first, the
-                        # status queue until then too, plus a second should ingest
-                        # use it all.
+                        # One drain budget for the whole shutdown: ingest first, then
+                        # the status outbox until then too, plus a second should
+                        # ingest use it all.
                         deadline = trio.current_time() + drain_s
                         ingest_scope.deadline = deadline
-                        dispatcher.drain_by(deadline + 1.0)
                 if ingest_scope.cancelled_caught:
                     log.warning("ingest_drain_timeout", drain_s=drain_s)
-                # What ingest committed last reaches the state table too (bounded).
-                await _flush_seen_at_shutdown(seen, store, max(deadline, trio.current_time() + 0.5))
-                # Stop leading (releases the lock at once: a follower takes over).
+                # What ingest committed last reaches the state table too, and is
+                # acked (bounded).
+                await _flush_seen_at_shutdown(
+                    seen, store, bridge, max(deadline, trio.current_time() + 0.5)
+                )
+                # On the leader: send what the outbox holds (bounded), then stop
+                # leading (releases the lock at once: a follower takes over and
+                # sends whatever is left).
+                await dispatcher.drain(max(deadline, trio.current_time()) + 1.0)
                 liveness_scope.cancel()
-        dispatcher.close()
-        await dispatch_done.wait()  # bounded by the dispatcher itself (drain_by)
         root.cancel_scope.cancel()
 
 
-async def _flush_seen_at_shutdown(seen: SeenBuffer, store: StateStore, deadline: float) -> None:
+async def _flush_seen_at_shutdown(
+    seen: SeenBuffer, store: StateStore, acker: Acker, deadline: float
+) -> None:
     with trio.move_on_at(deadline) as scope:
         try:
-            await flush_seen(seen, store)
+            await flush_seen(seen, store, acker)
         except DatabaseError as exc:
             log.warning("last_seen_flush_failed", error=str(exc)[:300], gateways=len(seen))
     if scope.cancelled_caught:
@@ -322,13 +336,6 @@ async def _watch_signals(stop: trio.Event) -> None:
         async for signum in signals:
             log.info("signal_received", signal=signal.Signals(signum).name)
             stop.set()
-
-
-async def _run_then_set(fn: Callable[[], Awaitable[None]], done: trio.Event) -> None:
-    try:
-        await fn()
-    finally:
-        done.set()
 
 
 GC_GEN0_THRESHOLD = 50_000

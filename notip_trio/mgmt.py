@@ -46,7 +46,16 @@ Status = Literal["online", "offline"]
 
 
 class MgmtError(Exception):
-    """A management-API call that failed after all its attempts."""
+    """A management-API call that failed after all its attempts.
+
+    `refused`: the last attempt was answered, but with a refusal or a reply
+    that breaks the contract (the API is up and said no), not a timeout or
+    no responders.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class AlertConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -141,6 +150,7 @@ class MgmtClient:
 
     async def _call(self, subject: str, payload: bytes, parse: Callable[[bytes], _T]) -> _T:
         attempts = len(self._retry_delays_s) + 1
+        refused = False
         for attempt in range(attempts):
             if attempt:
                 await trio.sleep(self._retry_delays_s[attempt - 1])
@@ -149,9 +159,13 @@ class MgmtClient:
                     raw = await self._requester.request(subject, payload)
                 return parse(raw)
             except trio.TooSlowError:
-                reason = f"no reply within {self._attempt_timeout_s:g} s"
-            except (NatsRequestError, msgspec.DecodeError, _InvalidReply) as exc:
+                reason, refused = f"no reply within {self._attempt_timeout_s:g} s", False
+            except NatsRequestError as exc:
+                reason, refused = f"{type(exc).__name__}: {exc}", False
+            except (msgspec.DecodeError, _InvalidReply) as exc:
                 # msgspec.ValidationError is a DecodeError: wrong types, missing fields.
-                reason = f"{type(exc).__name__}: {exc}"
+                reason, refused = f"{type(exc).__name__}: {exc}", True
             log.debug("mgmt_attempt_failed", subject=subject, attempt=attempt + 1, reason=reason)
-        raise MgmtError(f"{subject}: {attempts} attempts failed, last: {reason}") from None
+        raise MgmtError(
+            f"{subject}: {attempts} attempts failed, last: {reason}", refused=refused
+        ) from None

@@ -57,13 +57,14 @@ COLUMNS: Final = (
 _COPY_TYPES: Final = ("timestamptz", "text", "text", "text", "text", "text", "text", "text", "int4")
 DEDUP_INDEX: Final = "telemetry_dedup_key"
 #: What the migration creates (`notip-trio check` looks for them by these names).
-TABLES: Final = ("telemetry", "telemetry_rejected", "gateway_liveness")
+TABLES: Final = ("telemetry", "telemetry_rejected", "gateway_liveness", "gateway_status_outbox")
 INDEXES: Final = (
     "idx_telemetry_tenant_gateway_time",
     DEDUP_INDEX,
     "telemetry_rejected_stream_seq",
     "telemetry_rejected_received_at",
     "gateway_liveness_changed",
+    "gateway_status_outbox_gateway",
 )
 _MIGRATION_LOCK: Final = 0x6E6F746970  # "notip": serialises migrations across replicas
 
