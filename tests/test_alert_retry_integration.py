@@ -44,7 +44,8 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
     server = private_nats_server
     client = server.client("notip-trio")
     relay = Relay.start("127.0.0.1", server.port)
-    metrics, sink, store = Metrics(), RecordingSink(), FakeStore()
+    metrics, store = Metrics(), FakeStore()
+    sink = RecordingSink(store)
     # Heard long ago with a 30 s timeout: due at the first tick.
     store.record(("t1", "gw-1"), LAST_SEEN)
     with trio.fail_after(120):
