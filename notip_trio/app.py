@@ -300,7 +300,7 @@ async def _serve(
                             # Stop fetching; the closed pull channel drains ingest.
                             intake.cancel_scope.cancel()
                         # One drain budget for the whole shutdown: ingest first, then
-                        # the status outbox until then too, plus a second should
+                        # the status outbox until then too, or for one second should
                         # ingest use it all.
                         deadline = trio.current_time() + drain_s
                         ingest_scope.deadline = deadline
@@ -314,7 +314,7 @@ async def _serve(
                 # On the leader: send what the outbox holds (bounded), then stop
                 # leading (releases the lock at once: a follower takes over and
                 # sends whatever is left).
-                await dispatcher.drain(max(deadline, trio.current_time()) + 1.0)
+                await dispatcher.drain(max(deadline, trio.current_time() + 1.0))
                 liveness_scope.cancel()
         root.cancel_scope.cancel()
 

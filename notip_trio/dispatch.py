@@ -80,6 +80,7 @@ class Dispatcher:
         self._wake = trio.Event()
         self._empty = trio.Event()  # set when a read found the outbox empty
         self._running = False
+        self._pending = 0  # as the last read found it
         metrics.dispatch_queue_capacity.set(batch)
 
     def wake(self) -> None:
@@ -97,7 +98,8 @@ class Dispatcher:
         with trio.move_on_at(deadline) as scope:
             await self._empty.wait()
         if scope.cancelled_caught:
-            log.warning("status_updates_drain_timeout")
+            # Left in the outbox: the next leader sends them.
+            log.warning("status_updates_drain_timeout", left=self._pending)
         else:
             log.info("status_updates_drained")
 
@@ -121,6 +123,7 @@ class Dispatcher:
                     await trio.sleep(self._poll_s)
                     continue
                 reading_failed = False
+                self._pending = pending.pending
                 self._metrics.dispatch_queue_length.set(pending.pending)
                 if not pending.reports:
                     self._empty.set()

@@ -27,6 +27,7 @@ from notip_trio.liveness import AlertHorizon, LivenessTracker, lead_liveness
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, AlertConfig, MgmtClient
 from tests.liveness_fakes import (
+    WALL0,
     CaughtUp,
     FakePosition,
     FakePublisher,
@@ -35,7 +36,6 @@ from tests.liveness_fakes import (
     RecordingSink,
     sample,
     status_handler,
-    WALL0,
     trio_wall_clock,
     wall_at,
 )
