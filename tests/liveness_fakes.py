@@ -335,10 +335,14 @@ class FakeStore:
 
 
 class CaughtUp:
-    """An alert horizon that is always now (by `trio_wall_clock`): nothing lags."""
+    """An alert horizon that is always now (by `clock`, the tracker's wall clock:
+    `trio_wall_clock` by default): nothing lags."""
+
+    def __init__(self, clock: Callable[[], datetime] = trio_wall_clock) -> None:
+        self._clock = clock
 
     async def read(self) -> Horizon:
-        now = trio_wall_clock().timestamp()
+        now = self._clock().timestamp()
         return Horizon(at=now, now=now, bounded=False)
 
 

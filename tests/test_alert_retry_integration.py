@@ -65,7 +65,7 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
                     bridge,
                     sink,
                     metrics,
-                    CaughtUp(),
+                    CaughtUp(lambda: dt.datetime.now(dt.UTC)),  # the tracker's own clock
                     grace_until=0.0,
                     concurrency=32,
                 )

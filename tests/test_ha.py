@@ -39,7 +39,8 @@ DURABLE = "data-consumer-telemetry"
 
 class Gateways:
     """Gateways publishing every `period_s` from a thread until `stop()`; `silence(g)`
-    stops one. `last[g]` is the wall time of its last publish, `sent` the total."""
+    stops one. `last[g]` is the wall time of its last publish, `sent` the total,
+    `bursts` how many rounds were published."""
 
     def __init__(self, server: NatsServer, names: list[str], period_s: float = 0.25) -> None:
         self.server = server
@@ -47,6 +48,7 @@ class Gateways:
         self.period_s = period_s
         self.last: dict[str, dt.datetime] = {}
         self.sent = 0
+        self.bursts = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -77,6 +79,7 @@ class Gateways:
                         self.last[name] = now
                         self.sent += 1
                 await nc.flush()
+                self.bursts += 1
                 await asyncio.sleep(self.period_s)
 
         _js.run_nats(self.server, fn, "gateway-sim", timeout_s=600)
