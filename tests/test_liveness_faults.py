@@ -14,6 +14,8 @@ each test has an absolute hang guard.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import signal
 import time
 from pathlib import Path
@@ -350,3 +352,70 @@ async def test_a_database_outage_under_load_raises_no_false_alert(
     for name in names:
         assert standin.statuses(name) == ["online"], name
     assert _scalar(db.conninfo, "SELECT count(*) FROM telemetry") == sent
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+async def test_alert_delay_after_the_timeout_with_one_and_three_replicas(
+    replicas: int,
+    private_nats_server: NatsServer,
+    pg_server: PgServer,
+    pg_database: PgDatabase,
+    tmp_path: Path,
+) -> None:
+    """40 gateways heard every 0.25 s; 20 of them fall silent one by one, 0.7 s
+    apart, with a 2 s timeout and 250 ms ticks. Each silent one is alerted once,
+    no live one ever. Printed (not asserted): how long after its last-seen +
+    timeout each alert was detected (the alert's `timestamp`); the goal is one
+    tick + 0.5 s at the 99th percentile."""
+    nats = private_nats_server
+    names = [f"g{i:02d}" for i in range(40)]
+    silent = names[:20]
+    gateways = Gateways(nats, names)
+    configs = [{"tenant_id": TENANT, "timeout_ms": 2000}]
+    env = _env(nats, pg_server, pg_database)
+    with trio.fail_after(240):
+        async with running_standin(nats, tmp_path, configs=configs) as standin:
+            gateways.start()
+            try:
+                with contextlib.ExitStack() as stack:
+                    daemons = [
+                        stack.enter_context(spawn_daemon(env, tmp_path / f"r{i}.log"))
+                        for i in range(replicas)
+                    ]
+                    for daemon in daemons:
+                        await daemon.wait_ready()
+                    await until(
+                        lambda: all(standin.statuses(g) for g in names), 60, "every gateway online"
+                    )
+                    await _leader_of(*daemons)
+                    for name in silent:
+                        gateways.silence(name)
+                        await trio.sleep(0.7)
+                    await until(
+                        lambda: all("offline" in standin.statuses(g) for g in silent),
+                        30,
+                        "every silent gateway reported offline",
+                    )
+                    await trio.sleep(3)  # a false or repeated alert would show now
+            finally:
+                await trio.to_thread.run_sync(gateways.stop)
+        alerts = await trio.to_thread.run_sync(_js.stream_messages, nats, "ALERTS")
+
+    delays = sorted(
+        (
+            dt.datetime.fromisoformat(body["timestamp"])
+            - dt.datetime.fromisoformat(body["lastSeen"])
+        ).total_seconds()
+        - body["timeoutMs"] / 1000
+        for _, body, _ in alerts
+    )
+    p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))]
+    print(f"{replicas} replica(s): alert after last-seen + timeout: min {delays[0]:.3f} s, "
+          f"median {delays[len(delays) // 2]:.3f} s, p99 {p99:.3f} s, max {delays[-1]:.3f} s "
+          f"(tick 0.25 s; goal: tick + 0.5 s)")  # fmt: skip
+    assert sorted(body["gatewayId"] for _, body, _ in alerts) == silent
+    assert all(d > 0 for d in delays)  # never before the timeout had passed
+    for name in silent:
+        assert standin.statuses(name) == ["online", "offline"], name
+    for name in names[20:]:
+        assert standin.statuses(name) == ["online"], name
