@@ -18,7 +18,8 @@ import argparse
 import importlib.metadata
 import sys
 
-from .config import ConfigError, load_settings
+from .config import load_settings
+from .errors import ConfigError
 
 
 def version() -> str:

@@ -18,9 +18,10 @@ from typing import Protocol
 import trio
 
 from .config import Settings
+from .errors import MgmtError
 from .log import get_logger
 from .metrics import Metrics
-from .mgmt import AlertConfig, MgmtError
+from .mgmt import AlertConfig
 
 log = get_logger(__name__)
 

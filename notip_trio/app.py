@@ -42,9 +42,10 @@ from .alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from .config import Settings
 from .decommission import run_decommission
 from .dispatch import Dispatcher
+from .errors import DatabaseError, StartupError
 from .http import run_http_server
 from .ingest import SEEN_FLUSH_S, IngestState, run_ingest, run_seen_flusher
-from .jetstream import JsMsg, NatsBridge, PullSpec, StartupError
+from .jetstream import JsMsg, NatsBridge, PullSpec
 from .leader import AdvisoryLock, Lock, run_leadership
 from .liveness import CatchUp, LivenessTracker, lead_liveness
 from .livestate import PgStateStore, SeenBuffer, StateStore, flush_seen
@@ -52,7 +53,7 @@ from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
 from .progress import ProgressWatchdog
-from .storage import DatabaseError, Storage
+from .storage import Storage
 
 log = get_logger(__name__)
 

@@ -37,8 +37,9 @@ import trio
 
 from .app import decommission_spec, telemetry_spec
 from .config import Settings
-from .jetstream import NatsBridge, PullSpec, StartupError, durable_problems
-from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient, MgmtError
+from .errors import MgmtError, StartupError
+from .jetstream import NatsBridge, PullSpec, durable_problems
+from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient
 from .storage import COLUMNS, INDEXES, TABLES
 from .wire import STREAMS
 

@@ -16,6 +16,8 @@ from typing import Any, Final
 import environs
 import marshmallow
 
+from .errors import ConfigError
+
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
 
 # Every variable the daemon reads, declared once: tests, the dev stack and the
@@ -70,10 +72,6 @@ DEFAULTS: Final[Mapping[str, str]] = {
 # Optional without a default: needed only for DB_SSL_MODE verify-ca / verify-full.
 OPTIONAL_VARIABLES: Final = ("DB_SSL_ROOT_CERT",)
 ENV_VARS: Final = (*REQUIRED_VARIABLES, *DEFAULTS, *OPTIONAL_VARIABLES)
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting; `str()` is one line naming the variable."""
 
 
 @dataclass(frozen=True, slots=True)

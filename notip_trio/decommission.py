@@ -16,10 +16,10 @@ from typing import Final, Protocol
 
 import trio
 
+from .errors import DatabaseError
 from .jetstream import Acker, JsMsg
 from .log import get_logger
 from .metrics import Metrics
-from .storage import DatabaseError
 from .wire import parse_decommission_subject
 
 log = get_logger(__name__)

@@ -25,9 +25,10 @@ from typing import Protocol
 
 import trio
 
+from .errors import MgmtError
 from .log import get_logger
 from .metrics import Metrics
-from .mgmt import MgmtError, Status
+from .mgmt import Status
 
 log = get_logger(__name__)
 

@@ -29,12 +29,13 @@ from typing import Final, NoReturn, Protocol
 import trio
 
 from .envelope import Rejection, Row, decode
+from .errors import DatabaseError
 from .jetstream import Acker, Delivery, JsMsg
 from .livestate import Key, SeenBuffer, SeenRecorder, flush_seen
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
-from .storage import DatabaseError, RejectedRecord, WriteResult
+from .storage import RejectedRecord, WriteResult
 
 log = get_logger(__name__)
 

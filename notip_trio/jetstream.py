@@ -38,6 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .batching import BatchPolicy
 from .config import Settings
+from .errors import NatsRequestError, StartupError
 from .log import get_logger
 from .metrics import Metrics
 
@@ -147,17 +148,9 @@ class AlertPublisher(Protocol):
         ...
 
 
-class NatsRequestError(Exception):
-    """A request or publish that failed for a reason other than cancellation."""
-
-
 # ---------------------------------------------------------------------------
 # The real thing: nats-py inside trio-asyncio.
 # ---------------------------------------------------------------------------
-
-
-class StartupError(Exception):
-    """A fatal problem found at start (missing stream, unusable durable, no connection)."""
 
 
 def tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:

@@ -45,13 +45,13 @@ import trio
 
 from .alertconfig import AlertConfigCache
 from .dispatch import StatusUpdate
-from .jetstream import AlertPublisher, NatsRequestError
+from .errors import DatabaseError, MgmtError, NatsRequestError
+from .jetstream import AlertPublisher
 from .lanes import Due, Key, LaneIndex
 from .livestate import GatewayRow, StateStore
 from .log import get_logger
 from .metrics import Metrics
-from .mgmt import GatewayState, MgmtError, Status
-from .storage import DatabaseError
+from .mgmt import GatewayState, Status
 from .wire import alert_subject, format_rfc3339, offline_alert_body, offline_alert_msg_id
 
 log = get_logger(__name__)

@@ -26,7 +26,8 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 import trio
 
-from .jetstream import NatsRequestError, Requester
+from .errors import MgmtError, NatsRequestError
+from .jetstream import Requester
 from .log import get_logger
 from .wire import format_rfc3339
 
@@ -43,10 +44,6 @@ RETRY_DELAYS_S: Final = (1.0, 2.0, 4.0)
 
 GatewayState = Literal["online", "offline", "paused", "provisioning"]
 Status = Literal["online", "offline"]
-
-
-class MgmtError(Exception):
-    """A management-API call that failed after all its attempts."""
 
 
 class AlertConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=False):

@@ -38,6 +38,7 @@ from psycopg import sql
 from . import livestate
 from .config import DEFAULTS
 from .envelope import Row
+from .errors import DatabaseError, DeadlineExceeded
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -144,18 +145,6 @@ INSERT INTO telemetry_rejected (received_at, subject, reason, detail, body, body
 VALUES (%s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (stream_seq) DO NOTHING
 """
-
-
-class DatabaseError(Exception):
-    """The database could not be reached or refused a write; the batch was not committed."""
-
-
-class DeadlineExceeded(DatabaseError):
-    """No answer within the round trip's deadline; its connections were abandoned."""
-
-    def __init__(self, message: str, *, connections_cut: int = 0) -> None:
-        super().__init__(message)
-        self.connections_cut = connections_cut
 
 
 Conn = psycopg.Connection[tuple[Any, ...]]

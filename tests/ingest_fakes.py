@@ -18,10 +18,11 @@ import trio
 
 from devstack import simulator
 from notip_trio.envelope import Row
+from notip_trio.errors import DatabaseError
 from notip_trio.jetstream import JsMsg
 from notip_trio.livestate import Key, SeenBuffer
 from notip_trio.metrics import Metrics
-from notip_trio.storage import DatabaseError, RejectedRecord, WriteResult
+from notip_trio.storage import RejectedRecord, WriteResult
 from tests.liveness_fakes import FakeStore
 
 BASE = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)

@@ -43,8 +43,9 @@ from notip_trio.check import (
     timescaledb_result,
 )
 from notip_trio.config import Settings
+from notip_trio.errors import DatabaseError
 from notip_trio.jetstream import NatsBridge
-from notip_trio.storage import COLUMNS, INDEXES, TABLES, DatabaseError, Storage
+from notip_trio.storage import COLUMNS, INDEXES, TABLES, Storage
 from notip_trio.wire import STREAMS
 
 from ._inprocess import daemon_settings

@@ -20,14 +20,8 @@ import pytest
 import trio
 import trio.testing
 
-from notip_trio.storage import (
-    CUT_GRACE_S,
-    DatabaseError,
-    DeadlineExceeded,
-    RoundTrip,
-    bounded,
-    current_round_trip,
-)
+from notip_trio.errors import DatabaseError, DeadlineExceeded
+from notip_trio.storage import CUT_GRACE_S, RoundTrip, bounded, current_round_trip
 
 GUARD_S = 3600
 

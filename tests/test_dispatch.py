@@ -12,8 +12,9 @@ import trio
 import trio.testing
 
 from notip_trio.dispatch import Dispatcher, StatusUpdate
+from notip_trio.errors import MgmtError
 from notip_trio.metrics import Metrics
-from notip_trio.mgmt import MgmtError, Status
+from notip_trio.mgmt import Status
 from tests.liveness_fakes import WALL0, sample
 
 GUARD_S = 600

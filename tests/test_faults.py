@@ -31,8 +31,9 @@ from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.relay import Relay
 from notip_trio.envelope import Row
+from notip_trio.errors import DeadlineExceeded
 from notip_trio.metrics import Metrics
-from notip_trio.storage import DeadlineExceeded, Storage
+from notip_trio.storage import Storage
 
 from ._inprocess import daemon_settings, running_daemon, until
 

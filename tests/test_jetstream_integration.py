@@ -16,14 +16,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from devstack import js as _js
 from devstack.mgmt_standin import MgmtStandin
-from notip_trio.jetstream import (
-    JsMsg,
-    NatsBridge,
-    NatsRequestError,
-    PullSpec,
-    StartupError,
-    tls_context,
-)
+from notip_trio.errors import NatsRequestError, StartupError
+from notip_trio.jetstream import JsMsg, NatsBridge, PullSpec, tls_context
 from notip_trio.mgmt import MgmtClient
 
 

@@ -229,7 +229,7 @@ async def test_go_filled_table_that_is_already_a_hypertable(timescaledb_database
 
 
 async def test_unreachable_database_is_a_clear_error() -> None:
-    from notip_trio.storage import DatabaseError
+    from notip_trio.errors import DatabaseError
 
     storage = Storage.create(
         "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=1", min_size=1, max_size=1

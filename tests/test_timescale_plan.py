@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from notip_trio.errors import DatabaseError
 from notip_trio.storage import (
-    DatabaseError,
     TimescalePlan,
     TimescaleProbe,
     decide_timescaledb,
