@@ -111,9 +111,9 @@ class FetchPolicy:
     def from_settings(cls, settings: Settings) -> FetchPolicy:
         return cls(
             attempts=settings.alert_config_max_retries,
-            initial_backoff_s=settings.alert_config_initial_backoff_ms / 1000,
-            max_backoff_s=settings.alert_config_max_backoff_ms / 1000,
-            refresh_s=settings.alert_config_refresh_ms / 1000,
+            initial_backoff_s=settings.alert_config_initial_backoff_s,
+            max_backoff_s=settings.alert_config_max_backoff_s,
+            refresh_s=settings.alert_config_refresh_s,
         )
 
 

@@ -124,6 +124,52 @@ class Settings:
     nats_max_outstanding_pings: int = 2
     livez_stall_ms: int = 120000
 
+    # ---- the *_MS settings in seconds (what Trio's clock and the timeouts take) ----
+
+    @property
+    def heartbeat_tick_s(self) -> float:
+        return self.heartbeat_tick_ms / 1000
+
+    @property
+    def heartbeat_grace_period_s(self) -> float:
+        return self.heartbeat_grace_period_ms / 1000
+
+    @property
+    def alert_config_refresh_s(self) -> float:
+        return self.alert_config_refresh_ms / 1000
+
+    @property
+    def alert_config_initial_backoff_s(self) -> float:
+        return self.alert_config_initial_backoff_ms / 1000
+
+    @property
+    def alert_config_max_backoff_s(self) -> float:
+        return self.alert_config_max_backoff_ms / 1000
+
+    @property
+    def telemetry_flush_s(self) -> float:
+        return self.telemetry_flush_ms / 1000
+
+    @property
+    def liveness_catchup_max_s(self) -> float:
+        return self.liveness_catchup_max_ms / 1000
+
+    @property
+    def shutdown_drain_s(self) -> float:
+        return self.shutdown_drain_ms / 1000
+
+    @property
+    def db_write_timeout_s(self) -> float:
+        return self.db_write_timeout_ms / 1000
+
+    @property
+    def db_migrate_timeout_s(self) -> float:
+        return self.db_migrate_timeout_ms / 1000
+
+    @property
+    def livez_stall_s(self) -> float:
+        return self.livez_stall_ms / 1000
+
     def __repr__(self) -> str:  # never print the password
         return f"Settings(nats_url={self.nats_url!r}, db_host={self.db_host!r}, ...)"
 
