@@ -33,10 +33,11 @@ import psycopg
 import trio
 
 from benchmarks.common import child_main
-from notip_trio.app import telemetry_spec
 from notip_trio.config import Settings, load_settings
 from notip_trio.envelope import Row, decode
-from notip_trio.jetstream import JsMsg, NatsBridge
+from notip_trio.js.bridge import NatsBridge
+from notip_trio.js.delivery import JsMsg
+from notip_trio.js.specs import telemetry_spec
 from notip_trio.storage import COLUMNS, Storage
 
 GO_BATCH = 100

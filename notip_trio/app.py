@@ -45,7 +45,9 @@ from .dispatch import Dispatcher
 from .errors import DatabaseError, StartupError
 from .http import run_http_server
 from .ingest import SEEN_FLUSH_S, IngestState, run_ingest, run_seen_flusher
-from .jetstream import JsMsg, NatsBridge, PullSpec
+from .js.bridge import NatsBridge
+from .js.delivery import JsMsg
+from .js.specs import decommission_spec, telemetry_spec
 from .leader import AdvisoryLock, Lock, run_leadership
 from .liveness import CatchUp, LivenessTracker, lead_liveness
 from .livestate import PgStateStore, SeenBuffer, StateStore, flush_seen
@@ -77,36 +79,6 @@ class Health:
         except DatabaseError as exc:
             out.append(f"database: {exc}")
         return out
-
-
-def telemetry_spec(settings: Settings) -> PullSpec:
-    batch = settings.telemetry_batch_size
-    depth = settings.telemetry_pipeline_depth
-    return PullSpec(
-        stream=wire.TELEMETRY_STREAM,
-        durable=settings.nats_consumer_durable_name,
-        filter_subject=wire.TELEMETRY_SUBJECTS,
-        batch=batch,
-        batch_min=settings.telemetry_batch_min,
-        expires_s=settings.telemetry_flush_ms / 1000,
-        depth=depth,
-        # Slots + the pulled channel + the decode stage + the write stage hold batches
-        # (at most `batch` each: the adaptive size never exceeds it).
-        max_ack_pending=max(1000, batch * (2 * depth + 3)),
-    )
-
-
-def decommission_spec() -> PullSpec:
-    return PullSpec(
-        stream=wire.DECOMMISSION_STREAM,
-        durable=wire.DECOMMISSION_DURABLE,
-        filter_subject=wire.DECOMMISSION_SUBJECTS,
-        batch=100,
-        # A decommission is acted on within about a second, even when it comes alone.
-        expires_s=1.0,
-        depth=1,
-        max_ack_pending=1000,
-    )
 
 
 async def run_daemon(

@@ -14,7 +14,7 @@ database session is read-only. Returns 0 when nothing FAILED, 1 otherwise.
 
 The NATS checks connect exactly as the daemon does (`NatsBridge.connect`) but
 give up at the first TLS or authorization error instead of retrying; durables
-are judged by `jetstream.durable_problems`, as at start-up; the management API
+are judged by `js.specs.durable_problems`, as at start-up; the management API
 is asked through `MgmtClient`, one attempt. The database facts are gathered in
 one worker thread (`db_facts`) and judged by pure functions.
 """
@@ -35,10 +35,10 @@ import nats.errors
 import psycopg
 import trio
 
-from .app import decommission_spec, telemetry_spec
 from .config import Settings
 from .errors import MgmtError, StartupError
-from .jetstream import NatsBridge, PullSpec, durable_problems
+from .js.bridge import NatsBridge
+from .js.specs import PullSpec, decommission_spec, durable_problems, telemetry_spec
 from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient
 from .storage import COLUMNS, INDEXES, TABLES
 from .wire import STREAMS

@@ -17,7 +17,8 @@ from typing import Final, Protocol
 import trio
 
 from .errors import DatabaseError
-from .jetstream import Acker, JsMsg
+from .js.bridge import Acker
+from .js.delivery import JsMsg
 from .log import get_logger
 from .metrics import Metrics
 from .wire import parse_decommission_subject

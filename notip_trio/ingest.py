@@ -30,7 +30,8 @@ import trio
 
 from .envelope import Rejection, Row, decode
 from .errors import DatabaseError
-from .jetstream import Acker, Delivery, JsMsg
+from .js.bridge import Acker
+from .js.delivery import Delivery, JsMsg
 from .livestate import Key, SeenBuffer, SeenRecorder, flush_seen
 from .log import get_logger
 from .metrics import Metrics

@@ -46,7 +46,7 @@ import trio
 from .alertconfig import AlertConfigCache
 from .dispatch import StatusUpdate
 from .errors import DatabaseError, MgmtError, NatsRequestError
-from .jetstream import AlertPublisher
+from .js.bridge import AlertPublisher
 from .lanes import Due, Key, LaneIndex
 from .livestate import GatewayRow, StateStore
 from .log import get_logger

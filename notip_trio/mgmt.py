@@ -27,7 +27,7 @@ import msgspec
 import trio
 
 from .errors import MgmtError, NatsRequestError
-from .jetstream import Requester
+from .js.bridge import Requester
 from .log import get_logger
 from .wire import format_rfc3339
 

@@ -1,4 +1,4 @@
-"""In-memory fakes at the boundaries of ingest (storage.py, jetstream.py) and
+"""In-memory fakes at the boundaries of ingest (storage.py, js/bridge.py) and
 telemetry messages with real ack subjects.
 
 `Events` is one log shared by `FakeWriter` and `FakeAcker`: (virtual time, what,
@@ -19,7 +19,7 @@ import trio
 from devstack import simulator
 from notip_trio.envelope import Row
 from notip_trio.errors import DatabaseError
-from notip_trio.jetstream import JsMsg
+from notip_trio.js.delivery import JsMsg
 from notip_trio.livestate import Key, SeenBuffer
 from notip_trio.metrics import Metrics
 from notip_trio.storage import RejectedRecord, WriteResult

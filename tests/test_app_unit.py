@@ -36,7 +36,8 @@ from notip_trio import app
 from notip_trio.app import Health
 from notip_trio.errors import DatabaseError
 from notip_trio.ingest import IngestState
-from notip_trio.jetstream import JsMsg, PullSpec
+from notip_trio.js.delivery import JsMsg
+from notip_trio.js.specs import PullSpec
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_LIST_CONFIGS, SUBJECT_UPDATE_STATUS
 from notip_trio.wire import TELEMETRY_STREAM

@@ -31,7 +31,6 @@ from devstack.js import run_nats
 from devstack.mgmt_standin import spawn_standin as spawn_mgmt_standin
 from devstack.natsd import NatsServer
 from notip_trio.__main__ import main
-from notip_trio.app import decommission_spec, telemetry_spec
 from notip_trio.check import (
     DbFacts,
     Result,
@@ -44,7 +43,8 @@ from notip_trio.check import (
 )
 from notip_trio.config import Settings
 from notip_trio.errors import DatabaseError
-from notip_trio.jetstream import NatsBridge
+from notip_trio.js.bridge import NatsBridge
+from notip_trio.js.specs import decommission_spec, telemetry_spec
 from notip_trio.storage import COLUMNS, INDEXES, TABLES, Storage
 from notip_trio.wire import STREAMS
 
