@@ -34,11 +34,12 @@ import trio
 
 from benchmarks.common import child_main
 from notip_trio.config import Settings, load_settings
+from notip_trio.db.schema import COLUMNS
+from notip_trio.db.writer import Storage
 from notip_trio.envelope import Row, decode
 from notip_trio.js.bridge import NatsBridge
 from notip_trio.js.delivery import JsMsg
 from notip_trio.js.specs import telemetry_spec
-from notip_trio.storage import COLUMNS, Storage
 
 GO_BATCH = 100
 GO_FLUSH_S = 0.5

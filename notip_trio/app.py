@@ -40,6 +40,7 @@ import trio
 from . import wire
 from .alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from .config import Settings
+from .db.writer import Storage
 from .decommission import run_decommission
 from .dispatch import Dispatcher
 from .errors import DatabaseError, StartupError
@@ -55,7 +56,6 @@ from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
 from .progress import ProgressWatchdog
-from .storage import Storage
 
 log = get_logger(__name__)
 

@@ -36,14 +36,14 @@ import psycopg
 import trio
 
 from .config import Settings
+from .db.schema import COLUMNS, INDEXES, TABLES
 from .errors import MgmtError, StartupError
 from .js.bridge import NatsBridge
 from .js.specs import PullSpec, decommission_spec, durable_problems, telemetry_spec
 from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient
-from .storage import COLUMNS, INDEXES, TABLES
 from .wire import STREAMS
 
-Status = Literal["ok", "FAILED", "info", "skip"]
+Verdict = Literal["ok", "FAILED", "info", "skip"]
 
 STEP_TIMEOUT_S: Final = 5.0  # one JetStream info call, one management-API request
 DB_CONNECT_TIMEOUT_S: Final = 10  # libpq connect_timeout (whole seconds)
@@ -58,7 +58,7 @@ SAMPLE_SUBJECTS: Final = {
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    status: Status
+    status: Verdict
     check: str
     detail: str
     hint: str = ""

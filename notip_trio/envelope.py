@@ -58,7 +58,7 @@ _decoder: Final = msgspec.json.Decoder(_Envelope, strict=True)
 
 
 class Row(NamedTuple):
-    """One `telemetry` row, in the table's column order (see storage.COLUMNS)."""
+    """One `telemetry` row, in the table's column order (see db.schema.COLUMNS)."""
 
     time: dt.datetime
     tenant_id: str

@@ -28,15 +28,16 @@ from typing import Final, NoReturn, Protocol
 
 import trio
 
+from .db.writer import RejectedRecord, WriteResult
 from .envelope import Rejection, Row, decode
 from .errors import DatabaseError
 from .js.bridge import Acker
 from .js.delivery import Delivery, JsMsg
-from .livestate import Key, SeenBuffer, SeenRecorder, flush_seen
+from .lanes import Key
+from .livestate import SeenBuffer, SeenRecorder, flush_seen
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
-from .storage import RejectedRecord, WriteResult
 
 log = get_logger(__name__)
 

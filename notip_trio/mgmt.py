@@ -43,7 +43,7 @@ ATTEMPT_TIMEOUT_S: Final = 5.0
 RETRY_DELAYS_S: Final = (1.0, 2.0, 4.0)
 
 GatewayState = Literal["online", "offline", "paused", "provisioning"]
-Status = Literal["online", "offline"]
+ReportedStatus = Literal["online", "offline"]
 
 
 class AlertConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -119,7 +119,9 @@ class MgmtClient:
 
         return await self._call(SUBJECT_GET_STATUS, payload, parse)
 
-    async def update_status(self, gateway_id: str, status: Status, last_seen_at: datetime) -> None:
+    async def update_status(
+        self, gateway_id: str, status: ReportedStatus, last_seen_at: datetime
+    ) -> None:
         """Report a gateway online/offline; raises MgmtError (also for success=false)."""
         payload = _encoder.encode(
             {

@@ -18,7 +18,8 @@ from notip_trio.config import Settings
 from notip_trio.dispatch import StatusUpdate
 from notip_trio.errors import DatabaseError, NatsRequestError
 from notip_trio.js.delivery import JsMsg
-from notip_trio.livestate import Changes, GatewayRow, Key
+from notip_trio.lanes import Key
+from notip_trio.livestate import Changes, GatewayRow
 from notip_trio.metrics import Metrics
 
 # Wall time that corresponds to Trio time 0 in tests (see `wall_at`).

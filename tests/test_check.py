@@ -42,10 +42,11 @@ from notip_trio.check import (
     timescaledb_result,
 )
 from notip_trio.config import Settings
+from notip_trio.db.schema import COLUMNS, INDEXES, TABLES
+from notip_trio.db.writer import Storage
 from notip_trio.errors import DatabaseError
 from notip_trio.js.bridge import NatsBridge
 from notip_trio.js.specs import decommission_spec, telemetry_spec
-from notip_trio.storage import COLUMNS, INDEXES, TABLES, Storage
 from notip_trio.wire import STREAMS
 
 from ._inprocess import daemon_settings

@@ -10,15 +10,14 @@ import pytest
 import trio
 from psycopg.conninfo import make_conninfo
 
-from notip_trio.envelope import Row
-from notip_trio.storage import (
-    RejectedRecord,
-    Storage,
+from notip_trio.db.schema import (
     TimescalePlan,
     preloads_timescaledb,
     probe_timescaledb,
     timescaledb_plan,
 )
+from notip_trio.db.writer import RejectedRecord, Storage
+from notip_trio.envelope import Row
 
 T0 = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 GO_SCHEMA = """
