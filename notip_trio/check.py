@@ -16,7 +16,9 @@ The NATS checks connect exactly as the daemon does (`NatsBridge.connect`) but
 give up at the first TLS or authorization error instead of retrying; durables
 are judged by `js.specs.durable_problems`, as at start-up; the management API
 is asked through `MgmtClient`, one attempt. The database facts are gathered in
-one worker thread (`db_facts`) and judged by pure functions.
+one worker thread (`db_facts`) and judged by pure functions; TimescaleDB by the
+daemon's own plan (`db.schema.timescaledb_plan`), so the preflight reports what
+the daemon will do. The pull specs come from `js.specs`, not from the task tree.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ import psycopg
 import trio
 
 from .config import Settings
-from .db.schema import COLUMNS, INDEXES, TABLES
+from .db.schema import (
+    COLUMNS,
+    INDEXES,
+    PRELOAD_SETTING,
+    TABLES,
+    TimescalePlan,
+    TimescaleProbe,
+    probe_timescaledb,
+    timescaledb_plan,
+)
 from .errors import MgmtError, StartupError
 from .js.bridge import NatsBridge
 from .js.specs import PullSpec, decommission_spec, durable_problems, telemetry_spec
@@ -308,6 +319,12 @@ async def _check_mgmt(bridge: NatsBridge, emit: Emit) -> None:
 # --- PostgreSQL ----------------------------------------------------------------
 
 
+#: A server without TimescaleDB, as the probe reports it.
+NO_TIMESCALEDB: Final = TimescaleProbe(
+    available=False, created=False, loader_running=False, preload=None
+)
+
+
 @dataclass(frozen=True, slots=True)
 class TableFacts:
     owner: str
@@ -327,9 +344,10 @@ class DbFacts:
     can_create: bool  # CREATE on that schema
     tables: dict[str, TableFacts | None] = field(default_factory=dict)
     indexes: dict[str, bool] = field(default_factory=dict)
+    # What the daemon's migration looks at before deciding (db.schema.probe_timescaledb).
+    timescale: TimescaleProbe = NO_TIMESCALEDB
     timescaledb_available: str | None = None  # default_version, None if not available
     timescaledb_installed: str | None = None
-    preloaded: bool | None = None  # None: this user may not read shared_preload_libraries
     hypertable: bool = False
 
 
@@ -419,14 +437,15 @@ def db_facts(conninfo: str) -> DbFacts:
             "SELECT default_version, installed_version FROM pg_available_extensions"
             " WHERE name = 'timescaledb'"
         )
-        preloaded: bool | None
-        try:
-            spl = one("SELECT current_setting('shared_preload_libraries')")
-            preloaded = spl is not None and "timescaledb" in str(spl[0])
-        except psycopg.errors.InsufficientPrivilege:
-            preloaded = None
+        timescale = probe_timescaledb(conn)
         hypertable = False
-        if ext is not None and ext[1] is not None and tables.get("telemetry") is not None:
+        # Only where the daemon would use it: touching an extension that is not
+        # preloaded ends the connection.
+        if (
+            timescale.created
+            and timescaledb_plan(timescale) is TimescalePlan.HYPERTABLE
+            and tables.get("telemetry") is not None
+        ):
             found = one(
                 "SELECT 1 FROM timescaledb_information.hypertables"
                 " WHERE hypertable_name = 'telemetry'"
@@ -442,7 +461,7 @@ def db_facts(conninfo: str) -> DbFacts:
             indexes=indexes,
             timescaledb_available=None if ext is None else str(ext[0]),
             timescaledb_installed=None if ext is None or ext[1] is None else str(ext[1]),
-            preloaded=preloaded,
+            timescale=timescale,
             hypertable=hypertable,
         )
 
@@ -504,26 +523,46 @@ def schema_result(facts: DbFacts) -> Result:
 
 
 def timescaledb_result(facts: DbFacts) -> Result:
-    """Informational: which storage the daemon will run on."""
-    if facts.timescaledb_available is None:
+    """What the daemon will run on, decided by the daemon's own plan
+    (`db.schema.timescaledb_plan`) from the same probe: check and daemon agree.
+
+    Information unless the daemon would stop: an extension created in this
+    database but not preloaded (FAILED).
+    """
+    probe = facts.timescale
+    plan = timescaledb_plan(probe)
+    version = facts.timescaledb_installed or facts.timescaledb_available or "timescaledb"
+    restart = f"add {PRELOAD_SETTING} to postgresql.conf and restart PostgreSQL"
+    if plan is TimescalePlan.PLAIN:
         return Result("info", "timescaledb", "not available; telemetry is a plain table")
-    if facts.timescaledb_installed is not None:
-        table = (
-            "telemetry is a hypertable"
-            if facts.hypertable
-            else "telemetry becomes a hypertable at start"
+    if plan is TimescalePlan.HYPERTABLE:
+        if probe.created:
+            table = (
+                "telemetry is a hypertable"
+                if facts.hypertable
+                else "telemetry becomes a hypertable at start"
+            )
+            return Result("info", "timescaledb", f"{version} installed and preloaded; {table}")
+        return Result(
+            "info",
+            "timescaledb",
+            f"{version} available and preloaded, not installed; the daemon creates the "
+            "extension at start and telemetry becomes a hypertable",
         )
-        return Result("info", "timescaledb", f"{facts.timescaledb_installed} installed; {table}")
-    preload = {
-        True: "in shared_preload_libraries",
-        False: "NOT in shared_preload_libraries: CREATE EXTENSION fails until it is",
-        None: "shared_preload_libraries not readable by this user",
-    }[facts.preloaded]
+    if plan is TimescalePlan.PLAIN_NOT_PRELOADED:
+        return Result(
+            "info",
+            "timescaledb",
+            f"{version} available but not preloaded; the daemon runs on plain PostgreSQL "
+            "(telemetry stays a plain table) and warns timescaledb_not_preloaded",
+            f"for a hypertable, {restart}",
+        )
     return Result(
-        "info",
+        "FAILED",
         "timescaledb",
-        f"{facts.timescaledb_available} available, not installed; the daemon creates the "
-        f"extension at start ({preload})",
+        f"the extension ({version}) exists in this database but the server does not preload "
+        "it; any use of it ends the connection, so the daemon stops at start",
+        restart,
     )
 
 
