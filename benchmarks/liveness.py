@@ -17,7 +17,7 @@ Usage: python -m benchmarks.liveness '{"mode": "tick", "sizes": [10000]}'
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import datetime as dt
 import gc
 import statistics

@@ -15,7 +15,7 @@ Usage: python -m benchmarks.pg '{"mode": "ceiling-p", "file": "...", ...}'
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import datetime as dt

@@ -19,7 +19,7 @@ Usage: python -m benchmarks.pull '{"mode": "ceiling-n", "total": 200000}'
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import sys

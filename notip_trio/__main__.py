@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_check(settings)
 
-    # trio_asyncio must be imported before psycopg (NOTES.md); app does that.
+    # trio_asyncio must be imported before psycopg (docs/pitfalls.md); app does that.
     from .app import run_app
 
     return run_app(settings)

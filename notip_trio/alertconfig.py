@@ -1,4 +1,4 @@
-"""Alert-config cache and its refresh task (SPEC.md Behaviour 5).
+"""Alert-config cache and its refresh task (docs/contract.md Behaviour 5).
 
 `AlertConfigCache.timeout_ms(tenant, gateway)` answers with the gateway's own
 entry, else the tenant's entry without `gateway_id`, else the default

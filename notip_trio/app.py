@@ -29,7 +29,7 @@ to `__main__`, which exits non-zero.
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import functools

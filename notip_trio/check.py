@@ -1,4 +1,4 @@
-"""`notip-trio check`: the preflight (SPEC.md Behaviour 11).
+"""`notip-trio check`: the preflight (docs/contract.md Behaviour 11).
 
 `__main__` loads the settings exactly as for the daemon (a bad one: exit 2
 there) and hands them to `run_check`, which checks every dependency the daemon
@@ -16,38 +16,30 @@ The NATS checks connect exactly as the daemon does (`NatsBridge.connect`) but
 give up at the first TLS or authorization error instead of retrying; durables
 are judged by `js.specs.durable_problems`, as at start-up; the management API
 is asked through `MgmtClient`, one attempt. The database facts are gathered in
-one worker thread (`db_facts`) and judged by pure functions; TimescaleDB by the
+one worker thread (`db.facts.db_facts`) and judged by pure functions; TimescaleDB by the
 daemon's own plan (`db.schema.timescaledb_plan`), so the preflight reports what
 the daemon will do. The pull specs come from `js.specs`, not from the task tree.
 """
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TextIO
+from dataclasses import dataclass
+from typing import Final, Literal, TextIO
 
 import nats.errors
 import psycopg
 import trio
 
 from .config import Settings
-from .db.schema import (
-    COLUMNS,
-    INDEXES,
-    PRELOAD_SETTING,
-    TABLES,
-    TimescalePlan,
-    TimescaleProbe,
-    probe_timescaledb,
-    timescaledb_plan,
-)
+from .db.facts import DB_CONNECT_TIMEOUT_S, DB_QUERY_TIMEOUT_S, DbFacts, db_facts, pg_hint
+from .db.schema import COLUMNS, PRELOAD_SETTING, TimescalePlan, timescaledb_plan
 from .errors import MgmtError, StartupError
 from .js.bridge import NatsBridge
 from .js.specs import PullSpec, decommission_spec, durable_problems, telemetry_spec
@@ -57,8 +49,6 @@ from .wire import STREAMS
 Verdict = Literal["ok", "FAILED", "info", "skip"]
 
 STEP_TIMEOUT_S: Final = 5.0  # one JetStream info call, one management-API request
-DB_CONNECT_TIMEOUT_S: Final = 10  # libpq connect_timeout (whole seconds)
-DB_QUERY_TIMEOUT_S: Final = 10.0  # every query of the schema inspection together
 #: A subject each stream must capture: what the platform publishes, or the daemon does.
 SAMPLE_SUBJECTS: Final = {
     "TELEMETRY": "telemetry.data.tenant.gateway",
@@ -226,7 +216,7 @@ async def _check_stream(bridge: NatsBridge, name: str, emit: Emit) -> list[str] 
                 "FAILED",
                 check,
                 f"its subjects ({listed}) do not capture {sample}",
-                "the stream's subjects must follow SPEC.md",
+                "the stream's subjects must follow docs/contract.md",
             )
         )
         return subjects
@@ -319,38 +309,6 @@ async def _check_mgmt(bridge: NatsBridge, emit: Emit) -> None:
 # --- PostgreSQL ----------------------------------------------------------------
 
 
-#: A server without TimescaleDB, as the probe reports it.
-NO_TIMESCALEDB: Final = TimescaleProbe(
-    available=False, created=False, loader_running=False, preload=None
-)
-
-
-@dataclass(frozen=True, slots=True)
-class TableFacts:
-    owner: str
-    owned: bool  # the current user has the owner's rights (the migration needs them)
-    writable: bool  # SELECT and INSERT
-    columns: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class DbFacts:
-    """What the checks need to know about the database, read in one session."""
-
-    user: str
-    server_version: str
-    ssl: bool
-    schema: str | None  # current_schema(): where the daemon's tables go
-    can_create: bool  # CREATE on that schema
-    tables: dict[str, TableFacts | None] = field(default_factory=dict)
-    indexes: dict[str, bool] = field(default_factory=dict)
-    # What the daemon's migration looks at before deciding (db.schema.probe_timescaledb).
-    timescale: TimescaleProbe = NO_TIMESCALEDB
-    timescaledb_available: str | None = None  # default_version, None if not available
-    timescaledb_installed: str | None = None
-    hypertable: bool = False
-
-
 async def check_database(settings: Settings, emit: Emit) -> None:
     conninfo = settings.db_conninfo()
     where = f"{settings.db_host}:{settings.db_port}/{settings.db_name} as {settings.db_user}"
@@ -375,95 +333,6 @@ async def check_database(settings: Settings, emit: Emit) -> None:
     )
     emit(schema_result(facts))
     emit(timescaledb_result(facts))
-
-
-def pg_hint(reason: str) -> str:
-    """What to do about a failed database connection, from its reason."""
-    r = reason.lower()
-    if "password authentication failed" in r:
-        return "check DB_USER and the password in DB_PASSWORD_FILE"
-    if "database" in r and "does not exist" in r:
-        return "check DB_NAME"
-    if "role" in r and "does not exist" in r:
-        return "check DB_USER"
-    if "does not support ssl" in r:
-        return "the server has no TLS: enable ssl there, or DB_SSL_MODE=disable"
-    if "certificate" in r or "root cert" in r:
-        return (
-            "DB_SSL_ROOT_CERT must be the CA of the server's certificate (verify-full: and "
-            "DB_HOST must be named in it)"
-        )
-    if "pg_hba.conf" in r:
-        return "the server's pg_hba.conf admits no such host, user, database and TLS mode"
-    return "check DB_HOST and DB_PORT and that PostgreSQL is reachable from here"
-
-
-def db_facts(conninfo: str) -> DbFacts:
-    """Blocking (worker thread): connect read-only and gather `DbFacts`."""
-    with psycopg.connect(conninfo, connect_timeout=DB_CONNECT_TIMEOUT_S, autocommit=True) as conn:
-        conn.execute("SET default_transaction_read_only = on")
-        conn.execute(f"SET statement_timeout = '{int(DB_QUERY_TIMEOUT_S * 1000)}ms'")
-
-        def one(query: str, *params: object) -> tuple[Any, ...] | None:
-            return conn.execute(query, params).fetchone()
-
-        row = one(
-            "SELECT current_user, current_setting('server_version'), current_schema(),"
-            " coalesce(has_schema_privilege(current_schema(), 'CREATE'), false)"
-        )
-        assert row is not None
-        user, version, schema, can_create = str(row[0]), str(row[1]), row[2], bool(row[3])
-        tables: dict[str, TableFacts | None] = {}
-        for table in TABLES:
-            info = one(
-                "SELECT pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE'),"
-                # A list of privileges would mean "any of them": ask for each.
-                " has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT'),"
-                " array(SELECT attname::text FROM pg_attribute"
-                "       WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped)"
-                " FROM pg_class c WHERE c.oid = to_regclass(%s)",
-                table,
-            )
-            if info is None:
-                tables[table] = None
-                continue
-            owner, owned, writable, columns = info
-            tables[table] = TableFacts(str(owner), bool(owned), bool(writable), frozenset(columns))
-        indexes = {
-            name: bool((found := one("SELECT to_regclass(%s) IS NOT NULL", name)) and found[0])
-            for name in INDEXES
-        }
-        ext = one(
-            "SELECT default_version, installed_version FROM pg_available_extensions"
-            " WHERE name = 'timescaledb'"
-        )
-        timescale = probe_timescaledb(conn)
-        hypertable = False
-        # Only where the daemon would use it: touching an extension that is not
-        # preloaded ends the connection.
-        if (
-            timescale.created
-            and timescaledb_plan(timescale) is TimescalePlan.HYPERTABLE
-            and tables.get("telemetry") is not None
-        ):
-            found = one(
-                "SELECT 1 FROM timescaledb_information.hypertables"
-                " WHERE hypertable_name = 'telemetry'"
-            )
-            hypertable = found is not None
-        return DbFacts(
-            user=user,
-            server_version=version.split()[0],
-            ssl=bool(conn.pgconn.ssl_in_use),
-            schema=None if schema is None else str(schema),
-            can_create=can_create,
-            tables=tables,
-            indexes=indexes,
-            timescaledb_available=None if ext is None else str(ext[0]),
-            timescaledb_installed=None if ext is None or ext[1] is None else str(ext[1]),
-            timescale=timescale,
-            hypertable=hypertable,
-        )
 
 
 def schema_result(facts: DbFacts) -> Result:
@@ -496,7 +365,7 @@ def schema_result(facts: DbFacts) -> Result:
     telemetry = facts.tables.get("telemetry")
     if telemetry is not None and (lacking := [c for c in COLUMNS if c not in telemetry.columns]):
         reasons.append(f"table telemetry lacks column(s) {', '.join(lacking)}")
-        hints.append("telemetry must have SPEC.md's columns")
+        hints.append("telemetry must have docs/contract.md's columns")
     if reasons:
         why = "; ".join(reasons)
         return Result(

@@ -33,7 +33,7 @@ REQUIRED_VARIABLES: Final = (
     "DB_PASSWORD_FILE",
 )
 DEFAULTS: Final[Mapping[str, str]] = {
-    # SPEC.md, Configuration
+    # docs/contract.md, Configuration
     "DB_PORT": "5432",
     "DB_MAX_CONNS": "10",
     "DB_MIN_CONNS": "2",

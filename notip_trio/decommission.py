@@ -1,4 +1,4 @@
-"""Decommission listener (SPEC.md Behaviour 4).
+"""Decommission listener (docs/contract.md Behaviour 4).
 
 Each message on `gateway.decommissioned.{tenant}.{gateway}` removes that
 gateway from liveness tracking (a tombstone in the state table, written by

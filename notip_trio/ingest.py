@@ -7,7 +7,7 @@ current one is written:
 
 A message is acked only after the transaction holding its row commits; a bad
 message is terminated only after its `telemetry_rejected` record commits. Each
-committed batch adds its gateways' last-seen (SPEC.md Behaviour 8) to a
+committed batch adds its gateways' last-seen (docs/contract.md Behaviour 8) to a
 `SeenBuffer`, which `run_seen_flusher` writes to the state table at least once
 a second: the time each gateway's newest valid message reached the stream,
 read from the delivery's ack subject, so a backlog, a redelivery or another

@@ -1,4 +1,4 @@
-"""Gateway liveness on the leader: offline alerts and status updates (SPEC.md Behaviour 3, 4, 8).
+"""Liveness on the leader: offline alerts and status updates (docs/contract.md Behaviour 3, 4, 8).
 
 The state lives in PostgreSQL (`livestate.py`): every replica's ingest records
 each gateway's last-seen there, in the transaction of its batch. One replica,

@@ -1,4 +1,4 @@
-"""Liveness state in PostgreSQL (SPEC.md Behaviour 8, 9): the table and its statements.
+"""Liveness state in PostgreSQL (docs/contract.md Behaviour 8, 9): the table and its statements.
 
 One row per gateway in `gateway_liveness`, beside `telemetry`:
 

@@ -1,4 +1,4 @@
-"""Management-API client: the three core-NATS request-reply calls of SPEC.md.
+"""Management-API client: the three core-NATS request-reply calls of docs/contract.md.
 
 Every call follows one policy: each attempt runs inside `trio.fail_after(5)`;
 a failed attempt (transport error, timeout, undecodable or invalid reply) is
@@ -78,7 +78,7 @@ class MgmtClient:
     """The management API over a `Requester` (one attempt per `request` call).
 
     `attempt_timeout_s` and `retry_delays_s` exist for tests and tools; the
-    daemon uses the SPEC.md defaults.
+    daemon uses the docs/contract.md defaults.
     """
 
     def __init__(

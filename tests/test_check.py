@@ -31,17 +31,9 @@ from devstack.js import run_nats
 from devstack.mgmt_standin import spawn_standin as spawn_mgmt_standin
 from devstack.natsd import NatsServer
 from notip_trio.__main__ import main
-from notip_trio.check import (
-    DbFacts,
-    Result,
-    TableFacts,
-    nats_hint,
-    pg_hint,
-    schema_result,
-    subject_matches,
-    timescaledb_result,
-)
+from notip_trio.check import Result, nats_hint, schema_result, subject_matches, timescaledb_result
 from notip_trio.config import Settings
+from notip_trio.db.facts import DbFacts, TableFacts, pg_hint
 from notip_trio.db.schema import COLUMNS, INDEXES, TABLES, TimescaleProbe
 from notip_trio.db.writer import Storage
 from notip_trio.errors import DatabaseError

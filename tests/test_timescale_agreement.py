@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from notip_trio.check import DbFacts, timescaledb_result
+from notip_trio.check import timescaledb_result
+from notip_trio.db.facts import DbFacts
 from notip_trio.db.schema import (
     TimescalePlan,
     TimescaleProbe,
