@@ -25,9 +25,10 @@ from typing import Protocol
 
 import trio
 
+from .errors import MgmtError
 from .log import get_logger
 from .metrics import Metrics
-from .mgmt import MgmtError, Status
+from .mgmt import ReportedStatus
 
 log = get_logger(__name__)
 
@@ -36,12 +37,14 @@ log = get_logger(__name__)
 class StatusUpdate:
     tenant_id: str  # for logs; update-status itself carries no tenant
     gateway_id: str
-    status: Status
+    status: ReportedStatus
     last_seen_at: datetime
 
 
 class StatusUpdater(Protocol):
-    async def update_status(self, gateway_id: str, status: Status, last_seen_at: datetime) -> None:
+    async def update_status(
+        self, gateway_id: str, status: ReportedStatus, last_seen_at: datetime
+    ) -> None:
         """Deliver one update; raises MgmtError when it finally fails."""
         ...
 

@@ -7,7 +7,7 @@ current one is written:
 
 A message is acked only after the transaction holding its row commits; a bad
 message is terminated only after its `telemetry_rejected` record commits. Each
-committed batch adds its gateways' last-seen (SPEC.md Behaviour 8) to a
+committed batch adds its gateways' last-seen (docs/contract.md Behaviour 8) to a
 `SeenBuffer`, which `run_seen_flusher` writes to the state table at least once
 a second: the time each gateway's newest valid message reached the stream,
 read from the delivery's ack subject, so a backlog, a redelivery or another
@@ -28,13 +28,16 @@ from typing import Final, NoReturn, Protocol
 
 import trio
 
+from .db.writer import RejectedRecord, WriteResult
 from .envelope import Rejection, Row, decode
-from .jetstream import Acker, Delivery, JsMsg
-from .livestate import Key, SeenBuffer, SeenRecorder, flush_seen
+from .errors import DatabaseError
+from .js.bridge import Acker
+from .js.delivery import Delivery, JsMsg
+from .lanes import Key
+from .livestate import SeenBuffer, SeenRecorder, flush_seen
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
-from .storage import DatabaseError, RejectedRecord, WriteResult
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""One leader among the replicas (SPEC.md Behaviour 9).
+"""One leader among the replicas (docs/contract.md Behaviour 9).
 
 The leader holds a session-level PostgreSQL advisory lock on a connection of
 its own, outside the pool. `run_leadership` tries for the lock every

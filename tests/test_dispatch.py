@@ -12,8 +12,9 @@ import trio
 import trio.testing
 
 from notip_trio.dispatch import Dispatcher, StatusUpdate
+from notip_trio.errors import MgmtError
 from notip_trio.metrics import Metrics
-from notip_trio.mgmt import MgmtError, Status
+from notip_trio.mgmt import ReportedStatus
 from tests.liveness_fakes import WALL0, sample
 
 GUARD_S = 600
@@ -25,7 +26,9 @@ class FakeUpdater:
         self.failing = failing
         self.calls: list[tuple[float, str, str]] = []  # (time, gateway, status)
 
-    async def update_status(self, gateway_id: str, status: Status, last_seen_at: datetime) -> None:
+    async def update_status(
+        self, gateway_id: str, status: ReportedStatus, last_seen_at: datetime
+    ) -> None:
         if self.delay_s:
             await trio.sleep(self.delay_s)
         if gateway_id in self.failing:
@@ -33,7 +36,7 @@ class FakeUpdater:
         self.calls.append((trio.current_time(), gateway_id, status))
 
 
-def update(gateway_id: str, status: Status = "online") -> StatusUpdate:
+def update(gateway_id: str, status: ReportedStatus = "online") -> StatusUpdate:
     return StatusUpdate("t1", gateway_id, status, WALL0)
 
 

@@ -21,7 +21,7 @@ import trio.testing
 
 from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.ingest import BACKOFF_INITIAL_S, BACKOFF_MAX_S, IngestState, run_ingest
-from notip_trio.jetstream import JsMsg
+from notip_trio.js.delivery import JsMsg
 from notip_trio.liveness import LivenessTracker, lead_liveness
 from notip_trio.livestate import SeenBuffer
 from notip_trio.metrics import Metrics

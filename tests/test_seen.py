@@ -7,10 +7,10 @@ import pytest
 import trio
 import trio.testing
 
+from notip_trio.errors import DatabaseError
 from notip_trio.ingest import run_seen_flusher
 from notip_trio.livestate import SeenBuffer, flush_seen
 from notip_trio.metrics import Metrics
-from notip_trio.storage import DatabaseError
 from tests.liveness_fakes import FakeStore, sample, wall_at
 
 GUARD_S = 600
