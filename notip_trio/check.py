@@ -43,6 +43,7 @@ from .db.schema import COLUMNS, PRELOAD_SETTING, TimescalePlan, timescaledb_plan
 from .errors import MgmtError, StartupError
 from .js.bridge import NatsBridge
 from .js.specs import PullSpec, decommission_spec, durable_problems, telemetry_spec
+from .leader import lock_session_settings
 from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient
 from .wire import STREAMS
 
@@ -326,6 +327,7 @@ async def check_database(settings: Settings, emit: Emit) -> None:
     if facts is None:
         emit(Result("skip", "schema", "not checked (no database connection)"))
         emit(Result("skip", "timescaledb", "not checked (no database connection)"))
+        emit(Result("skip", "leader lock", "not checked (no database connection)"))
         return
     tls = f"TLS on, DB_SSL_MODE={settings.db_ssl_mode}" if facts.ssl else "TLS off"
     emit(
@@ -333,6 +335,7 @@ async def check_database(settings: Settings, emit: Emit) -> None:
     )
     emit(schema_result(facts))
     emit(timescaledb_result(facts))
+    await _check_lock_session(settings, emit)
 
 
 def schema_result(facts: DbFacts) -> Result:
@@ -433,6 +436,93 @@ def timescaledb_result(facts: DbFacts) -> Result:
         "it; any use of it ends the connection, so the daemon stops at start",
         restart,
     )
+
+
+# --- the leader's lock session (docs/leader-lock.md) -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LockSessionFacts:
+    """How the leader's lock connection reaches PostgreSQL."""
+
+    pids: tuple[int, int]  # pg_backend_pid() in two transactions on one connection
+    server_version: str
+    unavailable: tuple[str, ...]  # lock-session settings this server does not know
+
+
+def lock_session_facts(conninfo: str) -> LockSessionFacts:
+    """Blocking (worker thread): connect as the lock does and look, read-only."""
+    with psycopg.connect(conninfo, connect_timeout=DB_CONNECT_TIMEOUT_S, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = on")
+        conn.execute(f"SET statement_timeout = '{int(DB_QUERY_TIMEOUT_S * 1000)}ms'")
+
+        def pid() -> int:
+            # Autocommit: each statement is its own transaction, which a
+            # transaction pooler may hand to any server connection.
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            return int(row[0])
+
+        pids = (pid(), pid())
+        wanted = list(lock_session_settings())
+        known = {
+            str(r[0])
+            for r in conn.execute(
+                "SELECT name FROM pg_settings WHERE name = ANY(%s::text[])", (wanted,)
+            )
+        }
+        row = conn.execute("SELECT current_setting('server_version')").fetchone()
+        assert row is not None
+        return LockSessionFacts(
+            pids=pids,
+            server_version=str(row[0]).split()[0],
+            unavailable=tuple(name for name in wanted if name not in known),
+        )
+
+
+def lock_session_result(facts: LockSessionFacts) -> Result:
+    """The lock needs one server session for the life of its connection."""
+    first, second = facts.pids
+    if first != second:
+        return Result(
+            "FAILED",
+            "leader lock",
+            f"two transactions on one connection ran on backends {first} and {second}: a "
+            "transaction (or statement) pooler sits in front of PostgreSQL, so the leader's "
+            "advisory lock does not stay with its session and replicas cannot agree on a leader",
+            "point DB_HOST/DB_PORT at PostgreSQL directly or at a pooler in session mode "
+            "(docs/leader-lock.md)",
+        )
+    same = f"one backend per connection (pid {first}: direct or session pooling)"
+    if facts.unavailable:
+        return Result(
+            "info",
+            "leader lock",
+            f"{same}; PostgreSQL {facts.server_version} lacks {', '.join(facts.unavailable)}: "
+            "a leader hung behind a path that still answers TCP keepalives keeps the lock "
+            "until its connection closes (PostgreSQL 14+ ends it within ~20 s)",
+        )
+    return Result(
+        "ok",
+        "leader lock",
+        f"{same}; the server ends a silent leader's lock session within ~20 s",
+    )
+
+
+async def _check_lock_session(settings: Settings, emit: Emit) -> None:
+    conninfo = settings.db_conninfo(keepalives=True)  # exactly the lock's connection
+    try:
+        with trio.fail_after(DB_CONNECT_TIMEOUT_S + DB_QUERY_TIMEOUT_S + 2):
+            facts = await trio.to_thread.run_sync(
+                lock_session_facts, conninfo, abandon_on_cancel=True
+            )
+    except trio.TooSlowError:
+        emit(Result("FAILED", "leader lock", "no answer", pg_hint("")))
+        return
+    except psycopg.Error as exc:
+        emit(Result("FAILED", "leader lock", _one_line(str(exc)), pg_hint(str(exc))))
+        return
+    emit(lock_session_result(facts))
 
 
 def _one_line(text: str) -> str:
