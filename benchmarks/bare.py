@@ -10,7 +10,7 @@ its expiry passed) the batch is acked with one `nc.publish` per message and
 the request is sent again. The clock stops, as for N, when after flushing the
 consumer info says 0 pending / 0 unacked.
 
-This module must not import trio, trio_asyncio or notip_trio.jetstream: trio-asyncio
+This module must not import trio, trio_asyncio or notip_trio.js: trio-asyncio
 replaces asyncio's loop policy at import.
 
 Usage: python -m benchmarks.bare '{"mode": "bare-n", "total": 200000, "batch": 1000}'

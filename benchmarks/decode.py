@@ -1,7 +1,7 @@
 """Decision benchmark b: envelope decoding with json, orjson and msgspec.
 
 Each decoder turns (subject, body) into the same `Row` with the same rules as
-`notip_trio.envelope.decode` (SPEC.md Behaviour 2): subject shape, body size,
+`notip_trio.envelope.decode` (docs/contract.md Behaviour 2): subject shape, body size,
 every field present and of its type (an integer that is not a bool, strings),
 sensorType in the enumeration, an RFC 3339 timestamp with an offset, gatewayId
 equal to the subject's, keyVersion in int4 range, no NUL in the strings.

@@ -11,7 +11,7 @@ status at all; and the stream-arrival-to-handoff wait per message (p50, p99, max
 
 Usage: python -m benchmarks.lightprobe '{"rate": 500, "seconds": 20, "batch": 1000,
 "margin_s": 0.5}' (margin_s: how long after the expiry a slot gives up on the 408;
-0.5 was the old value, notip_trio.jetstream.EXPIRY_MARGIN_S the new one).
+0.5 was the old value, notip_trio.js.pull.EXPIRY_MARGIN_S the new one).
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ from typing import Any
 from benchmarks.common import GATEWAYS, TENANTS
 from devstack import certs, js, natsd
 from devstack.simulator import make_fleet
-from notip_trio import jetstream
-from notip_trio.jetstream import Delivery, PullSpec, _PullSlot
+from notip_trio.js import pull as js_pull
+from notip_trio.js.delivery import Delivery
+from notip_trio.js.pull import _PullSlot
+from notip_trio.js.specs import PullSpec
 
 
 async def _probe(server: natsd.NatsServer, spec: dict[str, Any]) -> dict[str, Any]:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     rate, seconds, batch = float(spec["rate"]), float(spec["seconds"]), int(spec["batch"])
-    jetstream.EXPIRY_MARGIN_S = float(spec.get("margin_s", jetstream.EXPIRY_MARGIN_S))
+    js_pull.EXPIRY_MARGIN_S = float(spec.get("margin_s", js_pull.EXPIRY_MARGIN_S))
     nc = await server.connect("notip-trio")
     pub = await server.connect("gateway-sim")
     await nc.jetstream().add_consumer(
@@ -72,7 +74,7 @@ async def _probe(server: natsd.NatsServer, spec: dict[str, Any]) -> dict[str, An
             requests.append(slot._inbox)
             if len(msgs) >= want:
                 ends["full"] += 1
-            elif elapsed > pull.expires_s + jetstream.EXPIRY_MARGIN_S - 0.005:
+            elif elapsed > pull.expires_s + js_pull.EXPIRY_MARGIN_S - 0.005:
                 ends["deadline"] += 1
             else:
                 ends["status"] += 1
@@ -94,7 +96,7 @@ async def _probe(server: natsd.NatsServer, spec: dict[str, Any]) -> dict[str, An
     await pub.flush()
     await asyncio.sleep(1.0)
     stop.set()
-    await asyncio.sleep(pull.expires_s + jetstream.EXPIRY_MARGIN_S + 0.1)
+    await asyncio.sleep(pull.expires_s + js_pull.EXPIRY_MARGIN_S + 0.1)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -105,7 +107,7 @@ async def _probe(server: natsd.NatsServer, spec: dict[str, Any]) -> dict[str, An
     return {
         "rate": rate,
         "batch": batch,
-        "margin_s": jetstream.EXPIRY_MARGIN_S,
+        "margin_s": js_pull.EXPIRY_MARGIN_S,
         "sent": sent,
         "received": n,
         "requests": len(requests),

@@ -17,7 +17,7 @@ Usage: python -m benchmarks.liveness '{"mode": "tick", "sizes": [10000]}'
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import datetime as dt
 import gc
 import statistics
@@ -31,13 +31,13 @@ import trio
 from benchmarks.common import child_main, rss_bytes
 from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.config import load_settings
+from notip_trio.db.writer import Storage
 from notip_trio.horizon import Horizon
 from notip_trio.lanes import Key
 from notip_trio.liveness import LivenessTracker
 from notip_trio.livestate import PgStateStore, record_seen
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import GatewayState
-from notip_trio.storage import Storage
 
 TIMEOUT_MS = 60_000
 

@@ -15,7 +15,7 @@ Usage: python -m benchmarks.pg '{"mode": "ceiling-p", "file": "...", ...}'
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import datetime as dt
@@ -31,9 +31,10 @@ import trio
 
 from benchmarks.common import child_main, chunks, read_messages
 from notip_trio.config import load_settings
+from notip_trio.db.schema import COLUMNS
+from notip_trio.db.writer import Storage
 from notip_trio.envelope import Row, decode
 from notip_trio.livestate import PgStateStore
-from notip_trio.storage import COLUMNS, Storage
 
 _COPY = f"COPY telemetry ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _TYPES = ("timestamptz", "text", "text", "text", "text", "text", "text", "text", "int4")

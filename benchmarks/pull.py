@@ -19,7 +19,7 @@ Usage: python -m benchmarks.pull '{"mode": "ceiling-n", "total": 200000}'
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import sys
@@ -33,11 +33,13 @@ import psycopg
 import trio
 
 from benchmarks.common import child_main
-from notip_trio.app import telemetry_spec
 from notip_trio.config import Settings, load_settings
+from notip_trio.db.schema import COLUMNS
+from notip_trio.db.writer import Storage
 from notip_trio.envelope import Row, decode
-from notip_trio.jetstream import JsMsg, NatsBridge
-from notip_trio.storage import COLUMNS, Storage
+from notip_trio.js.bridge import NatsBridge
+from notip_trio.js.delivery import JsMsg
+from notip_trio.js.specs import telemetry_spec
 
 GO_BATCH = 100
 GO_FLUSH_S = 0.5

@@ -1,4 +1,4 @@
-"""Ingest with several replicas on one durable (SPEC.md Behaviour 9).
+"""Ingest with several replicas on one durable (docs/contract.md Behaviour 9).
 
 `run_replicas_bench(stack, messages, total, replicas)` pre-publishes the
 message file, starts `replicas` daemons (their own processes, default

@@ -13,7 +13,7 @@ on PYTHONPATH for child processes). Each module owns one concern:
   by `NOTIP_TEST_PG_DSN`), with a password-authenticated application user;
   `containers`: the TimescaleDB container path where an engine runs.
 - `prometheus`: a Prometheus process scraping a daemon (the scrape test).
-- `env`: the daemon's environment variables (SPEC.md, Configuration) for a stack.
+- `env`: the daemon's environment variables (docs/contract.md, Configuration) for a stack.
 - `proc`: the one process wrapper (`Child`), `python_module`, `child_env`.
 - `js`: blocking NATS helpers: `run_nats`, the platform's streams,
   publish-and-wait, consumer and stream state.

@@ -1,4 +1,4 @@
-"""The daemon's environment (SPEC.md, Configuration) for a devstack.
+"""The daemon's environment (docs/contract.md, Configuration) for a devstack.
 
 `daemon_env()` returns the variables `notip_trio.config.load_settings()` reads,
 pointing at a running NatsServer (as a mapped client identity) and a database

@@ -47,7 +47,7 @@ def run_nats(
             await nc.close()
 
     # A plain selector loop: asyncio.run() would ask trio-asyncio's global policy,
-    # whose loops in a worker thread slow the daemon's loop to a crawl (NOTES.md).
+    # whose loops in a worker thread slow the daemon's loop to a crawl (docs/pitfalls.md).
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(main())
 

@@ -1,6 +1,6 @@
 """A stand-in for the management API's request-reply side, in plain asyncio nats-py.
 
-It answers the three subjects of SPEC.md so the daemon can run in the developer
+It answers the three subjects of docs/contract.md so the daemon can run in the developer
 stack and in integration tests without the real management service:
 
 - `internal.mgmt.alert-configs.list` → the configured alert configs (a JSON

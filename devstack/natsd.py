@@ -12,7 +12,7 @@ free 127.0.0.1 port and returns a running `NatsServer`. The server:
 - serves monitoring (`/healthz`, `/varz`, `/jsz`) on `monitor_url`.
 
 The platform's three streams are made by `devstack.js.create_streams`
-(`notip_trio.wire.STREAMS`); the daemon never creates them itself (SPEC.md).
+(`notip_trio.wire.STREAMS`); the daemon never creates them itself (docs/contract.md).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ writer per direction), so it runs beside any event loop.
   proxy, a failover behind NAT or a dropped path looks like from the client:
   its writes are taken by the kernel until the buffers fill, and no byte comes
   back. Connections made later pass normally. `unfreeze()` lets them flow again.
+- `blackhole()` freezes every connection open now and every one made later
+  (accepted, connected on, and frozen from the first byte): a path that went
+  dark for this client altogether. `unfreeze()` ends it.
 - `delay_s` adds that much latency to every chunk, each direction (the order
   of bytes is kept; throughput is not limited).
 - `close()` closes every socket; the relay is a context manager.
@@ -136,6 +139,7 @@ class Relay:
     _links: list[_Link] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _closed: bool = False
+    _blackholed: bool = False
 
     @classmethod
     def start(cls, host: str, port: int) -> Relay:
@@ -163,8 +167,16 @@ class Relay:
                     link.to_server.clear()
             return len(self._links)
 
+    def blackhole(self) -> int:
+        """Freeze every connection open now, both ways, and each one made from
+        now on; returns how many were open."""
+        with self._lock:
+            self._blackholed = True
+        return self.freeze_open()
+
     def unfreeze(self) -> None:
         with self._lock:
+            self._blackholed = False
             for link in self._links:
                 link.to_server.set()
                 link.to_client.set()
@@ -205,6 +217,9 @@ class Relay:
                 if self._closed:
                     link.close()
                     return
+                if self._blackholed:
+                    link.to_server.clear()
+                    link.to_client.clear()
                 self._links.append(link)
                 self.accepted += 1
             link.start()

@@ -4,7 +4,7 @@ It runs as its own process (``python -m devstack.simulator``) and
 its functions are imported by the benchmark and the tests. Nothing here uses
 Trio: it talks to nats-py directly.
 
-- `make_envelope` builds one valid envelope (SPEC.md, Wire contract), with
+- `make_envelope` builds one valid envelope (docs/contract.md, Wire contract), with
   random base64 blobs; `make_malformed` builds one bad message of a given kind
   (`MALFORMED_KINDS`), and `malformed_kind` says which kind, if any, the n-th
   message of a run is.

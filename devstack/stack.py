@@ -10,7 +10,7 @@ Brings up, in this order, and stops in the reverse order:
 4. the gateway simulator (`simulator`): N gateways, some falling silent for a
    while and coming back, the occasional malformed message;
 5. the daemon itself, `python -m notip_trio`, configured through its
-   environment (SPEC.md, Configuration) with a short grace period and tick.
+   environment (docs/contract.md, Configuration) with a short grace period and tick.
 
 It then prints where /metrics and /readyz are and, every few seconds, one
 status line (`_summary`). SIGINT (Ctrl-C), SIGTERM or `--duration` stop the

@@ -18,7 +18,8 @@ import argparse
 import importlib.metadata
 import sys
 
-from .config import ConfigError, load_settings
+from .config import load_settings
+from .errors import ConfigError
 
 
 def version() -> str:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_check(settings)
 
-    # trio_asyncio must be imported before psycopg (NOTES.md); app does that.
+    # trio_asyncio must be imported before psycopg (docs/pitfalls.md); app does that.
     from .app import run_app
 
     return run_app(settings)

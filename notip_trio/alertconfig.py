@@ -1,4 +1,4 @@
-"""Alert-config cache and its refresh task (SPEC.md Behaviour 5).
+"""Alert-config cache and its refresh task (docs/contract.md Behaviour 5).
 
 `AlertConfigCache.timeout_ms(tenant, gateway)` answers with the gateway's own
 entry, else the tenant's entry without `gateway_id`, else the default
@@ -18,9 +18,10 @@ from typing import Protocol
 import trio
 
 from .config import Settings
+from .errors import MgmtError
 from .log import get_logger
 from .metrics import Metrics
-from .mgmt import AlertConfig, MgmtError
+from .mgmt import AlertConfig
 
 log = get_logger(__name__)
 
@@ -110,9 +111,9 @@ class FetchPolicy:
     def from_settings(cls, settings: Settings) -> FetchPolicy:
         return cls(
             attempts=settings.alert_config_max_retries,
-            initial_backoff_s=settings.alert_config_initial_backoff_ms / 1000,
-            max_backoff_s=settings.alert_config_max_backoff_ms / 1000,
-            refresh_s=settings.alert_config_refresh_ms / 1000,
+            initial_backoff_s=settings.alert_config_initial_backoff_s,
+            max_backoff_s=settings.alert_config_max_backoff_s,
+            refresh_s=settings.alert_config_refresh_s,
         )
 
 

@@ -2,32 +2,37 @@
 
 Start order (each `nursery.start` returns only when its task is truly ready):
 
-    metrics/health server ─ alert configs ─ leadership (ticks + dispatcher)
-      ─ last-seen writer ─ ingest (writer ready) ─ telemetry pull ─ decommission pull
-      ─ signal watcher
+    metrics/health server ─ alert configs ─ signal watcher ─ leadership
+      (ticks + outbox dispatcher, while leading) ─ last-seen writer
+      ─ ingest (writer ready) ─ telemetry pull ─ decommission pull
 
 Channels (all bounded):
 
-    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY ──▶ last-seen ──▶ ack
-    leader (liveness) ──transition + report (one txn)──▶ outbox table ──▶ dispatcher
+    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY
+    ingest ──committed batch──▶ SeenBuffer ──(at most every 200 ms)──▶ last-seen ──▶ ack
+    leader (liveness) ──transition + its report (one txn)──▶ outbox table ──▶ dispatcher
     decommission pull ──list[JsMsg] (1)──▶ decommission ──▶ tombstone in the state table
 
 Liveness runs only while this replica holds the advisory lock (`leader.py`);
 it reads the state every replica's ingest writes (`livestate.py`), up to the
-horizon the durable's ack floor gives (`horizon.py`), and the dispatcher sends
-the status reports it queued (`dispatch.py`) while it leads.
+horizon the durable's ack floor gives (`horizon.py`), and its dispatcher sends
+the status reports queued with the transitions (`dispatch.py`).
 
-Shutdown (SIGTERM/SIGINT): stop pulling, let ingest write and ack what it
-holds (bounded by SHUTDOWN_DRAIN_MS), write its last-seen and ack, send the
-outbox (on the leader; bounded), stop leading (the lock is released: a
-follower takes over and sends what is left), close NATS and the pool, return.
-Any unexpected exception cancels the whole tree and propagates
-to `__main__`, which exits non-zero.
+The tree is wired in `_wire` and run in four layers, one nursery each
+(`_root_layer` > `_liveness_layer` > `_ingest_layer` > `_intake_layer`).
+
+Shutdown (SIGTERM/SIGINT): stop pulling, let ingest write what it holds
+(bounded by SHUTDOWN_DRAIN_MS), write its last-seen and ack, send what the
+outbox holds (on the leader; until the same deadline, or one second should
+ingest use it all), stop leading (the lock is released: a follower takes over
+and sends what is left), close NATS and the pool, return. Any unexpected
+exception cancels the whole tree and propagates to `__main__`, which exits
+non-zero.
 """
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import functools
@@ -41,12 +46,16 @@ import trio
 from . import wire
 from .alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from .config import Settings
+from .db.writer import Storage
 from .decommission import run_decommission
 from .dispatch import Dispatcher
+from .errors import DatabaseError, StartupError
 from .horizon import AckFloorHorizon, JsConsumerPosition, StreamClock
 from .http import run_http_server
 from .ingest import IngestState, SeenBuffer, flush_seen, run_ingest, run_seen_flusher
-from .jetstream import Acker, JsMsg, NatsBridge, PullSpec, StartupError
+from .js.bridge import Acker, NatsBridge
+from .js.delivery import JsMsg
+from .js.specs import decommission_spec, telemetry_spec
 from .leader import AdvisoryLock, Lock, run_leadership
 from .liveness import LivenessTracker, lead_liveness
 from .livestate import PgStateStore, StateStore
@@ -54,7 +63,6 @@ from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
 from .progress import ProgressWatchdog
-from .storage import DatabaseError, Storage
 
 log = get_logger(__name__)
 
@@ -80,36 +88,6 @@ class Health:
         return out
 
 
-def telemetry_spec(settings: Settings) -> PullSpec:
-    batch = settings.telemetry_batch_size
-    depth = settings.telemetry_pipeline_depth
-    return PullSpec(
-        stream=wire.TELEMETRY_STREAM,
-        durable=settings.nats_consumer_durable_name,
-        filter_subject=wire.TELEMETRY_SUBJECTS,
-        batch=batch,
-        batch_min=settings.telemetry_batch_min,
-        expires_s=settings.telemetry_flush_ms / 1000,
-        depth=depth,
-        # Slots + the pulled channel + the decode stage + the write stage hold batches
-        # (at most `batch` each: the adaptive size never exceeds it).
-        max_ack_pending=max(1000, batch * (2 * depth + 3)),
-    )
-
-
-def decommission_spec() -> PullSpec:
-    return PullSpec(
-        stream=wire.DECOMMISSION_STREAM,
-        durable=wire.DECOMMISSION_DURABLE,
-        filter_subject=wire.DECOMMISSION_SUBJECTS,
-        batch=100,
-        # A decommission is acted on within about a second, even when it comes alone.
-        expires_s=1.0,
-        depth=1,
-        max_ack_pending=1000,
-    )
-
-
 async def run_daemon(
     settings: Settings,
     metrics: Metrics | None = None,
@@ -121,17 +99,11 @@ async def run_daemon(
     failure (then raise). `task_status.started(metrics_port)` once everything runs.
     """
     metrics = metrics if metrics is not None else Metrics()
-    metrics.heartbeat_tick_interval.set(settings.heartbeat_tick_ms / 1000)
-    metrics.alert_cache_refresh_interval.set(settings.alert_config_refresh_ms / 1000)
+    metrics.heartbeat_tick_interval.set(settings.heartbeat_tick_s)
+    metrics.alert_cache_refresh_interval.set(settings.alert_config_refresh_s)
     stop = stop if stop is not None else trio.Event()
     async with trio_asyncio.open_loop():
-        storage = Storage.create(
-            settings.db_conninfo(),
-            min_size=settings.db_min_conns,
-            max_size=settings.db_max_conns,
-            write_timeout_s=settings.db_write_timeout_ms / 1000,
-            migrate_timeout_s=settings.db_migrate_timeout_ms / 1000,
-        )
+        storage = Storage.from_settings(settings)
         await storage.open(timeout_s=30.0)
         try:
             schema = await storage.migrate()
@@ -167,6 +139,112 @@ async def run_daemon(
     log.info("stopped")
 
 
+@dataclass(eq=False)
+class _Parts:
+    """Everything the task tree runs, wired together (`_wire`), nothing started."""
+
+    settings: Settings
+    metrics: Metrics
+    storage: Storage
+    bridge: NatsBridge
+    store: StateStore
+    lock: Lock
+    watchdog: ProgressWatchdog
+    ingest_state: IngestState
+    health: Health
+    mgmt: MgmtClient
+    cache: AlertConfigCache
+    dispatcher: Dispatcher
+    clock: StreamClock
+    horizon: AckFloorHorizon
+    grace_until: float
+    seen: SeenBuffer
+    pulled_tx: trio.MemorySendChannel[list[JsMsg]]
+    pulled_rx: trio.MemoryReceiveChannel[list[JsMsg]]
+    decom_tx: trio.MemorySendChannel[list[JsMsg]]
+    decom_rx: trio.MemoryReceiveChannel[list[JsMsg]]
+
+    def live(self) -> list[str]:
+        """What /livez reports (empty: alive)."""
+        now = trio.current_time()
+        self.watchdog.nats_connected(self.bridge.connected, now)
+        return self.watchdog.problems(now)
+
+    async def lead(self) -> None:
+        """Liveness, while this replica holds the lock (`run_leadership` runs it)."""
+        tracker = LivenessTracker(
+            self.store,
+            self.cache,
+            self.mgmt,
+            self.bridge,
+            self.dispatcher,
+            self.metrics,
+            self.horizon,
+            grace_until=self.grace_until,
+            concurrency=self.settings.liveness_query_concurrency,
+        )
+        # The dispatcher sends reports only while this replica leads: it is
+        # cancelled with the ticks, before the lock is let go.
+        async with trio.open_nursery() as leading:
+            await leading.start(self.dispatcher.run)
+            await lead_liveness(tracker, self.settings.heartbeat_tick_s, observer=self.watchdog)
+
+
+def _wire(
+    settings: Settings,
+    metrics: Metrics,
+    storage: Storage,
+    bridge: NatsBridge,
+    *,
+    store: StateStore,
+    lock: Lock,
+) -> _Parts:
+    """Build every part of the tree and connect them; start nothing."""
+    watchdog = ProgressWatchdog(
+        stall_s=settings.livez_stall_s,
+        tick_s=settings.heartbeat_tick_s,
+        started_at=trio.current_time(),
+    )
+    ingest_state = IngestState(progress=watchdog.ingest)
+    mgmt = MgmtClient(bridge)
+    pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
+    decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
+    clock = StreamClock()
+    position = JsConsumerPosition(
+        bridge, wire.TELEMETRY_STREAM, settings.nats_consumer_durable_name, wire.TELEMETRY_SUBJECTS
+    )
+    return _Parts(
+        settings=settings,
+        metrics=metrics,
+        storage=storage,
+        bridge=bridge,
+        store=store,
+        lock=lock,
+        watchdog=watchdog,
+        ingest_state=ingest_state,
+        health=Health(storage, bridge, ingest_state),
+        mgmt=mgmt,
+        cache=AlertConfigCache(settings.alert_config_default_timeout_ms),
+        dispatcher=Dispatcher(
+            store,
+            mgmt,
+            metrics,
+            batch=settings.gateway_buffer_size,
+            poll_s=max(1.0, settings.heartbeat_tick_s),
+        ),
+        clock=clock,
+        horizon=AckFloorHorizon(
+            position, clock, max_lag_s=settings.liveness_catchup_max_s, wall=time.time
+        ),
+        grace_until=trio.current_time() + settings.heartbeat_grace_period_s,
+        seen=SeenBuffer(),
+        pulled_tx=pulled_tx,
+        pulled_rx=pulled_rx,
+        decom_tx=decom_tx,
+        decom_rx=decom_rx,
+    )
+
+
 async def _serve(
     settings: Settings,
     metrics: Metrics,
@@ -178,145 +256,138 @@ async def _serve(
     store: StateStore,
     lock: Lock,
 ) -> None:
-    watchdog = ProgressWatchdog(
-        stall_s=settings.livez_stall_ms / 1000,
-        tick_s=settings.heartbeat_tick_ms / 1000,
-        started_at=trio.current_time(),
-    )
-    ingest_state = IngestState(progress=watchdog.ingest)
-    health = Health(storage, bridge, ingest_state)
+    """The task tree, once the database and NATS are ready; returns after the
+    shutdown. Four layers, each one nursery, started outside in and stopped
+    inside out: root (HTTP, alert configs, signals) > liveness (leadership with
+    its dispatcher, last-seen flusher) > ingest > intake (the pulls, decommission).
+    """
+    parts = _wire(settings, metrics, storage, bridge, store=store, lock=lock)
+    await _root_layer(parts, stop, task_status)
 
-    def live() -> list[str]:
-        now = trio.current_time()
-        watchdog.nats_connected(bridge.connected, now)
-        return watchdog.problems(now)
 
-    mgmt = MgmtClient(bridge)
-    cache = AlertConfigCache(settings.alert_config_default_timeout_ms)
-    drain_s = settings.shutdown_drain_ms / 1000
-    tick_s = settings.heartbeat_tick_ms / 1000
-    dispatcher = Dispatcher(
-        store, mgmt, metrics, batch=settings.gateway_buffer_size, poll_s=max(1.0, tick_s)
-    )
-    clock = StreamClock()
-    horizon = AckFloorHorizon(
-        JsConsumerPosition(
-            bridge,
-            wire.TELEMETRY_STREAM,
-            settings.nats_consumer_durable_name,
-            wire.TELEMETRY_SUBJECTS,
-        ),
-        clock,
-        max_lag_s=settings.liveness_catchup_max_ms / 1000,
-        wall=time.time,
-    )
-    grace_until = trio.current_time() + settings.heartbeat_grace_period_ms / 1000
-    seen = SeenBuffer()
-
-    async def lead() -> None:
-        tracker = LivenessTracker(
-            store,
-            cache,
-            mgmt,
-            bridge,
-            dispatcher,
-            metrics,
-            horizon,
-            grace_until=grace_until,
-            concurrency=settings.liveness_query_concurrency,
-        )
-        # The dispatcher sends reports only while this replica leads: it is
-        # cancelled with the ticks, before the lock is let go.
-        async with trio.open_nursery() as leading:
-            await leading.start(dispatcher.run)
-            await lead_liveness(tracker, tick_s, observer=watchdog)
-
-    pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
-    decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
-
+async def _root_layer(parts: _Parts, stop: trio.Event, task_status: trio.TaskStatus[int]) -> None:
+    """HTTP, alert configs and the signal watcher around the rest. Its drain: none
+    of its own (the layers inside have drained when it stops)."""
+    settings = parts.settings
     async with trio.open_nursery() as root:
         port = await root.start(
-            functools.partial(run_http_server, liveness=live),
+            functools.partial(run_http_server, liveness=parts.live),
             settings.metrics_host,
             settings.metrics_port,
-            metrics.registry,
-            health.reasons,
+            parts.metrics.registry,
+            parts.health.reasons,
         )
         await root.start(
-            run_alert_configs, mgmt, cache, FetchPolicy.from_settings(settings), metrics
+            run_alert_configs,
+            parts.mgmt,
+            parts.cache,
+            FetchPolicy.from_settings(settings),
+            parts.metrics,
         )
         root.start_soon(_watch_signals, stop)
-
-        with trio.CancelScope() as liveness_scope:
-            async with trio.open_nursery() as liveness:
-                await liveness.start(
-                    functools.partial(
-                        run_leadership,
-                        lock,
-                        lead,
-                        metrics,
-                        retry_s=min(1.0, tick_s / 2),
-                        check_s=min(1.0, tick_s / 2),
-                    )
-                )
-                await liveness.start(run_seen_flusher, seen, store, bridge, metrics)
-                with trio.CancelScope() as ingest_scope:
-                    async with trio.open_nursery() as ingest:
-                        await ingest.start(
-                            functools.partial(
-                                run_ingest,
-                                max_body=settings.telemetry_max_body_bytes,
-                                rejected_body_max=settings.rejected_body_max_bytes,
-                                clock=clock,
-                            ),
-                            pulled_rx,
-                            storage,
-                            bridge,
-                            metrics,
-                            ingest_state,
-                            seen,
-                        )
-                        async with trio.open_nursery() as intake:
-                            intake.start_soon(
-                                functools.partial(
-                                    bridge.run_pull,
-                                    telemetry_spec(settings),
-                                    pulled_tx,
-                                )
-                            )
-                            intake.start_soon(bridge.run_pull, decommission_spec(), decom_tx)
-                            intake.start_soon(run_decommission, decom_rx, bridge, store, metrics)
-                            log.info(
-                                "started",
-                                metrics_port=port,
-                                durable=settings.nats_consumer_durable_name,
-                                batch_min=settings.telemetry_batch_min,
-                                batch_max=settings.telemetry_batch_size,
-                                flush_ms=settings.telemetry_flush_ms,
-                            )
-                            task_status.started(port)
-                            await stop.wait()
-                            log.info("shutdown_requested", drain_s=drain_s)
-                            # Stop fetching; the closed pull channel drains ingest.
-                            intake.cancel_scope.cancel()
-                        # One drain budget for the whole shutdown: ingest first, then
-                        # the status outbox until then too, or for one second should
-                        # ingest use it all.
-                        deadline = trio.current_time() + drain_s
-                        ingest_scope.deadline = deadline
-                if ingest_scope.cancelled_caught:
-                    log.warning("ingest_drain_timeout", drain_s=drain_s)
-                # What ingest committed last reaches the state table too, and is
-                # acked (bounded).
-                await _flush_seen_at_shutdown(
-                    seen, store, bridge, max(deadline, trio.current_time() + 0.5)
-                )
-                # On the leader: send what the outbox holds (bounded), then stop
-                # leading (releases the lock at once: a follower takes over and
-                # sends whatever is left).
-                await dispatcher.drain(max(deadline, trio.current_time() + 1.0))
-                liveness_scope.cancel()
+        await _liveness_layer(parts, stop, port, task_status)
         root.cancel_scope.cancel()
+
+
+async def _liveness_layer(
+    parts: _Parts, stop: trio.Event, port: int, task_status: trio.TaskStatus[int]
+) -> None:
+    """Leadership (liveness and the outbox dispatcher while leading) and the
+    last-seen flusher around ingest. Its drain: write the last-seen of what ingest
+    committed last and ack it; on the leader, send what the outbox holds (until
+    the ingest deadline, or one second should ingest use it all); then stop
+    leading (the lock is released at once: a follower takes over and sends what
+    is left)."""
+    tick_s = parts.settings.heartbeat_tick_s
+    with trio.CancelScope() as liveness_scope:
+        async with trio.open_nursery() as liveness:
+            await liveness.start(
+                functools.partial(
+                    run_leadership,
+                    parts.lock,
+                    parts.lead,
+                    parts.metrics,
+                    retry_s=min(1.0, tick_s / 2),
+                    check_s=min(1.0, tick_s / 2),
+                )
+            )
+            await liveness.start(
+                run_seen_flusher, parts.seen, parts.store, parts.bridge, parts.metrics
+            )
+            deadline = await _ingest_layer(parts, stop, port, task_status)
+            # What ingest committed last reaches the state table too, and is
+            # acked (bounded).
+            await _flush_seen_at_shutdown(
+                parts.seen, parts.store, parts.bridge, max(deadline, trio.current_time() + 0.5)
+            )
+            await parts.dispatcher.drain(max(deadline, trio.current_time() + 1.0))
+            # Stop leading (releases the lock at once: a follower takes over).
+            liveness_scope.cancel()
+
+
+async def _ingest_layer(
+    parts: _Parts, stop: trio.Event, port: int, task_status: trio.TaskStatus[int]
+) -> float:
+    """Ingest around the intake. Its drain: once the intake stopped, ingest writes
+    and acks what it holds within SHUTDOWN_DRAIN_MS; returns that deadline."""
+    settings = parts.settings
+    drain_s = settings.shutdown_drain_s
+    with trio.CancelScope() as ingest_scope:
+        async with trio.open_nursery() as ingest:
+            await ingest.start(
+                functools.partial(
+                    run_ingest,
+                    max_body=settings.telemetry_max_body_bytes,
+                    rejected_body_max=settings.rejected_body_max_bytes,
+                    clock=parts.clock,
+                ),
+                parts.pulled_rx,
+                parts.storage,
+                parts.bridge,
+                parts.metrics,
+                parts.ingest_state,
+                parts.seen,
+            )
+            await _intake_layer(parts, stop, port, task_status)
+            # One drain budget for the whole shutdown: ingest first, then the
+            # status outbox until then too (the liveness layer).
+            deadline = trio.current_time() + drain_s
+            ingest_scope.deadline = deadline
+    if ingest_scope.cancelled_caught:
+        log.warning("ingest_drain_timeout", drain_s=drain_s)
+    return deadline
+
+
+async def _intake_layer(
+    parts: _Parts, stop: trio.Event, port: int, task_status: trio.TaskStatus[int]
+) -> None:
+    """The two pulls and the decommission listener; the tree is started once they
+    run. Its drain: none of its own: on `stop` it stops fetching, and the closed
+    pull channel drains ingest."""
+    settings, bridge = parts.settings, parts.bridge
+    async with trio.open_nursery() as intake:
+        intake.start_soon(
+            functools.partial(
+                bridge.run_pull,
+                telemetry_spec(settings),
+                parts.pulled_tx,
+            )
+        )
+        intake.start_soon(bridge.run_pull, decommission_spec(), parts.decom_tx)
+        intake.start_soon(run_decommission, parts.decom_rx, bridge, parts.store, parts.metrics)
+        log.info(
+            "started",
+            metrics_port=port,
+            durable=settings.nats_consumer_durable_name,
+            batch_min=settings.telemetry_batch_min,
+            batch_max=settings.telemetry_batch_size,
+            flush_ms=settings.telemetry_flush_ms,
+        )
+        task_status.started(port)
+        await stop.wait()
+        log.info("shutdown_requested", drain_s=settings.shutdown_drain_s)
+        # Stop fetching; the closed pull channel drains ingest.
+        intake.cancel_scope.cancel()
 
 
 async def _flush_seen_at_shutdown(

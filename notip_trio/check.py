@@ -1,4 +1,4 @@
-"""`notip-trio check`: the preflight (SPEC.md Behaviour 11).
+"""`notip-trio check`: the preflight (docs/contract.md Behaviour 11).
 
 `__main__` loads the settings exactly as for the daemon (a bad one: exit 2
 there) and hands them to `run_check`, which checks every dependency the daemon
@@ -14,39 +14,42 @@ database session is read-only. Returns 0 when nothing FAILED, 1 otherwise.
 
 The NATS checks connect exactly as the daemon does (`NatsBridge.connect`) but
 give up at the first TLS or authorization error instead of retrying; durables
-are judged by `jetstream.durable_problems`, as at start-up; the management API
+are judged by `js.specs.durable_problems`, as at start-up; the management API
 is asked through `MgmtClient`, one attempt. The database facts are gathered in
-one worker thread (`db_facts`) and judged by pure functions.
+one worker thread (`db.facts.db_facts`) and judged by pure functions; TimescaleDB by the
+daemon's own plan (`db.schema.timescaledb_plan`), so the preflight reports what
+the daemon will do. The pull specs come from `js.specs`, not from the task tree.
 """
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (NOTES.md).
+# trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TextIO
+from dataclasses import dataclass
+from typing import Final, Literal, TextIO
 
 import nats.errors
 import psycopg
 import trio
 
-from .app import decommission_spec, telemetry_spec
 from .config import Settings
-from .jetstream import NatsBridge, PullSpec, StartupError, durable_problems
-from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient, MgmtError
-from .storage import COLUMNS, INDEXES, TABLES
+from .db.facts import DB_CONNECT_TIMEOUT_S, DB_QUERY_TIMEOUT_S, DbFacts, db_facts, pg_hint
+from .db.schema import COLUMNS, PRELOAD_SETTING, TimescalePlan, timescaledb_plan
+from .errors import MgmtError, StartupError
+from .js.bridge import NatsBridge
+from .js.specs import PullSpec, decommission_spec, durable_problems, telemetry_spec
+from .leader import lock_session_settings
+from .mgmt import SUBJECT_LIST_CONFIGS, MgmtClient
 from .wire import STREAMS
 
-Status = Literal["ok", "FAILED", "info", "skip"]
+Verdict = Literal["ok", "FAILED", "info", "skip"]
 
 STEP_TIMEOUT_S: Final = 5.0  # one JetStream info call, one management-API request
-DB_CONNECT_TIMEOUT_S: Final = 10  # libpq connect_timeout (whole seconds)
-DB_QUERY_TIMEOUT_S: Final = 10.0  # every query of the schema inspection together
 #: A subject each stream must capture: what the platform publishes, or the daemon does.
 SAMPLE_SUBJECTS: Final = {
     "TELEMETRY": "telemetry.data.tenant.gateway",
@@ -57,7 +60,7 @@ SAMPLE_SUBJECTS: Final = {
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    status: Status
+    status: Verdict
     check: str
     detail: str
     hint: str = ""
@@ -214,7 +217,7 @@ async def _check_stream(bridge: NatsBridge, name: str, emit: Emit) -> list[str] 
                 "FAILED",
                 check,
                 f"its subjects ({listed}) do not capture {sample}",
-                "the stream's subjects must follow SPEC.md",
+                "the stream's subjects must follow docs/contract.md",
             )
         )
         return subjects
@@ -307,31 +310,6 @@ async def _check_mgmt(bridge: NatsBridge, emit: Emit) -> None:
 # --- PostgreSQL ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TableFacts:
-    owner: str
-    owned: bool  # the current user has the owner's rights (the migration needs them)
-    writable: bool  # SELECT and INSERT
-    columns: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class DbFacts:
-    """What the checks need to know about the database, read in one session."""
-
-    user: str
-    server_version: str
-    ssl: bool
-    schema: str | None  # current_schema(): where the daemon's tables go
-    can_create: bool  # CREATE on that schema
-    tables: dict[str, TableFacts | None] = field(default_factory=dict)
-    indexes: dict[str, bool] = field(default_factory=dict)
-    timescaledb_available: str | None = None  # default_version, None if not available
-    timescaledb_installed: str | None = None
-    preloaded: bool | None = None  # None: this user may not read shared_preload_libraries
-    hypertable: bool = False
-
-
 async def check_database(settings: Settings, emit: Emit) -> None:
     conninfo = settings.db_conninfo()
     where = f"{settings.db_host}:{settings.db_port}/{settings.db_name} as {settings.db_user}"
@@ -349,6 +327,7 @@ async def check_database(settings: Settings, emit: Emit) -> None:
     if facts is None:
         emit(Result("skip", "schema", "not checked (no database connection)"))
         emit(Result("skip", "timescaledb", "not checked (no database connection)"))
+        emit(Result("skip", "leader lock", "not checked (no database connection)"))
         return
     tls = f"TLS on, DB_SSL_MODE={settings.db_ssl_mode}" if facts.ssl else "TLS off"
     emit(
@@ -356,94 +335,7 @@ async def check_database(settings: Settings, emit: Emit) -> None:
     )
     emit(schema_result(facts))
     emit(timescaledb_result(facts))
-
-
-def pg_hint(reason: str) -> str:
-    """What to do about a failed database connection, from its reason."""
-    r = reason.lower()
-    if "password authentication failed" in r:
-        return "check DB_USER and the password in DB_PASSWORD_FILE"
-    if "database" in r and "does not exist" in r:
-        return "check DB_NAME"
-    if "role" in r and "does not exist" in r:
-        return "check DB_USER"
-    if "does not support ssl" in r:
-        return "the server has no TLS: enable ssl there, or DB_SSL_MODE=disable"
-    if "certificate" in r or "root cert" in r:
-        return (
-            "DB_SSL_ROOT_CERT must be the CA of the server's certificate (verify-full: and "
-            "DB_HOST must be named in it)"
-        )
-    if "pg_hba.conf" in r:
-        return "the server's pg_hba.conf admits no such host, user, database and TLS mode"
-    return "check DB_HOST and DB_PORT and that PostgreSQL is reachable from here"
-
-
-def db_facts(conninfo: str) -> DbFacts:
-    """Blocking (worker thread): connect read-only and gather `DbFacts`."""
-    with psycopg.connect(conninfo, connect_timeout=DB_CONNECT_TIMEOUT_S, autocommit=True) as conn:
-        conn.execute("SET default_transaction_read_only = on")
-        conn.execute(f"SET statement_timeout = '{int(DB_QUERY_TIMEOUT_S * 1000)}ms'")
-
-        def one(query: str, *params: object) -> tuple[Any, ...] | None:
-            return conn.execute(query, params).fetchone()
-
-        row = one(
-            "SELECT current_user, current_setting('server_version'), current_schema(),"
-            " coalesce(has_schema_privilege(current_schema(), 'CREATE'), false)"
-        )
-        assert row is not None
-        user, version, schema, can_create = str(row[0]), str(row[1]), row[2], bool(row[3])
-        tables: dict[str, TableFacts | None] = {}
-        for table in TABLES:
-            info = one(
-                "SELECT pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE'),"
-                # A list of privileges would mean "any of them": ask for each.
-                " has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT'),"
-                " array(SELECT attname::text FROM pg_attribute"
-                "       WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped)"
-                " FROM pg_class c WHERE c.oid = to_regclass(%s)",
-                table,
-            )
-            if info is None:
-                tables[table] = None
-                continue
-            owner, owned, writable, columns = info
-            tables[table] = TableFacts(str(owner), bool(owned), bool(writable), frozenset(columns))
-        indexes = {
-            name: bool((found := one("SELECT to_regclass(%s) IS NOT NULL", name)) and found[0])
-            for name in INDEXES
-        }
-        ext = one(
-            "SELECT default_version, installed_version FROM pg_available_extensions"
-            " WHERE name = 'timescaledb'"
-        )
-        preloaded: bool | None
-        try:
-            spl = one("SELECT current_setting('shared_preload_libraries')")
-            preloaded = spl is not None and "timescaledb" in str(spl[0])
-        except psycopg.errors.InsufficientPrivilege:
-            preloaded = None
-        hypertable = False
-        if ext is not None and ext[1] is not None and tables.get("telemetry") is not None:
-            found = one(
-                "SELECT 1 FROM timescaledb_information.hypertables"
-                " WHERE hypertable_name = 'telemetry'"
-            )
-            hypertable = found is not None
-        return DbFacts(
-            user=user,
-            server_version=version.split()[0],
-            ssl=bool(conn.pgconn.ssl_in_use),
-            schema=None if schema is None else str(schema),
-            can_create=can_create,
-            tables=tables,
-            indexes=indexes,
-            timescaledb_available=None if ext is None else str(ext[0]),
-            timescaledb_installed=None if ext is None or ext[1] is None else str(ext[1]),
-            preloaded=preloaded,
-            hypertable=hypertable,
-        )
+    await _check_lock_session(settings, emit)
 
 
 def schema_result(facts: DbFacts) -> Result:
@@ -476,7 +368,7 @@ def schema_result(facts: DbFacts) -> Result:
     telemetry = facts.tables.get("telemetry")
     if telemetry is not None and (lacking := [c for c in COLUMNS if c not in telemetry.columns]):
         reasons.append(f"table telemetry lacks column(s) {', '.join(lacking)}")
-        hints.append("telemetry must have SPEC.md's columns")
+        hints.append("telemetry must have docs/contract.md's columns")
     if reasons:
         why = "; ".join(reasons)
         return Result(
@@ -503,27 +395,134 @@ def schema_result(facts: DbFacts) -> Result:
 
 
 def timescaledb_result(facts: DbFacts) -> Result:
-    """Informational: which storage the daemon will run on."""
-    if facts.timescaledb_available is None:
+    """What the daemon will run on, decided by the daemon's own plan
+    (`db.schema.timescaledb_plan`) from the same probe: check and daemon agree.
+
+    Information unless the daemon would stop: an extension created in this
+    database but not preloaded (FAILED).
+    """
+    probe = facts.timescale
+    plan = timescaledb_plan(probe)
+    version = facts.timescaledb_installed or facts.timescaledb_available or "timescaledb"
+    restart = f"add {PRELOAD_SETTING} to postgresql.conf and restart PostgreSQL"
+    if plan is TimescalePlan.PLAIN:
         return Result("info", "timescaledb", "not available; telemetry is a plain table")
-    if facts.timescaledb_installed is not None:
-        table = (
-            "telemetry is a hypertable"
-            if facts.hypertable
-            else "telemetry becomes a hypertable at start"
+    if plan is TimescalePlan.HYPERTABLE:
+        if probe.created:
+            table = (
+                "telemetry is a hypertable"
+                if facts.hypertable
+                else "telemetry becomes a hypertable at start"
+            )
+            return Result("info", "timescaledb", f"{version} installed and preloaded; {table}")
+        return Result(
+            "info",
+            "timescaledb",
+            f"{version} available and preloaded, not installed; the daemon creates the "
+            "extension at start and telemetry becomes a hypertable",
         )
-        return Result("info", "timescaledb", f"{facts.timescaledb_installed} installed; {table}")
-    preload = {
-        True: "in shared_preload_libraries",
-        False: "NOT in shared_preload_libraries: CREATE EXTENSION fails until it is",
-        None: "shared_preload_libraries not readable by this user",
-    }[facts.preloaded]
+    if plan is TimescalePlan.PLAIN_NOT_PRELOADED:
+        return Result(
+            "info",
+            "timescaledb",
+            f"{version} available but not preloaded; the daemon runs on plain PostgreSQL "
+            "(telemetry stays a plain table) and warns timescaledb_not_preloaded",
+            f"for a hypertable, {restart}",
+        )
     return Result(
-        "info",
+        "FAILED",
         "timescaledb",
-        f"{facts.timescaledb_available} available, not installed; the daemon creates the "
-        f"extension at start ({preload})",
+        f"the extension ({version}) exists in this database but the server does not preload "
+        "it; any use of it ends the connection, so the daemon stops at start",
+        restart,
     )
+
+
+# --- the leader's lock session (docs/leader-lock.md) -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LockSessionFacts:
+    """How the leader's lock connection reaches PostgreSQL."""
+
+    pids: tuple[int, int]  # pg_backend_pid() in two transactions on one connection
+    server_version: str
+    unavailable: tuple[str, ...]  # lock-session settings this server does not know
+
+
+def lock_session_facts(conninfo: str) -> LockSessionFacts:
+    """Blocking (worker thread): connect as the lock does and look, read-only."""
+    with psycopg.connect(conninfo, connect_timeout=DB_CONNECT_TIMEOUT_S, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = on")
+        conn.execute(f"SET statement_timeout = '{int(DB_QUERY_TIMEOUT_S * 1000)}ms'")
+
+        def pid() -> int:
+            # Autocommit: each statement is its own transaction, which a
+            # transaction pooler may hand to any server connection.
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            return int(row[0])
+
+        pids = (pid(), pid())
+        wanted = list(lock_session_settings())
+        known = {
+            str(r[0])
+            for r in conn.execute(
+                "SELECT name FROM pg_settings WHERE name = ANY(%s::text[])", (wanted,)
+            )
+        }
+        row = conn.execute("SELECT current_setting('server_version')").fetchone()
+        assert row is not None
+        return LockSessionFacts(
+            pids=pids,
+            server_version=str(row[0]).split()[0],
+            unavailable=tuple(name for name in wanted if name not in known),
+        )
+
+
+def lock_session_result(facts: LockSessionFacts) -> Result:
+    """The lock needs one server session for the life of its connection."""
+    first, second = facts.pids
+    if first != second:
+        return Result(
+            "FAILED",
+            "leader lock",
+            f"two transactions on one connection ran on backends {first} and {second}: a "
+            "transaction (or statement) pooler sits in front of PostgreSQL, so the leader's "
+            "advisory lock does not stay with its session and replicas cannot agree on a leader",
+            "point DB_HOST/DB_PORT at PostgreSQL directly or at a pooler in session mode "
+            "(docs/leader-lock.md)",
+        )
+    same = f"one backend per connection (pid {first}: direct or session pooling)"
+    if facts.unavailable:
+        return Result(
+            "info",
+            "leader lock",
+            f"{same}; PostgreSQL {facts.server_version} lacks {', '.join(facts.unavailable)}: "
+            "a leader hung behind a path that still answers TCP keepalives keeps the lock "
+            "until its connection closes (PostgreSQL 14+ ends it within ~20 s)",
+        )
+    return Result(
+        "ok",
+        "leader lock",
+        f"{same}; the server ends a silent leader's lock session within ~20 s",
+    )
+
+
+async def _check_lock_session(settings: Settings, emit: Emit) -> None:
+    conninfo = settings.db_conninfo(keepalives=True)  # exactly the lock's connection
+    try:
+        with trio.fail_after(DB_CONNECT_TIMEOUT_S + DB_QUERY_TIMEOUT_S + 2):
+            facts = await trio.to_thread.run_sync(
+                lock_session_facts, conninfo, abandon_on_cancel=True
+            )
+    except trio.TooSlowError:
+        emit(Result("FAILED", "leader lock", "no answer", pg_hint("")))
+        return
+    except psycopg.Error as exc:
+        emit(Result("FAILED", "leader lock", _one_line(str(exc)), pg_hint(str(exc))))
+        return
+    emit(lock_session_result(facts))
 
 
 def _one_line(text: str) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Final
 import environs
 import marshmallow
 
+from .errors import ConfigError
+
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
 
 # Every variable the daemon reads, declared once: tests, the dev stack and the
@@ -31,7 +33,7 @@ REQUIRED_VARIABLES: Final = (
     "DB_PASSWORD_FILE",
 )
 DEFAULTS: Final[Mapping[str, str]] = {
-    # SPEC.md, Configuration
+    # docs/contract.md, Configuration
     "DB_PORT": "5432",
     "DB_MAX_CONNS": "10",
     "DB_MIN_CONNS": "2",
@@ -69,10 +71,6 @@ DEFAULTS: Final[Mapping[str, str]] = {
 # Optional without a default: needed only for DB_SSL_MODE verify-ca / verify-full.
 OPTIONAL_VARIABLES: Final = ("DB_SSL_ROOT_CERT",)
 ENV_VARS: Final = (*REQUIRED_VARIABLES, *DEFAULTS, *OPTIONAL_VARIABLES)
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting; `str()` is one line naming the variable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +121,52 @@ class Settings:
     nats_ping_interval_s: int = 5
     nats_max_outstanding_pings: int = 2
     livez_stall_ms: int = 120000
+
+    # ---- the *_MS settings in seconds (what Trio's clock and the timeouts take) ----
+
+    @property
+    def heartbeat_tick_s(self) -> float:
+        return self.heartbeat_tick_ms / 1000
+
+    @property
+    def heartbeat_grace_period_s(self) -> float:
+        return self.heartbeat_grace_period_ms / 1000
+
+    @property
+    def alert_config_refresh_s(self) -> float:
+        return self.alert_config_refresh_ms / 1000
+
+    @property
+    def alert_config_initial_backoff_s(self) -> float:
+        return self.alert_config_initial_backoff_ms / 1000
+
+    @property
+    def alert_config_max_backoff_s(self) -> float:
+        return self.alert_config_max_backoff_ms / 1000
+
+    @property
+    def telemetry_flush_s(self) -> float:
+        return self.telemetry_flush_ms / 1000
+
+    @property
+    def liveness_catchup_max_s(self) -> float:
+        return self.liveness_catchup_max_ms / 1000
+
+    @property
+    def shutdown_drain_s(self) -> float:
+        return self.shutdown_drain_ms / 1000
+
+    @property
+    def db_write_timeout_s(self) -> float:
+        return self.db_write_timeout_ms / 1000
+
+    @property
+    def db_migrate_timeout_s(self) -> float:
+        return self.db_migrate_timeout_ms / 1000
+
+    @property
+    def livez_stall_s(self) -> float:
+        return self.livez_stall_ms / 1000
 
     def __repr__(self) -> str:  # never print the password
         return f"Settings(nats_url={self.nats_url!r}, db_host={self.db_host!r}, ...)"

@@ -1,4 +1,4 @@
-"""Decommission listener (SPEC.md Behaviour 4).
+"""Decommission listener (docs/contract.md Behaviour 4).
 
 Each message on `gateway.decommissioned.{tenant}.{gateway}` removes that
 gateway from liveness tracking (a tombstone in the state table, written by
@@ -16,10 +16,11 @@ from typing import Final, Protocol
 
 import trio
 
-from .jetstream import Acker, JsMsg
+from .errors import DatabaseError
+from .js.bridge import Acker
+from .js.delivery import JsMsg
 from .log import get_logger
 from .metrics import Metrics
-from .storage import DatabaseError
 from .wire import parse_decommission_subject
 
 log = get_logger(__name__)

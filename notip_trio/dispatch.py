@@ -34,11 +34,11 @@ from typing import Final, NoReturn, Protocol
 
 import trio
 
+from .errors import DatabaseError, MgmtError
 from .livestate import Report, Reports
 from .log import get_logger
 from .metrics import Metrics
-from .mgmt import MgmtError, Status
-from .storage import DatabaseError
+from .mgmt import ReportedStatus
 
 log = get_logger(__name__)
 
@@ -49,7 +49,9 @@ CLEAR_EVERY: Final = 100
 
 
 class StatusUpdater(Protocol):
-    async def update_status(self, gateway_id: str, status: Status, last_seen_at: datetime) -> None:
+    async def update_status(
+        self, gateway_id: str, status: ReportedStatus, last_seen_at: datetime
+    ) -> None:
         """Deliver one update; raises MgmtError when it finally fails."""
         ...
 

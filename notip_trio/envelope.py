@@ -1,4 +1,4 @@
-"""Strict decoding of telemetry envelopes into table rows (SPEC.md: wire contract, Rule Zero).
+"""Strict decoding of telemetry envelopes into table rows (docs/contract.md: wire contract).
 
 `decode(subject, body)` returns either a `Row` ready for COPY or a `Rejection`
 with a stable reason code. The blobs are passed through as the JSON strings they
@@ -58,7 +58,7 @@ _decoder: Final = msgspec.json.Decoder(_Envelope, strict=True)
 
 
 class Row(NamedTuple):
-    """One `telemetry` row, in the table's column order (see storage.COLUMNS)."""
+    """One `telemetry` row, in the table's column order (see db.schema.COLUMNS)."""
 
     time: dt.datetime
     tenant_id: str
@@ -99,7 +99,7 @@ def _classify(exc: msgspec.ValidationError) -> str:
 
 
 def decode(subject: str, body: bytes, *, max_body: int) -> Row | Rejection:
-    """Validate one message against every rule of SPEC.md Behaviour 2."""
+    """Validate one message against every rule of docs/contract.md Behaviour 2."""
     ids = parse_subject(subject)
     if ids is None:
         return Rejection(BAD_SUBJECT, "subject is not telemetry.data.<tenant>.<gateway>")

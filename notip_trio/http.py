@@ -1,4 +1,4 @@
-"""The observability HTTP server (SPEC.md Behaviour 7), served inside Trio with h11.
+"""The observability HTTP server (docs/contract.md Behaviour 7), served inside Trio with h11.
 
 Routes, all GET:
 

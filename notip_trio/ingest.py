@@ -6,7 +6,7 @@ current one is written:
     pull slots ──list[JsMsg]──▶ decode ──Prepared──▶ write (thread) ──▶ ack / term
 
 A message is acked only after its row *and* its gateway's last-seen are
-committed (SPEC.md Behaviour 8): each committed batch hands its gateways'
+committed (docs/contract.md Behaviour 8): each committed batch hands its gateways'
 last-seen and its messages to a `SeenBuffer`; `run_seen_flusher` writes the
 last-seen of everything in hand in one upsert of its own (off the ingest path,
 as soon as there is something and at most every `SEEN_FLUSH_S`) and acks those
@@ -35,14 +35,17 @@ from typing import Final, NoReturn, Protocol
 
 import trio
 
+from .db.writer import RejectedRecord, WriteResult
 from .envelope import Rejection, Row, decode
+from .errors import DatabaseError
 from .horizon import StreamClock
-from .jetstream import Acker, Delivery, JsMsg
-from .livestate import Key, SeenRecorder
+from .js.bridge import Acker
+from .js.delivery import Delivery, JsMsg
+from .lanes import Key
+from .livestate import SeenRecorder
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
-from .storage import DatabaseError, RejectedRecord, WriteResult
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""Gateway liveness on the leader: offline alerts and status updates (SPEC.md Behaviour 3, 4, 8).
+"""Liveness on the leader: offline alerts and status updates (docs/contract.md Behaviour 3, 4, 8).
 
 The state lives in PostgreSQL (`livestate.py`): every replica's ingest records
 each gateway's last-seen there before it acknowledges the gateway's messages
@@ -45,14 +45,14 @@ from typing import Final, NoReturn, Protocol
 import trio
 
 from .alertconfig import AlertConfigCache
+from .errors import DatabaseError, MgmtError, NatsRequestError
 from .horizon import Horizon, HorizonError
-from .jetstream import AlertPublisher, NatsRequestError
+from .js.bridge import AlertPublisher
 from .lanes import Due, Key, LaneIndex
 from .livestate import GatewayRow, StateStore
 from .log import get_logger
 from .metrics import Metrics
-from .mgmt import GatewayState, MgmtError, Status
-from .storage import DatabaseError
+from .mgmt import GatewayState, ReportedStatus
 from .wire import alert_subject, format_rfc3339, offline_alert_body, offline_alert_msg_id
 
 log = get_logger(__name__)
@@ -133,7 +133,7 @@ class LivenessTracker:
     def __len__(self) -> int:
         return len(self._index) + len(self._offline)
 
-    def status(self, tenant_id: str, gateway_id: str) -> Status | None:
+    def status(self, tenant_id: str, gateway_id: str) -> ReportedStatus | None:
         key = (tenant_id, gateway_id)
         if key in self._index:
             return "online"

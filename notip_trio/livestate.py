@@ -1,4 +1,4 @@
-"""Liveness state in PostgreSQL (SPEC.md Behaviour 8, 9): the table and its statements.
+"""Liveness state in PostgreSQL (docs/contract.md Behaviour 8, 9): the table and its statements.
 
 One row per gateway in `gateway_liveness`, beside `telemetry`:
 
@@ -42,36 +42,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, TypeVar
 
-import psycopg
+from .db.pool import Conn
+from .lanes import Key
 
-Key = tuple[str, str]  # (tenant_id, gateway_id)
-Status = Literal["new", "online", "offline", "decommissioned"]
+RowStatus = Literal["new", "online", "offline", "decommissioned"]
 T = TypeVar("T")
-
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS gateway_liveness (
-    tenant_id        TEXT        NOT NULL,
-    gateway_id       TEXT        NOT NULL,
-    last_seen        TIMESTAMPTZ NOT NULL,
-    status           TEXT        NOT NULL DEFAULT 'new'
-        CHECK (status IN ('new', 'online', 'offline', 'decommissioned')),
-    status_last_seen TIMESTAMPTZ,
-    status_at        TIMESTAMPTZ,
-    changed_xid      XID8        NOT NULL DEFAULT pg_current_xact_id(),
-    PRIMARY KEY (tenant_id, gateway_id)
-);
-CREATE INDEX IF NOT EXISTS gateway_liveness_changed ON gateway_liveness (changed_xid);
-CREATE TABLE IF NOT EXISTS gateway_status_outbox (
-    id            BIGSERIAL   PRIMARY KEY,
-    tenant_id     TEXT        NOT NULL,
-    gateway_id    TEXT        NOT NULL,
-    status        TEXT        NOT NULL CHECK (status IN ('online', 'offline')),
-    last_seen     TIMESTAMPTZ NOT NULL,
-    transition_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS gateway_status_outbox_gateway
-    ON gateway_status_outbox (tenant_id, gateway_id, id);
-"""
 
 _RECORD_SEEN: Final = """
 INSERT INTO gateway_liveness AS g (tenant_id, gateway_id, last_seen)
@@ -152,14 +127,11 @@ ON CONFLICT (tenant_id, gateway_id) DO UPDATE
        changed_xid = pg_current_xact_id()
 """
 
-Conn = psycopg.Connection[tuple[object, ...]]
-
-
 @dataclass(frozen=True, slots=True)
 class GatewayRow:
     key: Key
     last_seen: dt.datetime
-    status: Status
+    status: RowStatus
     status_last_seen: dt.datetime | None
 
 

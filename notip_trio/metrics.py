@@ -1,4 +1,4 @@
-"""Prometheus metrics: the fixed names of SPEC.md plus our own, on one registry.
+"""Prometheus metrics: the fixed names of docs/contract.md plus our own, on one registry.
 
 One `Metrics` object is made in `app` and handed to every part; no module-level
 collectors, so tests get a fresh registry each.
@@ -23,7 +23,7 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        # --- fixed names (SPEC.md) ---
+        # --- fixed names (docs/contract.md) ---
         self.messages_received = Counter(
             _P + "messages_received", "Telemetry messages fetched from JetStream", registry=r
         )

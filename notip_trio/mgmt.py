@@ -1,4 +1,4 @@
-"""Management-API client: the three core-NATS request-reply calls of SPEC.md.
+"""Management-API client: the three core-NATS request-reply calls of docs/contract.md.
 
 Every call follows one policy: each attempt runs inside `trio.fail_after(5)`;
 a failed attempt (transport error, timeout, undecodable or invalid reply) is
@@ -26,7 +26,8 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 import trio
 
-from .jetstream import NatsRequestError, Requester
+from .errors import MgmtError, NatsRequestError
+from .js.bridge import Requester
 from .log import get_logger
 from .wire import format_rfc3339
 
@@ -42,20 +43,7 @@ ATTEMPT_TIMEOUT_S: Final = 5.0
 RETRY_DELAYS_S: Final = (1.0, 2.0, 4.0)
 
 GatewayState = Literal["online", "offline", "paused", "provisioning"]
-Status = Literal["online", "offline"]
-
-
-class MgmtError(Exception):
-    """A management-API call that failed after all its attempts.
-
-    `refused`: the last attempt was answered, but with a refusal or a reply
-    that breaks the contract (the API is up and said no), not a timeout or
-    no responders.
-    """
-
-    def __init__(self, message: str, *, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
+ReportedStatus = Literal["online", "offline"]
 
 
 class AlertConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -90,7 +78,7 @@ class MgmtClient:
     """The management API over a `Requester` (one attempt per `request` call).
 
     `attempt_timeout_s` and `retry_delays_s` exist for tests and tools; the
-    daemon uses the SPEC.md defaults.
+    daemon uses the docs/contract.md defaults.
     """
 
     def __init__(
@@ -131,7 +119,9 @@ class MgmtClient:
 
         return await self._call(SUBJECT_GET_STATUS, payload, parse)
 
-    async def update_status(self, gateway_id: str, status: Status, last_seen_at: datetime) -> None:
+    async def update_status(
+        self, gateway_id: str, status: ReportedStatus, last_seen_at: datetime
+    ) -> None:
         """Report a gateway online/offline; raises MgmtError (also for success=false)."""
         payload = _encoder.encode(
             {

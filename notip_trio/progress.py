@@ -1,4 +1,4 @@
-"""Is the daemon making progress? What `/livez` answers (SPEC.md Behaviour 7).
+"""Is the daemon making progress? What `/livez` answers (docs/contract.md Behaviour 7).
 
 A task tree that runs is not enough: a write blocked on a dead connection, a
 pull path that delivers nothing, or a liveness loop that stopped ticking all

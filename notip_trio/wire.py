@@ -1,4 +1,4 @@
-"""Wire-format helpers shared by the parts of the daemon (SPEC.md "Wire contract").
+"""Wire-format helpers shared by the parts of the daemon (docs/contract.md "Wire contract").
 
 - `format_rfc3339`: UTC timestamps as Go's `time.RFC3339Nano` writes them
   (`2024-05-01T12:00:00.5Z`; trailing zeros of the fraction dropped, no fraction
@@ -25,7 +25,7 @@ ALERTS_STREAM: Final = "ALERTS"
 DECOMMISSION_STREAM: Final = "DECOMMISSION"
 TELEMETRY_SUBJECTS: Final = "telemetry.data.>"
 DECOMMISSION_SUBJECTS: Final = "gateway.decommissioned.>"
-#: The platform's streams: name -> subjects (SPEC.md, Wire contract).
+#: The platform's streams: name -> subjects (docs/contract.md, Wire contract).
 STREAMS: Final[Mapping[str, tuple[str, ...]]] = {
     TELEMETRY_STREAM: (TELEMETRY_SUBJECTS,),
     ALERTS_STREAM: ("alert.>",),

@@ -1,4 +1,4 @@
-"""In-memory fakes at the boundaries of ingest (storage.py, jetstream.py) and
+"""In-memory fakes at the boundaries of ingest (db/writer.py, js/bridge.py) and
 telemetry messages with real ack subjects.
 
 `Events` is one log shared by `FakeWriter` and `FakeAcker`: (virtual time, what,
@@ -17,12 +17,13 @@ from typing import Any
 import trio
 
 from devstack import simulator
+from notip_trio.db.writer import RejectedRecord, WriteResult
 from notip_trio.envelope import Row
+from notip_trio.errors import DatabaseError
 from notip_trio.ingest import SeenBuffer
-from notip_trio.jetstream import JsMsg
-from notip_trio.livestate import Key
+from notip_trio.js.delivery import JsMsg
+from notip_trio.lanes import Key
 from notip_trio.metrics import Metrics
-from notip_trio.storage import DatabaseError, RejectedRecord, WriteResult
 
 BASE = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 

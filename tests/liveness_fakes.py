@@ -1,4 +1,4 @@
-"""In-memory fakes at the Protocol boundaries of the liveness parts (jetstream.py,
+"""In-memory fakes at the Protocol boundaries of the liveness parts (js/bridge.py,
 dispatch.py), and a `Settings` factory. Every fake records Trio virtual times so
 tests can assert exact schedules on `autojump_clock`.
 """
@@ -15,11 +15,12 @@ from typing import Any
 import trio
 
 from notip_trio.config import Settings
+from notip_trio.errors import DatabaseError, NatsRequestError
 from notip_trio.horizon import AckFloor, Horizon
-from notip_trio.jetstream import JsMsg, NatsRequestError
-from notip_trio.livestate import Changes, GatewayRow, Key, Report, Reports
+from notip_trio.js.delivery import JsMsg
+from notip_trio.lanes import Key
+from notip_trio.livestate import Changes, GatewayRow, Report, Reports
 from notip_trio.metrics import Metrics
-from notip_trio.storage import DatabaseError
 
 # Wall time that corresponds to Trio time 0 in tests (see `wall_at`).
 WALL0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from notip_trio.jetstream import Delivery, JsMsg
+from notip_trio.js.delivery import Delivery, JsMsg
 
 V1 = "$JS.ACK.TELEMETRY.data-consumer-telemetry.1.4021.4020.1795767964635151845.17"
 V2 = "$JS.ACK.hub.ACCHASH.TELEMETRY.data-consumer-telemetry.2.4021.4020.1795767964635151845.3.x1"

@@ -21,7 +21,7 @@ from devstack import js as _js
 from devstack.natsd import NatsServer
 from devstack.relay import Relay
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.jetstream import NatsBridge
+from notip_trio.js.bridge import NatsBridge
 from notip_trio.liveness import LivenessTracker
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient

@@ -11,8 +11,9 @@ import trio
 import trio.testing
 
 from notip_trio.alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
+from notip_trio.errors import MgmtError
 from notip_trio.metrics import Metrics
-from notip_trio.mgmt import AlertConfig, MgmtError
+from notip_trio.mgmt import AlertConfig
 from tests.liveness_fakes import make_settings, sample
 
 GUARD_S = 3600

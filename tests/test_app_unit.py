@@ -35,11 +35,12 @@ import trio.testing
 
 from notip_trio import app
 from notip_trio.app import Health
+from notip_trio.errors import DatabaseError
 from notip_trio.ingest import IngestState
-from notip_trio.jetstream import JsMsg, PullSpec
+from notip_trio.js.delivery import JsMsg
+from notip_trio.js.specs import PullSpec
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, SUBJECT_LIST_CONFIGS, SUBJECT_UPDATE_STATUS
-from notip_trio.storage import DatabaseError
 from notip_trio.wire import TELEMETRY_STREAM
 from tests.ingest_fakes import Events, FakeAcker, FakeWriter, good, value
 from tests.liveness_fakes import FakeStore, make_settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from notip_trio.batching import BatchPolicy
-from notip_trio.jetstream import PullSpec
+from notip_trio.js.specs import PullSpec
 
 
 def _backlog(policy: BatchPolicy) -> int:

@@ -31,20 +31,14 @@ from devstack.js import run_nats
 from devstack.mgmt_standin import spawn_standin as spawn_mgmt_standin
 from devstack.natsd import NatsServer
 from notip_trio.__main__ import main
-from notip_trio.app import decommission_spec, telemetry_spec
-from notip_trio.check import (
-    DbFacts,
-    Result,
-    TableFacts,
-    nats_hint,
-    pg_hint,
-    schema_result,
-    subject_matches,
-    timescaledb_result,
-)
+from notip_trio.check import Result, nats_hint, schema_result, subject_matches, timescaledb_result
 from notip_trio.config import Settings
-from notip_trio.jetstream import NatsBridge
-from notip_trio.storage import COLUMNS, INDEXES, TABLES, DatabaseError, Storage
+from notip_trio.db.facts import DbFacts, TableFacts, pg_hint
+from notip_trio.db.schema import COLUMNS, INDEXES, TABLES, TimescaleProbe
+from notip_trio.db.writer import Storage
+from notip_trio.errors import DatabaseError
+from notip_trio.js.bridge import NatsBridge
+from notip_trio.js.specs import decommission_spec, telemetry_spec
 from notip_trio.wire import STREAMS
 
 from ._inprocess import daemon_settings
@@ -490,18 +484,34 @@ def test_schema_judgement() -> None:
     assert COLUMNS[-1] in result.detail
 
 
-def test_timescaledb_is_only_ever_information() -> None:
+def test_timescaledb_is_what_the_daemon_will_do() -> None:
+    def probe(available: bool, created: bool, loader: bool) -> TimescaleProbe:
+        return TimescaleProbe(available, created, loader, None)
+
     cases = [
         _facts(),
-        _facts(timescaledb_available="2.13.0", preloaded=False),
-        _facts(timescaledb_available="2.13.0", preloaded=None),
-        _facts(timescaledb_available="2.13.0", timescaledb_installed="2.13.0", hypertable=True),
+        _facts(timescaledb_available="2.13.0", timescale=probe(True, False, False)),
+        _facts(timescaledb_available="2.13.0", timescale=probe(True, False, True)),
+        _facts(
+            timescaledb_available="2.13.0",
+            timescaledb_installed="2.13.0",
+            timescale=probe(True, True, True),
+            hypertable=True,
+        ),
+        _facts(
+            timescaledb_available="2.13.0",
+            timescaledb_installed="2.13.0",
+            timescale=probe(True, True, False),
+        ),
     ]
     results = [timescaledb_result(f) for f in cases]
-    assert {r.status for r in results} == {"info"}
+    assert [r.status for r in results] == ["info", "info", "info", "info", "FAILED"]
     assert "not available" in results[0].detail
-    assert "NOT in shared_preload_libraries" in results[1].detail
+    assert "runs on plain PostgreSQL" in results[1].detail
+    assert "shared_preload_libraries = 'timescaledb'" in results[1].hint
+    assert "becomes a hypertable" in results[2].detail
     assert "telemetry is a hypertable" in results[3].detail
+    assert "the daemon stops at start" in results[4].detail
 
 
 def test_a_table_the_user_may_not_insert_into(

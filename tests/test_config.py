@@ -6,15 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from notip_trio.config import (
-    DEFAULTS,
-    ENV_VARS,
-    ConfigError,
-    load_settings,
-)
+from notip_trio.config import DEFAULTS, ENV_VARS, load_settings
 from notip_trio.config import (
     REQUIRED_VARIABLES as DECLARED_REQUIRED,
 )
+from notip_trio.errors import ConfigError
 
 from ._spec import REQUIRED_VARIABLES
 

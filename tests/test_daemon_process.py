@@ -45,7 +45,7 @@ from devstack.mgmt_standin import spawn_standin
 from devstack.natsd import NatsServer
 from devstack.proc import PROJECT_ROOT, child_env
 from notip_trio.config import load_settings
-from notip_trio.storage import TimescalePlan, probe_timescaledb, timescaledb_plan
+from notip_trio.db.schema import TimescalePlan, probe_timescaledb, timescaledb_plan
 
 from ._daemon import assert_logs_clean, spawn_daemon
 from ._spec import REQUIRED_VARIABLES

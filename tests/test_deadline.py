@@ -1,4 +1,4 @@
-"""The database round-trip deadline (`storage.bounded`), on `autojump_clock` with fakes.
+"""The database round-trip deadline (`db.pool.bounded`), on `autojump_clock` with fakes.
 
 A fake "connection" is a worker thread blocked on a `threading.Event`; cutting
 it (what shutting the socket down does to libpq) sets the event and makes the
@@ -20,14 +20,8 @@ import pytest
 import trio
 import trio.testing
 
-from notip_trio.storage import (
-    CUT_GRACE_S,
-    DatabaseError,
-    DeadlineExceeded,
-    RoundTrip,
-    bounded,
-    current_round_trip,
-)
+from notip_trio.db.pool import CUT_GRACE_S, RoundTrip, bounded, current_round_trip
+from notip_trio.errors import DatabaseError, DeadlineExceeded
 
 GUARD_S = 3600
 

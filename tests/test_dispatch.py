@@ -15,8 +15,9 @@ import trio
 import trio.testing
 
 from notip_trio.dispatch import Dispatcher
+from notip_trio.errors import MgmtError
 from notip_trio.metrics import Metrics
-from notip_trio.mgmt import MgmtError, Status
+from notip_trio.mgmt import ReportedStatus
 from tests.liveness_fakes import FakeStore, sample, wall_at
 
 GUARD_S = 600
@@ -34,7 +35,9 @@ class FakeUpdater:
         self.calls: list[tuple[float, str, str]] = []  # delivered: (time, gateway, status)
         self.tries = 0
 
-    async def update_status(self, gateway_id: str, status: Status, last_seen_at: datetime) -> None:
+    async def update_status(
+        self, gateway_id: str, status: ReportedStatus, last_seen_at: datetime
+    ) -> None:
         self.tries += 1
         if self.delay_s:
             await trio.sleep(self.delay_s)

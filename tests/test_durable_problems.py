@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from notip_trio.jetstream import durable_problems
+from notip_trio.js.specs import durable_problems
 
 SUBJECTS = ["telemetry.data.>"]
 

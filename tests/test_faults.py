@@ -30,9 +30,10 @@ from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.relay import Relay
+from notip_trio.db.writer import Storage
 from notip_trio.envelope import Row
+from notip_trio.errors import DeadlineExceeded
 from notip_trio.metrics import Metrics
-from notip_trio.storage import DeadlineExceeded, Storage
 
 from ._inprocess import daemon_settings, running_daemon, until
 

@@ -6,6 +6,8 @@ the stand-in process, which records every request; gateways publish from a
 thread every 0.25 s. The daemons run on the real clock with 250 ms ticks and a
 2 s timeout. Every wait polls real state with a deadline; each test has an
 absolute hang guard. Nothing asserts on speed: the takeover time is printed.
+A replica whose path to PostgreSQL goes dark reaches it through
+`devstack.relay.Relay`, which freezes its connections without closing them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
+from devstack.relay import Relay
 
 from ._daemon import DaemonProcess, spawn_daemon
 from ._inprocess import until
@@ -260,4 +263,72 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
     assert rows == distinct == sent
     for name in names:
         expected = ["online", "offline"] if name in ("g00", "g01") else ["online"]
+        assert standin.statuses(name) == expected, name
+
+
+async def test_a_leader_cut_off_from_postgres_without_a_close_is_replaced(
+    private_nats_server, pg_server, pg_database, tmp_path: Path
+) -> None:
+    """The leader's path to PostgreSQL goes dark, sockets open (docs/leader-lock.md).
+
+    A reaches PostgreSQL through the relay and leads; B connects directly. The
+    relay then blackholes A's connections, open and new: PostgreSQL keeps
+    granting the lock to A's idle session until its idle timeout ends it, then B
+    takes over and alerts a gateway that fell silent meanwhile, exactly once.
+    """
+    nats = private_nats_server
+    names = [f"g{i:02d}" for i in range(8)]
+    gateways = Gateways(nats, names)
+    configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]
+    leader = "notip_consumer_liveness_leader"
+    with Relay.start(pg_server.host, pg_server.port) as relay, trio.fail_after(300):
+        env_a = _env(nats, pg_server, pg_database) | {"DB_PORT": str(relay.port)}
+        async with running_standin(nats, tmp_path, configs=configs) as standin:
+            gateways.start()
+            try:
+                with spawn_daemon(env_a, tmp_path / "a.log") as a:
+                    await a.wait_ready()
+                    await until(lambda: _metric(a, leader) == 1.0, 30, "A leads")
+                    with spawn_daemon(_env(nats, pg_server, pg_database), tmp_path / "b.log") as b:
+                        await b.wait_ready()
+                        await until(
+                            lambda: all(standin.statuses(g) == ["online"] for g in names),
+                            30,
+                            "every gateway online",
+                        )
+                        await trio.sleep(2)  # both replicas ingest
+                        assert await trio.to_thread.run_sync(_metric, b, leader) == 0.0
+
+                        frozen = relay.blackhole()
+                        cut_at = time.monotonic()
+                        gateways.silence("g00")
+                        # The hang guard (60 s), well above the ~21 s bound: never a speed check.
+                        await until(lambda: _metric(b, leader) == 1.0, 60, "B leads")
+                        took_over_s = time.monotonic() - cut_at
+                        await until(lambda: "offline" in standin.statuses("g00"), 30, "g00 offline")
+                        alerted_s = time.monotonic() - cut_at
+                        # A's held deliveries come back after ack_wait (30 s): a repeated
+                        # or a false alert or update would come by then.
+                        await trio.sleep_until(trio.current_time() + max(3.0, 35 - alerted_s))
+                        a_leads = await trio.to_thread.run_sync(_metric, a, leader)
+                        b_takeovers = await trio.to_thread.run_sync(
+                            _metric, b, "notip_consumer_liveness_takeovers_total"
+                        )
+                        a_logs = [e["event"] for e in a.json_logs()]
+                        b_logs = [e["event"] for e in b.json_logs()]
+            finally:
+                await trio.to_thread.run_sync(gateways.stop)
+        alerted = await trio.to_thread.run_sync(_alerted, nats)
+    print(
+        f"\nblackhole: {frozen} connections of A frozen; B leads {took_over_s:.1f} s after, "
+        f"g00 reported offline {alerted_s:.1f} s after"
+    )
+    assert frozen >= 2  # the lock session and the pool's
+    assert a_leads == 0.0
+    assert "liveness_leadership_lost" in a_logs
+    assert b_takeovers == 1.0
+    assert b_logs.count("liveness_leader_acquired") == 1
+    assert alerted == ["g00"]
+    for name in names:
+        expected = ["online", "offline"] if name == "g00" else ["online"]
         assert standin.statuses(name) == expected, name

@@ -29,7 +29,7 @@ from notip_trio.ingest import (
     run_ingest,
     run_seen_flusher,
 )
-from notip_trio.jetstream import JsMsg
+from notip_trio.js.delivery import JsMsg
 from notip_trio.liveness import LivenessTracker, lead_liveness
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient

@@ -16,14 +16,10 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from devstack import js as _js
 from devstack.mgmt_standin import MgmtStandin
-from notip_trio.jetstream import (
-    JsMsg,
-    NatsBridge,
-    NatsRequestError,
-    PullSpec,
-    StartupError,
-    tls_context,
-)
+from notip_trio.errors import NatsRequestError, StartupError
+from notip_trio.js.bridge import NatsBridge, tls_context
+from notip_trio.js.delivery import JsMsg
+from notip_trio.js.specs import PullSpec
 from notip_trio.mgmt import MgmtClient
 
 
@@ -137,7 +133,7 @@ async def test_an_existing_durable_is_judged_by_durable_problems(
             await trio_asyncio.aio_as_trio(add)(
                 "with-filter", ack_policy=AckPolicy.EXPLICIT, filter_subject="telemetry.data.>"
             )
-            with caplog.at_level(logging.WARNING, logger="notip_trio.jetstream"):
+            with caplog.at_level(logging.WARNING, logger="notip_trio.js.bridge"):
                 await bridge.ensure_pull_consumer(dataclasses.replace(SPEC, durable="with-filter"))
             assert [r.getMessage() for r in caplog.records] == ["consumer_filter_redundant"]
 

@@ -7,12 +7,13 @@ lock and its connection; every test has a hang guard.
 from __future__ import annotations
 
 import functools
+import logging
 
 import pytest
 import trio
 import trio.testing
 
-from notip_trio.leader import CHECK_DEADLINE_S, run_leadership
+from notip_trio.leader import CHECK_DEADLINE_S, LockNotHeld, run_leadership
 from notip_trio.metrics import Metrics
 from tests.liveness_fakes import sample
 
@@ -49,6 +50,8 @@ class ReplicaLock:
             await trio.sleep_forever()
         if self.shared.broken:
             raise ConnectionError("server closed the connection unexpectedly")
+        if self.shared.holder != self.name:  # what pg_locks says of this session
+            raise LockNotHeld(f"held by {self.shared.holder}, not {self.name}")
 
     async def release(self) -> None:
         if self.shared.holder == self.name:
@@ -185,3 +188,59 @@ async def test_a_try_that_never_answers_is_abandoned_with_its_connection(
         # Given up after the deadline, the connection dropped, tried again 1 s later.
         assert shared.released[0] == CHECK_DEADLINE_S
         assert work.started == [CHECK_DEADLINE_S + 1]
+
+
+def _lost_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        str(getattr(r, "notip_ctx", {}).get("reason"))
+        for r in caplog.records
+        if r.getMessage() == "liveness_leadership_lost"
+    ]
+
+
+async def test_a_leader_whose_session_no_longer_holds_the_lock_stops(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pooler hands the session that holds the lock to b: a's next check sees
+    it is not the holder and stops, so the two never lead side by side."""
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(GUARD_S):
+        shared = FakeLock()
+        work_a, work_b = Work(), Work()
+        metrics_a, metrics_b = Metrics(), Metrics()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_replica, shared.for_replica("a"), work_a, metrics_a)
+            await nursery.start(_replica, shared.for_replica("b"), work_b, metrics_b)
+            await trio.sleep(5.5)
+            assert (work_a.started, work_b.started) == ([0], [])
+            shared.holder = "b"  # b's next try (at 6) finds the lock its own
+            await trio.sleep(10)
+            assert sample(metrics_a, "liveness_leader") == 0
+            assert sample(metrics_b, "liveness_leader") == 1
+            nursery.cancel_scope.cancel()
+        assert work_a.stopped == [6]  # a's check at 6 ends its work
+        assert work_b.started == [6]
+        assert work_a.started == [0]  # a follows from then on: b holds the lock
+        assert _lost_reasons(caplog) == ["LockNotHeld: held by b, not a"]
+
+
+async def test_a_lock_gone_from_the_session_ends_leadership_until_taken_again(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(GUARD_S):
+        shared = FakeLock()
+        work, metrics = Work(), Metrics()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_leadership(shared.for_replica("a"), work, metrics))
+            await trio.sleep(3.5)
+            shared.holder = None  # the session answers, but no longer holds the lock
+            await trio.sleep(3)
+            nursery.cancel_scope.cancel()
+        # The check at 4 stops the work and lets the connection go; the next
+        # try takes the lock again on a fresh session at once.
+        assert work.stopped == [4, 6.5]
+        assert work.started == [0, 4]
+        assert shared.released[0] == 4
+        assert sample(metrics, "liveness_takeovers_total") == 2
+        assert _lost_reasons(caplog) == ["LockNotHeld: held by None, not a"]

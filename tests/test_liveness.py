@@ -251,7 +251,7 @@ async def test_any_other_state_alerts(autojump_clock: trio.abc.Clock, state: str
 
 
 async def _no_responders(payload: bytes) -> bytes:
-    from notip_trio.jetstream import NatsRequestError
+    from notip_trio.errors import NatsRequestError
 
     raise NatsRequestError("no responders")
 

@@ -28,7 +28,7 @@ from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from notip_trio.config import Settings
-from notip_trio.jetstream import NatsBridge
+from notip_trio.js.bridge import NatsBridge
 from notip_trio.metrics import Metrics
 from notip_trio.wire import format_rfc3339, offline_alert_msg_id
 

@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import trio
 
-from notip_trio.jetstream import NatsRequestError
+from notip_trio.errors import MgmtError, NatsRequestError
 from notip_trio.mgmt import (
     SUBJECT_GET_STATUS,
     SUBJECT_LIST_CONFIGS,
     SUBJECT_UPDATE_STATUS,
     AlertConfig,
     MgmtClient,
-    MgmtError,
 )
 from tests.liveness_fakes import WALL0, FakeRequester, status_handler
 

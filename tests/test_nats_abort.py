@@ -1,4 +1,4 @@
-"""The reconnect of a dead NATS connection aborts its transport (jetstream.py).
+"""The reconnect of a dead NATS connection aborts its transport (js/bridge.py).
 
 Fakes stand in for nats-py's client and transport: the unit is the choice
 between a clean close and an abort. The real thing: tests/test_faults.py.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from notip_trio.jetstream import _abort_dead_transport
+from notip_trio.js.bridge import _abort_dead_transport
 
 
 class _AsyncioTransport:

@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
+from notip_trio.errors import DatabaseError
 from notip_trio.ingest import SeenBuffer, flush_seen, run_seen_flusher
-from notip_trio.jetstream import JsMsg
+from notip_trio.js.delivery import JsMsg
 from notip_trio.metrics import Metrics
-from notip_trio.storage import DatabaseError
 from tests.liveness_fakes import FakeStore, sample, wall_at
 
 GUARD_S = 600

@@ -10,15 +10,14 @@ import pytest
 import trio
 from psycopg.conninfo import make_conninfo
 
-from notip_trio.envelope import Row
-from notip_trio.storage import (
-    RejectedRecord,
-    Storage,
+from notip_trio.db.schema import (
     TimescalePlan,
     preloads_timescaledb,
     probe_timescaledb,
     timescaledb_plan,
 )
+from notip_trio.db.writer import RejectedRecord, Storage
+from notip_trio.envelope import Row
 
 T0 = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 GO_SCHEMA = """
@@ -229,7 +228,7 @@ async def test_go_filled_table_that_is_already_a_hypertable(timescaledb_database
 
 
 async def test_unreachable_database_is_a_clear_error() -> None:
-    from notip_trio.storage import DatabaseError
+    from notip_trio.errors import DatabaseError
 
     storage = Storage.create(
         "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=1", min_size=1, max_size=1

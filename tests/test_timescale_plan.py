@@ -1,4 +1,4 @@
-"""The TimescaleDB decision (storage.timescaledb_plan): a pure function of what
+"""The TimescaleDB decision (db.schema.timescaledb_plan): a pure function of what
 the server reports. The real server's side is in test_storage_integration.py."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ import logging
 
 import pytest
 
-from notip_trio.storage import (
-    DatabaseError,
+from notip_trio.db.schema import (
     TimescalePlan,
     TimescaleProbe,
     decide_timescaledb,
     preloads_timescaledb,
     timescaledb_plan,
 )
+from notip_trio.errors import DatabaseError
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_installed_but_not_preloaded_runs_plain_with_one_warning_naming_the_sett
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     conn = _FakeConn((True, False, False, None))  # the application role: no preload visible
-    with caplog.at_level(logging.INFO, logger="notip_trio.storage"):
+    with caplog.at_level(logging.INFO, logger="notip_trio.db.schema"):
         plan = decide_timescaledb(conn)  # type: ignore[arg-type]
     assert plan is TimescalePlan.PLAIN_NOT_PRELOADED
     assert len(conn.statements) == 1  # the probe only: no CREATE EXTENSION
@@ -121,6 +121,6 @@ def test_created_but_not_preloaded_stops_with_one_line_naming_the_setting() -> N
 def test_the_other_plans_log_nothing(
     row: tuple[object, ...], plan: TimescalePlan, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.DEBUG, logger="notip_trio.storage"):
+    with caplog.at_level(logging.DEBUG, logger="notip_trio.db.schema"):
         assert decide_timescaledb(_FakeConn(row)) is plan  # type: ignore[arg-type]
     assert caplog.records == []

@@ -16,14 +16,13 @@ import trio_asyncio
 
 from devstack.mgmt_standin import MgmtStandin, main
 from devstack.natsd import NatsServer
-from notip_trio.jetstream import NatsRequestError
+from notip_trio.errors import MgmtError, NatsRequestError
 from notip_trio.mgmt import (
     SUBJECT_GET_STATUS,
     SUBJECT_LIST_CONFIGS,
     SUBJECT_UPDATE_STATUS,
     AlertConfig,
     MgmtClient,
-    MgmtError,
 )
 from tests.liveness_fakes import WALL0
 

@@ -1,5 +1,6 @@
 """devstack.relay on real sockets: forwards, freezes what is open, lets new
-connections pass, unfreezes, and keeps order under added latency.
+connections pass (or blackholes them too), unfreezes, and keeps order under
+added latency.
 
 Blocking sockets with timeouts (no Trio needed); a frozen connection is shown
 by a receive that times out while a fresh one answers.
@@ -68,6 +69,27 @@ def test_freeze_stops_open_connections_only(echo: tuple[str, int]) -> None:
         assert old.recv(10) == b"stuck"  # nothing was lost, only held
         old.close()
         new.close()
+
+
+def test_blackhole_stops_open_and_new_connections(echo: tuple[str, int]) -> None:
+    with Relay.start(*echo) as relay:
+        old = _connect(relay)
+        assert _roundtrip(old, b"hello") == b"hello"
+        assert relay.blackhole() == 1
+        new = _connect(relay)  # accepted, but no byte passes either way
+        for sock in (old, new):
+            sock.sendall(b"stuck")
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(10)
+        relay.unfreeze()
+        for sock in (old, new):
+            sock.settimeout(5)
+            assert sock.recv(10) == b"stuck"  # held, not lost
+            sock.close()
+        later = _connect(relay)
+        assert _roundtrip(later, b"fresh") == b"fresh"  # over: new ones pass again
+        later.close()
 
 
 def test_latency_keeps_the_bytes_in_order(echo: tuple[str, int]) -> None:

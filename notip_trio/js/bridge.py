@@ -1,12 +1,9 @@
-"""JetStream and core-NATS access for the Trio side of the daemon.
+"""`NatsBridge`: one nats-py connection (inside trio-asyncio) and what the daemon does on it.
 
-nats-py runs inside trio-asyncio. Everything here crosses the asyncio bridge
-once per *batch*, never once per message (a crossing costs ~66 µs).
+Connect with mutual TLS, stream and consumer admin, core-NATS request-reply,
+JetStream publish, bulk ack/nak/term, and the pull engine (pull.py) on this
+connection. The rest of the daemon sees it through small Protocols:
 
-Public surface used by the rest of the daemon:
-
-- `JsMsg`: one delivered JetStream message (subject, body, ack reply subject).
-- `Delivery`: what a message's ack subject says (stream sequence and time, lag).
 - `Acker`: acks, naks or terminates delivered messages in bulk; `NatsBridge.run_pull`
   feeds batches of `JsMsg` into a channel, and the consumer of that channel
   settles them through an `Acker` (the bridge).
@@ -22,100 +19,31 @@ import contextlib
 import itertools
 import json
 import ssl
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Literal, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol
 
 import nats
 import nats.errors
 import nats.js.errors
 import trio
-import trio_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from .batching import BatchPolicy
-from .config import Settings
-from .log import get_logger
-from .metrics import Metrics
+from ..config import Settings
+from ..errors import NatsRequestError, StartupError
+from ..log import get_logger
+from ..metrics import Metrics
+from .delivery import JsMsg
+from .pull import aio, run_pull
+from .specs import PullSpec, durable_problems
 
 log = get_logger(__name__)
-R = TypeVar("R")
 
 # The server's answer to a request nobody subscribes to: a status-only message.
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS = "503"
 FLUSH_TIMEOUT_S: Final = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """What a JetStream ack subject says about its delivery (like nats.py's
-    `Msg.Metadata.from_reply`), at no cost: no consumer-info call, which on
-    nats-server 2.9 stalled the pull deliveries of a filtered consumer.
-
-    v1: `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`;
-    v2: `$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>`
-    `.<pending>[.<token>]`.
-    """
-
-    delivered: int  # delivery count: 1 the first time, more on redelivery
-    stream_seq: int
-    timestamp_ns: int  # when the message reached the stream: the same on every replica
-    pending: int  # messages left for the consumer after this one: its lag
-
-    @classmethod
-    def from_reply(cls, reply: str) -> Delivery | None:
-        """The delivery's metadata, or None if `reply` is not an ack subject."""
-        tokens = reply.split(".")
-        if len(tokens) == 9:
-            fields = tokens[4], tokens[5], tokens[7], tokens[8]
-        elif len(tokens) >= 11:
-            fields = tokens[6], tokens[7], tokens[9], tokens[10]
-        else:
-            return None
-        if tokens[0] != "$JS" or tokens[1] != "ACK" or not all(f.isdigit() for f in fields):
-            return None
-        delivered, seq, ts, pending = map(int, fields)
-        return cls(delivered, seq, ts, pending)
-
-    @staticmethod
-    def timestamp_of(reply: str) -> int | None:
-        """`from_reply(reply).timestamp_ns` (None alike) without building the rest:
-        ingest reads it for every message, so no generator and no dataclass."""
-        tokens = reply.split(".")
-        count = len(tokens)
-        if count == 9:
-            i = 4
-        elif count >= 11:
-            i = 6
-        else:
-            return None
-        ts = tokens[i + 3]
-        if (
-            tokens[0] == "$JS"
-            and tokens[1] == "ACK"
-            and tokens[i].isdigit()
-            and tokens[i + 1].isdigit()
-            and ts.isdigit()
-            and tokens[i + 4].isdigit()
-        ):
-            return int(ts)
-        return None
-
-
-class JsMsg(NamedTuple):
-    """One delivery, as the pull path keeps it: a plain tuple (cheap to build per message)."""
-
-    subject: str
-    data: bytes
-    reply: str  # the $JS.ACK... subject used to ack/nak/term this delivery
-
-    @property
-    def delivery(self) -> Delivery | None:
-        return Delivery.from_reply(self.reply)
 
 
 class Acker(Protocol):
@@ -147,19 +75,6 @@ class AlertPublisher(Protocol):
         ...
 
 
-class NatsRequestError(Exception):
-    """A request or publish that failed for a reason other than cancellation."""
-
-
-# ---------------------------------------------------------------------------
-# The real thing: nats-py inside trio-asyncio.
-# ---------------------------------------------------------------------------
-
-
-class StartupError(Exception):
-    """A fatal problem found at start (missing stream, unusable durable, no connection)."""
-
-
 def tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
     """The client side of mutual TLS: trust `ca`, present `cert` with `key`.
 
@@ -177,116 +92,6 @@ def tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
             f"NATS_TLS_CERT/NATS_TLS_KEY {cert}, {key}: {type(exc).__name__}: {exc}"
         ) from None
     return ctx
-
-
-@dataclass(frozen=True, slots=True)
-class DurableProblem:
-    """Something wrong with an existing durable consumer.
-
-    `refused`: the daemon will not start on it (a push consumer, an ack policy
-    other than explicit). The others it runs with, badly, and logs `event` with
-    `context` at start. `message` is one line for people.
-    """
-
-    kind: Literal["push", "ack_policy", "filter_redundant", "max_ack_pending_low"]
-    message: str
-    event: str
-    context: dict[str, Any]
-
-    @property
-    def refused(self) -> bool:
-        return self.kind in ("push", "ack_policy")
-
-
-def durable_problems(
-    cfg: ConsumerConfig,
-    stream_subjects: Sequence[str],
-    *,
-    stream: str,
-    durable: str,
-    max_ack_pending: int,
-) -> list[DurableProblem]:
-    """What is wrong with durable `durable` (configuration `cfg`) on `stream`.
-
-    Pure: the start-up check (`ensure_pull_consumer`) and the preflight
-    (`notip-trio check`) both judge a durable with it. `max_ack_pending` is
-    what this configuration keeps in flight.
-    """
-    where = f"durable consumer {durable} on stream {stream}"
-    out: list[DurableProblem] = []
-    if cfg.deliver_subject:
-        out.append(
-            DurableProblem(
-                "push",
-                f"{where} is a push consumer; notip-trio needs a pull consumer (README: "
-                "Migrating from the Go service)",
-                "consumer_push_refused",
-                {"durable": durable, "deliver_subject": cfg.deliver_subject},
-            )
-        )
-    if cfg.ack_policy != AckPolicy.EXPLICIT:
-        out.append(
-            DurableProblem(
-                "ack_policy",
-                f"{where} has ack policy {cfg.ack_policy}; explicit is required",
-                "consumer_ack_policy_refused",
-                {"durable": durable, "ack_policy": str(cfg.ack_policy)},
-            )
-        )
-    if cfg.filter_subject and list(stream_subjects) == [cfg.filter_subject]:
-        out.append(
-            DurableProblem(
-                "filter_redundant",
-                f"{where} filters on {cfg.filter_subject}, the stream's own subjects: on "
-                "nats-server 2.9 that slows deliveries to a trickle",
-                "consumer_filter_redundant",
-                {
-                    "durable": durable,
-                    "filter_subject": cfg.filter_subject,
-                    "detail": "equal to the stream's subjects; on nats-server 2.9 it slows "
-                    "deliveries; recreate the durable without it (README: Migrating)",
-                },
-            )
-        )
-    if cfg.max_ack_pending is not None and 0 < cfg.max_ack_pending < max_ack_pending:
-        out.append(
-            DurableProblem(
-                "max_ack_pending_low",
-                f"{where} allows {cfg.max_ack_pending} unacked messages; this configuration "
-                f"keeps up to {max_ack_pending} in flight, so deliveries will be throttled",
-                "consumer_max_ack_pending_low",
-                {
-                    "durable": durable,
-                    "max_ack_pending": cfg.max_ack_pending,
-                    "wanted": max_ack_pending,
-                },
-            )
-        )
-    return out
-
-
-def _aio(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Run an asyncio coroutine function from Trio: one bridge crossing per call."""
-    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
-
-
-@dataclass(frozen=True, slots=True)
-class PullSpec:
-    stream: str
-    durable: str
-    filter_subject: str
-    batch: int  # the largest pull request (and batch); the fixed size without batch_min
-    expires_s: float
-    depth: int  # pull requests outstanding at once
-    max_ack_pending: int
-    # The smallest pull request: with it, each slot adapts its request size between
-    # batch_min and batch (notip_trio.batching); None keeps every request at `batch`.
-    batch_min: int | None = None
-
-    def policy(self) -> BatchPolicy:
-        """A fresh size policy for one slot: fill in about half the expiry."""
-        low = self.batch if self.batch_min is None else min(self.batch_min, self.batch)
-        return BatchPolicy(low, self.batch, target_fill_s=self.expires_s / 2)
 
 
 def _abort_dead_transport(nc: NatsClient) -> None:
@@ -416,7 +221,7 @@ class NatsBridge:
 
         try:
             with trio.fail_after(connect_timeout_s + 1):
-                nc = await _aio(_connect)()
+                nc = await aio(_connect)()
                 _abort_dead_transport(nc)
         except trio.TooSlowError:
             last = f" (last error: {last_error})" if last_error else ""
@@ -439,7 +244,7 @@ class NatsBridge:
                 await self.nc.flush(timeout=2)
             await self.nc.close()
 
-        await _aio(_close)()
+        await aio(_close)()
 
     # ---- JetStream management -------------------------------------------
 
@@ -453,7 +258,7 @@ class NatsBridge:
                 return None
             return list(info.config.subjects or [])
 
-        return await _aio(_info)()
+        return await aio(_info)()
 
     async def durable_config(self, stream: str, durable: str) -> ConsumerConfig | None:
         """The configuration of durable consumer `durable`, or None if it does not exist."""
@@ -466,7 +271,7 @@ class NatsBridge:
             cfg: ConsumerConfig = info.config
             return cfg
 
-        return await _aio(_info)()
+        return await aio(_info)()
 
     async def require_streams(self, names: Sequence[str]) -> None:
         for name in names:
@@ -521,7 +326,7 @@ class NatsBridge:
             )
             return redundant
 
-        redundant = await _aio(_create)()
+        redundant = await aio(_create)()
         log.info(
             "consumer_created",
             stream=spec.stream,
@@ -555,7 +360,7 @@ class NatsBridge:
             return bytes(msg.data)
 
         try:
-            return await _aio(_request)()
+            return await aio(_request)()
         except (nats.errors.Error, OSError) as exc:
             raise NatsRequestError(f"{subject}: {type(exc).__name__}: {exc}") from None
 
@@ -579,7 +384,7 @@ class NatsBridge:
             await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
 
         try:
-            await _aio(_publish)()
+            await aio(_publish)()
         except (nats.errors.Error, OSError) as exc:
             raise NatsRequestError(f"{subject}: {type(exc).__name__}: {exc}") from None
 
@@ -608,7 +413,7 @@ class NatsBridge:
                 await publish(reply, body)
 
         try:
-            await _aio(_send)()
+            await aio(_send)()
         except (nats.errors.Error, OSError) as exc:
             # Not fatal: an unacked message is redelivered and deduplicated.
             log.warning("ack_failed", count=len(replies), error=f"{type(exc).__name__}: {exc}")
@@ -623,156 +428,6 @@ class NatsBridge:
         observe_pending: Callable[[int], None] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Keep `spec.depth` pull requests outstanding; send each non-empty batch to `out`.
-
-        After every pull, `observe_pending` (if given) learns the consumer's lag:
-        the pending count of the batch's last delivery, or 0 for a pull that
-        expired empty. Never returns unless cancelled or `out` is closed by its
-        receiver. Each delivered batch crosses the asyncio bridge once.
-        """
-        slots = [_PullSlot(self.nc, spec, i) for i in range(spec.depth)]
-        for slot in slots:
-            await _aio(slot.subscribe)()
-        async with out:
-            task_status.started()
-            try:
-                async with trio.open_nursery() as nursery:
-                    for slot in slots:
-                        nursery.start_soon(self._pull_loop, slot, out.clone(), observe_pending)
-            finally:
-                # Deliveries still in a slot were never handed over: give them back
-                # at once (NAK) instead of leaving them to ack_wait (30 s). Every
-                # slot stops receiving first, or a NAK'd message could be redelivered
-                # straight into a sibling slot's open request.
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    leftovers: list[JsMsg] = []
-                    for slot in slots:
-                        leftovers += await _aio(slot.close)()
-                    if leftovers:
-                        await self.nak(leftovers)
-                        log.info(
-                            "pull_leftovers_returned", stream=spec.stream, count=len(leftovers)
-                        )
-
-    async def _pull_loop(
-        self,
-        slot: _PullSlot,
-        out: trio.MemorySendChannel[list[JsMsg]],
-        observe_pending: Callable[[int], None] | None,
-    ) -> None:
-        policy = slot.policy
-        async with out:
-            fetch = _aio(slot.fetch)
-            while True:
-                if not self.connected:
-                    await trio.sleep(0.2)
-                    continue
-                size = policy.size
-                batch, elapsed_s = await fetch(size)
-                pending = 0
-                if batch:
-                    last = Delivery.from_reply(batch[-1][2])
-                    pending = last.pending if last is not None else 0
-                if observe_pending is not None:
-                    observe_pending(pending)
-                policy.observe(requested=size, got=len(batch), elapsed_s=elapsed_s, pending=pending)
-                if batch:
-                    try:
-                        await out.send(batch)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        slot.give_back(batch)
-                        return
-                    except trio.Cancelled:
-                        slot.give_back(batch)  # NAK'd with the leftovers at close
-                        raise
-
-
-# How long after its expiry a pull request is given up on when its 408 does not
-# come. nats-server 2.9.10 drops about 2 % of expiring requests silently: their
-# messages arrive, the 408 never does (measured at 500 msgs/s: 7 of 291 requests,
-# each holding ~50 messages; benchmarks/lightprobe.py). Waiting 0.5 s for it was
-# the light-load p99 of 600-700 ms. Deliveries that come after this margin are not
-# lost: they go out with the slot's next batch.
-EXPIRY_MARGIN_S = 0.03
-
-
-class _PullSlot:
-    """One pull request at a time on its own inbox. Lives in asyncio land.
-
-    Deliveries go to `_msgs` from the subscription callback; a request ends when
-    the wanted number of new messages arrived, a status message (408 expired,
-    409, 404) for the current inbox arrived, or the request's expiry passed by
-    EXPIRY_MARGIN_S (the server sometimes sends no 408, and a request lost in a
-    reconnect gets none). Messages that arrive late stay in `_msgs` and go out
-    with the next batch, so no delivery is dropped on the floor.
-    """
-
-    def __init__(self, nc: NatsClient, spec: PullSpec, index: int) -> None:
-        self._nc = nc
-        self._spec = spec
-        self.policy = spec.policy()
-        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
-        self._prefix = f"_INBOX.notip.{uuid.uuid4().hex}.{index}"
-        self._seq = 0
-        self._inbox = ""
-        self._msgs: list[JsMsg] = []
-        self._want = 0
-        self._done: asyncio.Future[None] | None = None
-        self._sub: Any = None
-        self._expires_ns = int(spec.expires_s * 1e9)
-
-    async def subscribe(self) -> None:
-        self._sub = await self._nc.subscribe(
-            self._prefix + ".*", cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
-        )
-
-    def give_back(self, msgs: list[JsMsg]) -> None:
-        """Return a batch that could not be handed over; `close` will hand it back."""
-        self._msgs[:0] = msgs
-
-    async def close(self) -> list[JsMsg]:
-        """Stop receiving; return the deliveries not handed over yet."""
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-        self._finish()
-        msgs, self._msgs = self._msgs, []
-        return msgs
-
-    async def _on_msg(self, msg: Msg) -> None:
-        reply = msg.reply
-        if reply:
-            msgs = self._msgs
-            msgs.append(JsMsg(msg.subject, msg.data, reply))
-            if len(msgs) >= self._want:
-                self._finish()
-            return
-        # A status message: 408 expired, 404/409, 100 heartbeat.
-        status = msg.headers.get("Status") if msg.headers else None
-        if status != "100" and msg.subject == self._inbox:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
-
-    async def fetch(self, size: int) -> tuple[list[JsMsg], float]:
-        """One pull request for `size` messages; its batch and how long it took."""
-        loop = asyncio.get_running_loop()
-        self._seq += 1
-        self._inbox = f"{self._prefix}.{self._seq}"
-        self._want = len(self._msgs) + size
-        self._done = loop.create_future()
-        started = loop.time()
-        request = b'{"batch":%d,"expires":%d}' % (size, self._expires_ns)
-        await self._nc.publish(self._api, request, reply=self._inbox)
-        try:
-            await asyncio.wait_for(
-                asyncio.shield(self._done), self._spec.expires_s + EXPIRY_MARGIN_S
-            )
-        except TimeoutError:
-            pass
-        finally:
-            self._done = None
-        msgs, self._msgs = self._msgs, []
-        return msgs, loop.time() - started
+        """`pull.run_pull` on this connection: keep `spec.depth` pull requests
+        outstanding and send each non-empty batch to `out` (see there)."""
+        await run_pull(self, spec, out, observe_pending=observe_pending, task_status=task_status)
