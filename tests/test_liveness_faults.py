@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import signal
 import time
 from pathlib import Path
@@ -143,23 +144,33 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
     names = [f"g{i:02d}" for i in range(30)]
     gateways = Gateways(nats, names, period_s=6.0)
     configs = [{"tenant_id": TENANT, "timeout_ms": 9000}]
-    env = _env(nats, pg_server, pg_database)
+    env = functools.partial(_env, nats, pg_server, pg_database)  # a fresh metrics port each
     received_before_kill: list[float] = []
     with trio.fail_after(300):
         async with running_standin(nats, tmp_path, configs=configs) as standin:
             gateways.start()
             try:
-                with spawn_daemon(env, tmp_path / "leader.log") as leader:
+                with spawn_daemon(env(), tmp_path / "leader.log") as leader:
                     await leader.wait_ready()
                     await until(lambda: _metric(leader, "notip_consumer_liveness_leader") == 1.0,
                                 30, "the first replica leads")  # fmt: skip
                     for round_ in range(3):
-                        with spawn_daemon(env, tmp_path / f"follower{round_}.log") as follower:
+                        with spawn_daemon(env(), tmp_path / f"follower{round_}.log") as follower:
                             await follower.wait_ready()
                             await until(
                                 lambda: all(standin.statuses(g) for g in names),
                                 30,
                                 "every gateway online",
+                            )
+                            await until(
+                                lambda: (
+                                    _metric(
+                                        follower, "notip_consumer_messages_received_total"
+                                    )
+                                    > 0
+                                ),
+                                30,
+                                "the follower ingests",
                             )
                             # Wait for the next burst to be under way, then kill 0.1 s in.
                             burst = gateways.bursts
@@ -172,7 +183,7 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
                             )
                             await _kill(follower)
                         await trio.sleep(1)
-                    with spawn_daemon(env, tmp_path / "follower-last.log") as follower:
+                    with spawn_daemon(env(), tmp_path / "follower-last.log") as follower:
                         await follower.wait_ready()
                         silenced_at = time.monotonic()
                         gateways.silence("g00")
@@ -220,15 +231,15 @@ async def test_the_leader_sigkilled_with_reports_pending_loses_none(
     live = ["l00", "l01"]
     gateways = Gateways(nats, silent + live)
     configs = [{"tenant_id": TENANT, "timeout_ms": 2000}]
-    env = _env(nats, pg_server, pg_database)
+    env = functools.partial(_env, nats, pg_server, pg_database)  # a fresh metrics port each
     conninfo = pg_database.conninfo
     with trio.fail_after(300):
         async with running_standin(nats, tmp_path, configs=configs, delay_ms=500) as standin:
             gateways.start()
             try:
                 with (
-                    spawn_daemon(env, tmp_path / "r1.log") as r1,
-                    spawn_daemon(env, tmp_path / "r2.log") as r2,
+                    spawn_daemon(env(), tmp_path / "r1.log") as r1,
+                    spawn_daemon(env(), tmp_path / "r2.log") as r2,
                 ):
                     await r1.wait_ready()
                     await r2.wait_ready()
@@ -297,14 +308,14 @@ async def test_a_database_outage_under_load_raises_no_false_alert(
     names = [f"g{i:03d}" for i in range(200)]
     gateways = Gateways(nats, names, period_s=0.2)
     configs = [{"tenant_id": TENANT, "timeout_ms": 5000}]
-    env = _env(nats, pg, db)
+    env = functools.partial(_env, nats, pg, db)  # a fresh metrics port each
     with trio.fail_after(400):
         async with running_standin(nats, tmp_path, configs=configs) as standin:
             gateways.start()
             try:
                 with (
-                    spawn_daemon(env, tmp_path / "r1.log") as r1,
-                    spawn_daemon(env, tmp_path / "r2.log") as r2,
+                    spawn_daemon(env(), tmp_path / "r1.log") as r1,
+                    spawn_daemon(env(), tmp_path / "r2.log") as r2,
                 ):
                     await r1.wait_ready()
                     await r2.wait_ready()
@@ -372,14 +383,14 @@ async def test_alert_delay_after_the_timeout_with_one_and_three_replicas(
     silent = names[:20]
     gateways = Gateways(nats, names)
     configs = [{"tenant_id": TENANT, "timeout_ms": 2000}]
-    env = _env(nats, pg_server, pg_database)
+    env = functools.partial(_env, nats, pg_server, pg_database)  # a fresh metrics port each
     with trio.fail_after(240):
         async with running_standin(nats, tmp_path, configs=configs) as standin:
             gateways.start()
             try:
                 with contextlib.ExitStack() as stack:
                     daemons = [
-                        stack.enter_context(spawn_daemon(env, tmp_path / f"r{i}.log"))
+                        stack.enter_context(spawn_daemon(env(), tmp_path / f"r{i}.log"))
                         for i in range(replicas)
                     ]
                     for daemon in daemons:
