@@ -164,10 +164,7 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
                             )
                             await until(
                                 lambda: (
-                                    _metric(
-                                        follower, "notip_consumer_messages_received_total"
-                                    )
-                                    > 0
+                                    _metric(follower, "notip_consumer_messages_received_total") > 0
                                 ),
                                 30,
                                 "the follower ingests",
@@ -330,7 +327,8 @@ async def test_a_database_outage_under_load_raises_no_false_alert(
                     back_at = time.monotonic()
 
                     def caught_up() -> bool:
-                        return _js.consumer_state(nats, "TELEMETRY", DURABLE).pending < 2000
+                        state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
+                        return state.num_pending + state.num_ack_pending < 2000
 
                     await until(caught_up, 120, "the backlog written")
                     written = time.monotonic() - back_at
