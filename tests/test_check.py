@@ -47,7 +47,7 @@ from notip_trio.jetstream import NatsBridge
 from notip_trio.storage import COLUMNS, INDEXES, TABLES, DatabaseError, Storage
 from notip_trio.wire import STREAMS
 
-from ._inprocess import daemon_settings
+from .fix_daemon import daemon_settings
 
 DURABLES = ("data-consumer-telemetry", "data-consumer-decommission-listener")
 LINE = re.compile(r"^(ok    |FAILED|info  |skip  ) [^:]+: \S.*$")

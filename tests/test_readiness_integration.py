@@ -16,7 +16,7 @@ import trio
 from devstack.env import daemon_env
 from notip_trio.metrics import Metrics
 
-from ._inprocess import daemon_settings, running_daemon, until
+from .fix_daemon import daemon_settings, running_daemon, until
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

@@ -22,7 +22,7 @@ from devstack import simulator
 from devstack.env import daemon_env
 from notip_trio.metrics import Metrics
 
-from ._inprocess import daemon_settings, running_daemon, until
+from .fix_daemon import daemon_settings, running_daemon, until
 
 LOCK_HELD_S = 30.0  # far longer than SHUTDOWN_DRAIN_MS below (2 s) and the closes
 
