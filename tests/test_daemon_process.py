@@ -51,6 +51,9 @@ from ._spec import REQUIRED_VARIABLES
 from .fix_daemon import assert_logs_clean, spawn_daemon, until
 from .fix_servers import DURABLE, drained, telemetry_rows
 
+# Every test here runs the daemon (or its configuration check) as its own process.
+pytestmark = pytest.mark.slow
+
 DRAIN_TIMEOUTS = {"ingest_drain_timeout", "status_updates_drain_timeout"}
 
 

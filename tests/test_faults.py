@@ -36,6 +36,9 @@ from .fix_daemon import daemon_settings, running_daemon, until
 from .fix_relay import nats_url
 from .fix_servers import drained, telemetry_rows
 
+# Real traffic through frozen and slowed connections, for many seconds.
+pytestmark = pytest.mark.slow
+
 RECOVERY_LIMIT_S = 60.0  # the bound: every message stored within this of the freeze
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from devstack import js as _js
@@ -30,6 +31,9 @@ from devstack.postgres import PgDatabase, PgServer
 from ._standin import running_standin
 from .fix_daemon import DaemonProcess, spawn_daemon, until
 from .fix_servers import DURABLE, drained, telemetry_rows
+
+# Daemons as their own processes, SIGKILLed and restarted.
+pytestmark = pytest.mark.slow
 
 TENANT = "t1"
 TIMEOUT_MS = 2000

@@ -17,6 +17,7 @@ import re
 import signal
 from collections.abc import Callable
 
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +27,9 @@ from devstack.env import daemon_env
 
 from .fix_daemon import DaemonProcess, assert_logs_clean, spawn_daemon, until
 from .fix_servers import drained, telemetry_rows
+
+# The daemon as its own process.
+pytestmark = pytest.mark.slow
 
 COUNTERS = (
     "notip_consumer_messages_received_total",

@@ -177,6 +177,7 @@ def test_summary_line_with_nothing_running() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
     if stack.missing_servers():
         require(f"not installed: {stack.missing_servers()}")
