@@ -34,7 +34,7 @@ def test_sample_raises_on_a_name_or_labels_the_registry_does_not_have(
         sample(Metrics(), name, **labels)
 
 
-def test_a_missing_server_skips_locally_and_fails_under_ci(monkeypatch) -> None:
+def test_a_missing_server_skips_locally_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="gone"):
         fix_servers.require("gone")
@@ -44,7 +44,9 @@ def test_a_missing_server_skips_locally_and_fails_under_ci(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("ci", ["", "true"])
-def test_the_server_fixtures_go_through_the_ci_rule(monkeypatch, ci: str) -> None:
+def test_the_server_fixtures_go_through_the_ci_rule(
+    monkeypatch: pytest.MonkeyPatch, ci: str
+) -> None:
     monkeypatch.setenv("CI", ci)
     monkeypatch.delenv(postgres.DSN_ENV, raising=False)
     monkeypatch.setattr(natsd, "find_nats_server", lambda: None)
