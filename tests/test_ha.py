@@ -1,4 +1,4 @@
-"""Liveness across restarts and replicas (SPEC.md Behaviour 8, 9), as real processes.
+"""Liveness across restarts and replicas (docs/contract.md Behaviour 8, 9), as real processes.
 
 Rules: a fresh nats-server and database per test; the daemon runs as its own
 process (`python -m notip_trio`) so it can be SIGKILLed; the management API is
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
+import pytest
 import trio
 
 from devstack import js as _js
@@ -31,13 +31,15 @@ from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
 from devstack.relay import Relay
 
-from ._daemon import DaemonProcess, spawn_daemon
-from ._inprocess import until
 from ._standin import running_standin
+from .fix_daemon import DaemonProcess, spawn_daemon, until
+from .fix_servers import DURABLE, drained, telemetry_rows
+
+# Daemons as their own processes, SIGKILLed and restarted.
+pytestmark = pytest.mark.slow
 
 TENANT = "t1"
 TIMEOUT_MS = 2000
-DURABLE = "data-consumer-telemetry"
 
 
 class Gateways:
@@ -101,13 +103,6 @@ def _env(nats: NatsServer, pg: PgServer, db: PgDatabase) -> dict[str, str]:
 
 def _alerted(server: NatsServer) -> list[str]:
     return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(server, "ALERTS"))
-
-
-def _scalar(conninfo: str, sql: str) -> int:
-    with psycopg.connect(conninfo, connect_timeout=10) as conn:
-        row = conn.execute(sql).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _metric(daemon: DaemonProcess, name: str) -> float:
@@ -239,13 +234,12 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
                     await trio.to_thread.run_sync(gateways.stop)
                     sent = gateways.sent
 
-                    def stored_and_drained() -> bool:
-                        state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
-                        rows = _scalar(conninfo, "SELECT count(*) FROM telemetry")
-                        return state.drained and rows >= sent
-
                     # The killed replica's deliveries come back after ack_wait (3 s).
-                    await until(stored_and_drained, 60, "every message stored and acked")
+                    await until(
+                        lambda: drained(nats) and telemetry_rows(conninfo) >= sent,
+                        60,
+                        "every message stored and acked",
+                    )
                     survivor.signal(signal.SIGTERM)
                     await survivor.wait_exit(30)
             finally:
@@ -253,11 +247,7 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
         alerted = await trio.to_thread.run_sync(_alerted, nats)
 
     assert alerted == ["g00", "g01"]
-    rows = _scalar(conninfo, "SELECT count(*) FROM telemetry")
-    distinct = _scalar(
-        conninfo, "SELECT count(DISTINCT (tenant_id, gateway_id, sensor_id, time)) FROM telemetry"
-    )
-    assert rows == distinct == sent
+    assert telemetry_rows(conninfo) == sent
     for name in names:
         expected = ["online", "offline"] if name in ("g00", "g01") else ["online"]
         assert standin.statuses(name) == expected, name
