@@ -8,15 +8,13 @@ to find the metric names in expressions promtool accepts.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from notip_trio.metrics import Metrics
+from tests.fix_servers import require
 
 _SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -115,7 +113,4 @@ def require_tool(name: str, *candidates: str) -> str:
         found = shutil.which(candidate)
         if found:
             return found
-    reason = f"{name} not found (Debian: apt-get install prometheus)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; .ci/run installs it in CI")
-    pytest.skip(reason)
+    require(f"{name} not found (Debian: apt-get install prometheus)")

@@ -1,8 +1,8 @@
-"""Facts copied from SPEC.md that several tests check against."""
+"""Facts copied from docs/contract.md that several tests check against."""
 
 from __future__ import annotations
 
-# SPEC.md, Configuration: the variables marked required.
+# docs/contract.md, Configuration: the variables marked required.
 REQUIRED_VARIABLES = (
     "NATS_URL",
     "NATS_TLS_CA",

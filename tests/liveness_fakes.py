@@ -67,9 +67,20 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    """Current value of a sample (0.0 if never touched)."""
-    value = metrics.registry.get_sample_value("notip_consumer_" + name, labels or None)
-    return 0.0 if value is None else value
+    """Current value of sample `notip_consumer_<name>`; 0.0 for a label set not
+    used yet. A name the registry does not have raises LookupError, as do labels
+    the metric does not have: a renamed metric must fail an `== 0` check."""
+    full = "notip_consumer_" + name
+    value = metrics.registry.get_sample_value(full, labels or None)
+    if value is not None:
+        return value
+    collector = metrics.registry._names_to_collectors.get(full)
+    if collector is None:
+        raise LookupError(f"no metric {full} in the registry")
+    have = set(getattr(collector, "_labelnames", ()))
+    if not labels or set(labels) != have:
+        raise LookupError(f"{full} has labels {sorted(have)}, not {sorted(labels)}")
+    return 0.0
 
 
 Handler = Callable[[bytes], Awaitable[bytes]]

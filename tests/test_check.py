@@ -1,4 +1,4 @@
-"""`notip-trio check` (SPEC.md Behaviour 11) against real servers, and its pure parts.
+"""`notip-trio check` (docs/contract.md Behaviour 11) against real servers, and its pure parts.
 
 Rules for this file: the check runs in-process through `main(["check"])` with
 exactly the variables of `daemon_env` (nothing inherited), reading what it
@@ -41,7 +41,7 @@ from notip_trio.js.bridge import NatsBridge
 from notip_trio.js.specs import decommission_spec, telemetry_spec
 from notip_trio.wire import STREAMS
 
-from ._inprocess import daemon_settings
+from .fix_daemon import daemon_settings
 
 DURABLES = ("data-consumer-telemetry", "data-consumer-decommission-listener")
 LINE = re.compile(r"^(ok    |FAILED|info  |skip  ) [^:]+: \S.*$")

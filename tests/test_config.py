@@ -1,4 +1,4 @@
-"""Configuration: every rule of SPEC.md's table, one line naming the variable."""
+"""Configuration: every rule of docs/contract.md's table, one line naming the variable."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The daemon as a real process: `python -m notip_trio`, configured only by its environment.
 
-Rules for this file: each daemon is its own subprocess (tests/_daemon.py) with
+Rules for this file: each daemon is its own subprocess (tests/fix_daemon.py) with
 the variables of `daemon_env` and nothing inherited, stderr captured in a file,
 and killed on teardown if still running. Servers are throwaway: a fresh
 `private_nats_server` per test (the daemon makes durable consumers on it) and a
@@ -47,10 +47,13 @@ from devstack.proc import PROJECT_ROOT, child_env
 from notip_trio.config import load_settings
 from notip_trio.db.schema import TimescalePlan, probe_timescaledb, timescaledb_plan
 
-from ._daemon import assert_logs_clean, spawn_daemon
 from ._spec import REQUIRED_VARIABLES
+from .fix_daemon import assert_logs_clean, spawn_daemon, until
+from .fix_servers import DURABLE, drained, telemetry_rows
 
-DURABLE = "data-consumer-telemetry"
+# Every test here runs the daemon (or its configuration check) as its own process.
+pytestmark = pytest.mark.slow
+
 DRAIN_TIMEOUTS = {"ingest_drain_timeout", "status_updates_drain_timeout"}
 
 
@@ -217,7 +220,7 @@ async def test_missing_stream_exits_non_zero_with_one_line_naming_it(
     assert len(naming) == 1, daemon.tail()
     assert errors == naming
     assert "traceback" not in errors[0]
-    # The daemon does not create streams (SPEC.md): it is still missing.
+    # The daemon does not create streams (docs/contract.md): it is still missing.
     state = await trio.to_thread.run_sync(_stream_names, private_nats_server)
     assert stream not in state
 
@@ -272,24 +275,6 @@ class _Publisher:
             self.done.set()
 
 
-def _count(conninfo: str, sql: str = "SELECT count(*) FROM telemetry") -> int:
-    with psycopg.connect(conninfo, connect_timeout=10) as conn:
-        row = conn.execute(sql).fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-async def _until(check: Any, limit_s: float, what: str, state: Any = None) -> None:
-    """Poll `check` (blocking, run in a thread) until true; fail after `limit_s`,
-    saying what `state()` shows then."""
-    with trio.move_on_after(limit_s):
-        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110 - external state
-            await trio.sleep(0.1)
-        return
-    seen = f" ({state()})" if state is not None else ""
-    pytest.fail(f"timed out after {limit_s} s waiting for {what}{seen}")
-
-
 async def test_sigterm_under_load_exits_0_and_a_restart_loses_and_duplicates_nothing(
     private_nats_server, pg_server, pg_database, tmp_path
 ):
@@ -301,7 +286,7 @@ async def test_sigterm_under_load_exits_0_and_a_restart_loses_and_duplicates_not
             await first.wait_ready()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(functools.partial(trio.to_thread.run_sync, publisher.run))
-                await _until(lambda: _count(conninfo) >= 2_000, 120, "ingest under way")
+                await until(lambda: telemetry_rows(conninfo) >= 2_000, 120, "ingest under way")
                 sent_at_signal = publisher.sent
                 first.signal(signal.SIGTERM)
                 code, seconds = await first.wait_exit(60)
@@ -309,7 +294,7 @@ async def test_sigterm_under_load_exits_0_and_a_restart_loses_and_duplicates_not
                 assert code == 0, first.tail()
                 assert sent_at_signal < TOTAL  # the signal came mid-stream
                 assert not publisher.done.is_set()
-                first_rows = await trio.to_thread.run_sync(_count, conninfo)
+                first_rows = await trio.to_thread.run_sync(telemetry_rows, conninfo)
             # The publisher is done: the stream holds all TOTAL messages.
         # "Write and ack what is in hand". The server's counts cannot say exactly
         # how many were acked: after the shutdown NAK of the leftovers, nats-server
@@ -320,24 +305,21 @@ async def test_sigterm_under_load_exits_0_and_a_restart_loses_and_duplicates_not
         # was acked and must be a row, and the restart writes exactly the rest.
         state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
         assert state.ack_floor <= first_rows, state
-        assert _count(conninfo) == first_rows < TOTAL  # the rest waited for the restart
+        assert telemetry_rows(conninfo) == first_rows < TOTAL  # the rest waited for the restart
 
         with spawn_daemon(env, tmp_path / "second.log") as second:
             await second.wait_ready()
-            await _until(
-                lambda: _count(conninfo) >= TOTAL and _drained(nats), 300, "the restart to drain"
+            await until(
+                lambda: telemetry_rows(conninfo) >= TOTAL and drained(nats),
+                300,
+                "the restart to drain",
             )
             restart_metrics = await trio.to_thread.run_sync(second.get, "/metrics")
             second.signal(signal.SIGTERM)
             code, _ = await second.wait_exit(60)
             assert code == 0, second.tail()
 
-    assert _count(conninfo) == TOTAL
-    distinct = (
-        "SELECT count(*) FROM"
-        " (SELECT DISTINCT tenant_id, gateway_id, sensor_id, time FROM telemetry) d"
-    )
-    assert _count(conninfo, distinct) == TOTAL
+    assert telemetry_rows(conninfo) == TOTAL
     state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
     assert (state.num_pending, state.num_ack_pending) == (0, 0)
     # The restart wrote exactly what the first run had not.
@@ -360,8 +342,3 @@ def _samples(text: str) -> dict[str, float]:
         if line and not line.startswith("#") and "{" not in name:
             out[name] = float(number)
     return out
-
-
-def _drained(server: NatsServer) -> bool:
-    state = _js.consumer_state(server, "TELEMETRY", DURABLE)
-    return state.num_pending == 0 and state.num_ack_pending == 0

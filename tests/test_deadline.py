@@ -2,10 +2,12 @@
 
 A fake "connection" is a worker thread blocked on a `threading.Event`; cutting
 it (what shutting the socket down does to libpq) sets the event and makes the
-blocked call fail. An autojump clock jumps whenever Trio is idle, even while a
-thread is still on its way to its wait, so the clock here jumps only after
-50 ms of real idleness (`autojump_clock` below): then the thread is blocked,
-the clock goes straight to the next deadline, and every time is exact.
+blocked call fail. An autojump clock would jump whenever Trio is idle, even
+while the thread is still on its way to its connection, so these tests use
+pytest-trio's `mock_clock` (it never moves by itself): `_jump_once_held` waits
+until the thread holds its connection (its `held` event), then jumps the clock
+to each deadline in turn, once Trio has settled. The clock then stands still
+while the thread finishes, so every time is exact however slow the machine.
 Real sockets: tests/test_faults.py.
 """
 
@@ -24,6 +26,7 @@ from notip_trio.db.pool import CUT_GRACE_S, RoundTrip, bounded, current_round_tr
 from notip_trio.errors import DatabaseError, DeadlineExceeded
 
 GUARD_S = 3600
+HELD_WITHIN_S = 30  # real time: a hang guard only
 
 
 class FakeConnection:
@@ -54,12 +57,25 @@ class FakeConnection:
         raise OSError("server closed the connection unexpectedly")
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    """Autojump once Trio has been idle for 50 ms of real time (pytest-trio's
-    jumps at once): enough for a fake's thread to reach its next wait, so the
-    clock only ever jumps while the thread is blocked, and times stay exact."""
-    return trio.testing.MockClock(autojump_threshold=0.05)
+async def _jump_once_held(
+    clock: trio.testing.MockClock, conn: FakeConnection, call: Awaitable[Any], *jumps: float
+) -> Any:
+    """Run `call`; once `conn`'s thread holds its connection, jump the clock by
+    each of `jumps` in turn (each after every task is blocked again). Returns
+    what `call` returned or raised."""
+    outcome: list[Any] = []
+
+    async def run() -> None:
+        outcome.append(await _outcome(call))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        held = await trio.to_thread.run_sync(conn.held.wait, HELD_WITHIN_S)
+        assert held, f"the fake's thread did not hold its connection within {HELD_WITHIN_S} s"
+        for seconds in jumps:
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(seconds)
+    return outcome[0]
 
 
 async def test_a_quick_call_returns_its_value_and_cuts_nothing() -> None:
@@ -87,11 +103,11 @@ async def test_errors_before_the_deadline_pass_through() -> None:
 
 
 async def test_the_deadline_cuts_the_connection_and_the_thread_returns(
-    autojump_clock: trio.abc.Clock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     conn = FakeConnection()
     with trio.fail_after(GUARD_S):
-        error = await _outcome(bounded(conn.blocking_call, 15.0))
+        error = await _jump_once_held(mock_clock, conn, bounded(conn.blocking_call, 15.0), 15.0)
         assert trio.current_time() == 15.0  # exactly at the deadline
     assert isinstance(error, DeadlineExceeded)
     assert str(error) == "no answer within 15 s; connection abandoned"
@@ -101,12 +117,14 @@ async def test_the_deadline_cuts_the_connection_and_the_thread_returns(
 
 
 async def test_a_thread_that_ignores_the_cut_is_left_behind_after_the_grace(
-    autojump_clock: trio.abc.Clock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     conn = FakeConnection(obeys_cut=False)
     try:
         with trio.fail_after(GUARD_S):
-            error = await _outcome(bounded(conn.blocking_call, 5.0))
+            error = await _jump_once_held(
+                mock_clock, conn, bounded(conn.blocking_call, 5.0), 5.0, CUT_GRACE_S
+            )
             assert isinstance(error, DeadlineExceeded)
             assert trio.current_time() == 5.0 + CUT_GRACE_S
         assert conn.cut_count == 1
@@ -114,18 +132,22 @@ async def test_a_thread_that_ignores_the_cut_is_left_behind_after_the_grace(
         conn.wake.set()  # let the thread end
 
 
-async def test_a_cancelled_caller_cuts_at_once(autojump_clock: trio.abc.Clock) -> None:
+async def test_a_cancelled_caller_cuts_at_once(mock_clock: trio.testing.MockClock) -> None:
     conn = FakeConnection()
-    with trio.fail_after(GUARD_S):
+
+    async def caller() -> bool:
         with trio.move_on_after(2.0) as scope:
             await bounded(conn.blocking_call, 15.0)
-        assert scope.cancelled_caught
+        return scope.cancelled_caught
+
+    with trio.fail_after(GUARD_S):
+        assert await _jump_once_held(mock_clock, conn, caller(), 2.0) is True
         assert trio.current_time() == 2.0
     assert conn.cut_count == 1
 
 
 async def test_a_connection_asked_for_after_the_cut_is_refused(
-    autojump_clock: trio.abc.Clock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     """A thread that was waiting for the pool when its deadline passed must not
     go on to use a connection nobody will cut."""
@@ -145,7 +167,7 @@ async def test_a_connection_asked_for_after_the_cut_is_refused(
             raise
 
     with trio.fail_after(GUARD_S):
-        error = await _outcome(bounded(two_connections, 3.0))
+        error = await _jump_once_held(mock_clock, first, bounded(two_connections, 3.0), 3.0)
         assert trio.current_time() == 3.0  # the thread returned at once after the cut
     assert isinstance(error, DeadlineExceeded)
     assert refused == ["_Cut"]

@@ -1,4 +1,4 @@
-"""Strict envelope decoding (SPEC.md wire contract, Rule Zero, Behaviour 2)."""
+"""Strict envelope decoding (docs/contract.md wire contract, Rule Zero, Behaviour 2)."""
 
 from __future__ import annotations
 

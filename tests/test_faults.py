@@ -1,12 +1,12 @@
 """Unclean faults on real servers: connections that stay open and stop answering.
 
-A `devstack.relay.Relay` sits between the in-process daemon and PostgreSQL, or
-NATS. With messages flowing, every connection open at that moment is frozen
-(bytes stop both ways, sockets stay open; new connections pass), and every
-message must still end up stored exactly once, within 60 s of the freeze.
-The daemon runs at its production defaults for every deadline, so the times
-printed are what an operator would see (`pytest -s` shows them); they are
-measurements, never assertions. The 60 s limits are the hang guards of the
+A `devstack.relay.Relay` (tests/fix_relay.py) sits between the in-process
+daemon and PostgreSQL, or NATS. With messages flowing, every connection open at
+that moment is frozen (bytes stop both ways, sockets stay open; new connections
+pass), and every message must still end up stored exactly once, within 60 s of
+the freeze. The daemon runs at its production defaults for every deadline, so
+the times printed are what an operator would see (`pytest -s` shows them); they
+are measurements, never assertions. The 60 s limits are the hang guards of the
 waits (the issue's bound), not speed checks.
 """
 
@@ -17,7 +17,6 @@ import random
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +28,18 @@ from devstack import js as _js
 from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
-from devstack.relay import Relay
 from notip_trio.db.writer import Storage
 from notip_trio.envelope import Row
 from notip_trio.errors import DeadlineExceeded
 from notip_trio.metrics import Metrics
 
-from ._inprocess import daemon_settings, running_daemon, until
+from .fix_daemon import daemon_settings, running_daemon, until
+from .fix_relay import nats_url
+from .fix_servers import drained, telemetry_rows
 
-DURABLE = "data-consumer-telemetry"
+# Real traffic through frozen and slowed connections, for many seconds.
+pytestmark = pytest.mark.slow
+
 RECOVERY_LIMIT_S = 60.0  # the issue's bound: every message stored within this of the freeze
 
 
@@ -76,20 +78,10 @@ class Flow:
         _js.run_nats(server, fn, "test-client", timeout_s=300)
 
 
-def _count(conninfo: str) -> tuple[int, int]:
-    """(rows, distinct keys) in telemetry, over a direct connection (not the relay)."""
-    with psycopg.connect(conninfo, connect_timeout=5) as conn:
-        row = conn.execute(
-            "SELECT count(*), count(DISTINCT (tenant_id, gateway_id, sensor_id, time))"
-            " FROM telemetry"
-        ).fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1])
-
-
 def _rows(conninfo: str) -> int:
+    """Rows in telemetry over a direct connection (not the relay); 0 before the migration."""
     try:
-        return _count(conninfo)[0]
+        return telemetry_rows(conninfo)
     except psycopg.errors.UndefinedTable:
         return 0
 
@@ -132,12 +124,6 @@ def _report(name: str, **figures: object) -> None:
     print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
-@pytest.fixture
-def pg_relay(pg_server: Any) -> Iterator[Relay]:
-    with Relay.start(pg_server.host, pg_server.port) as relay:
-        yield relay
-
-
 def _metric(counter: Any) -> float:
     return float(counter._value.get())
 
@@ -164,14 +150,9 @@ async def test_frozen_postgres_connections_recover_on_their_own(
                 "every message stored after the freeze",
             )
             t_all = time.monotonic() - t_freeze
-            await until(
-                lambda: _js.consumer_state(clean_nats_server, "TELEMETRY", DURABLE).drained,
-                30,
-                "every delivery acked",
-            )
+            await until(lambda: drained(clean_nats_server), 30, "every delivery acked")
             nursery.cancel_scope.cancel()
-    rows, keys = _count(pg_database.conninfo)
-    assert (rows, keys) == (flow.total, flow.total)  # every message once
+    assert telemetry_rows(pg_database.conninfo) == flow.total  # every message once
     assert frozen >= 1
     assert _metric(metrics.write_errors) >= 1  # the freeze did bite: a write hit its deadline
     assert set(watch.livez) == {200}  # recovered by itself: /livez never failed
@@ -219,8 +200,7 @@ async def test_ten_times_slower_database_slows_ingest_and_trips_nothing(
             )
             sum1, n1 = mean_write_s()
             nursery.cancel_scope.cancel()
-    rows, keys = _count(pg_database.conninfo)
-    assert (rows, keys) == (flow.total, flow.total)
+    assert telemetry_rows(pg_database.conninfo) == flow.total
     assert _metric(metrics.write_errors) == 0  # no deadline tripped
     assert set(watch.livez) == {200}
     slow = (sum1 - sum0) / max(1.0, n1 - n0)
@@ -235,43 +215,35 @@ async def test_ten_times_slower_database_slows_ingest_and_trips_nothing(
 
 
 async def test_frozen_nats_connection_is_detected_and_nothing_is_lost(
-    clean_nats_server, pg_server, pg_database, monkeypatch
+    clean_nats_server, pg_server, pg_database, nats_relay, monkeypatch
 ):
-    host, _, port_s = clean_nats_server.url.removeprefix("tls://").rpartition(":")
-    with Relay.start(host, int(port_s)) as relay:
-        env = daemon_env(
-            clean_nats_server, pg_server, pg_database.name, NATS_URL=f"tls://127.0.0.1:{relay.port}"
-        )
-        settings = daemon_settings(env, monkeypatch, HEARTBEAT_GRACE_PERIOD_MS="600000")
-        flow = Flow(total=6000)  # 500 msgs/s for 12 s
-        metrics = Metrics()
-        with trio.fail_after(150):
-            async with running_daemon(settings, metrics) as port, trio.open_nursery() as nursery:
-                watch = Watch(pg_database.conninfo, port)
-                nursery.start_soon(watch.run)
-                nursery.start_soon(trio.to_thread.run_sync, flow.run, clean_nats_server)
-                await until(lambda: _rows(pg_database.conninfo) >= 500, 30, "rows flowing")
-                frozen = relay.freeze_open()
-                t_freeze = time.monotonic()
-                published_at_freeze = flow.published
-                await until(
-                    lambda: _metric(metrics.nats_reconnects) >= 1, RECOVERY_LIMIT_S, "a reconnect"
-                )
-                t_reconnect = time.monotonic() - t_freeze
-                await until(
-                    lambda: _rows(pg_database.conninfo) >= flow.total,
-                    RECOVERY_LIMIT_S - t_reconnect,
-                    "every message stored after the freeze",
-                )
-                t_all = time.monotonic() - t_freeze
-                await until(
-                    lambda: _js.consumer_state(clean_nats_server, "TELEMETRY", DURABLE).drained,
-                    45,
-                    "every delivery acked",
-                )
-                nursery.cancel_scope.cancel()
-    rows, keys = _count(pg_database.conninfo)
-    assert (rows, keys) == (flow.total, flow.total)
+    relay = nats_relay(clean_nats_server)
+    env = daemon_env(clean_nats_server, pg_server, pg_database.name, NATS_URL=nats_url(relay))
+    settings = daemon_settings(env, monkeypatch, HEARTBEAT_GRACE_PERIOD_MS="600000")
+    flow = Flow(total=6000)  # 500 msgs/s for 12 s
+    metrics = Metrics()
+    with trio.fail_after(150):
+        async with running_daemon(settings, metrics) as port, trio.open_nursery() as nursery:
+            watch = Watch(pg_database.conninfo, port)
+            nursery.start_soon(watch.run)
+            nursery.start_soon(trio.to_thread.run_sync, flow.run, clean_nats_server)
+            await until(lambda: _rows(pg_database.conninfo) >= 500, 30, "rows flowing")
+            frozen = relay.freeze_open()
+            t_freeze = time.monotonic()
+            published_at_freeze = flow.published
+            await until(
+                lambda: _metric(metrics.nats_reconnects) >= 1, RECOVERY_LIMIT_S, "a reconnect"
+            )
+            t_reconnect = time.monotonic() - t_freeze
+            await until(
+                lambda: _rows(pg_database.conninfo) >= flow.total,
+                RECOVERY_LIMIT_S - t_reconnect,
+                "every message stored after the freeze",
+            )
+            t_all = time.monotonic() - t_freeze
+            await until(lambda: drained(clean_nats_server), 45, "every delivery acked")
+            nursery.cancel_scope.cancel()
+    assert telemetry_rows(pg_database.conninfo) == flow.total
     assert frozen >= 1
     assert set(watch.livez) == {200}
     _report(
@@ -322,7 +294,7 @@ async def test_livez_fails_while_a_write_is_stuck_and_recovers_with_it(
             nursery.cancel_scope.cancel()
     assert body.startswith("ingest: ")
     assert "nothing committed" in body
-    assert _count(pg_database.conninfo) == (flow.total, flow.total)
+    assert telemetry_rows(pg_database.conninfo) == flow.total
     assert _metric(metrics.write_errors) == 0  # the write was stuck, never failed
     _report("livez on a stuck write", stall_bound_s=3.0, livez_failed_after_s=round(t_failed, 1))
 
@@ -375,7 +347,7 @@ async def test_storage_cuts_frozen_connections_and_goes_on_with_fresh_ones(
             assert scope.cancelled_caught
             result = await storage.write_batch([_row(i) for i in range(200, 300)], [])
             assert result.inserted + result.duplicates == 100
-            assert _count(pg_database.conninfo) == (300, 300)
+            assert telemetry_rows(pg_database.conninfo) == 300
         finally:
             await storage.close()
     _report(

@@ -1,4 +1,4 @@
-"""Liveness across restarts and replicas (SPEC.md Behaviour 8, 9), as real processes.
+"""Liveness across restarts and replicas (docs/contract.md Behaviour 8, 9), as real processes.
 
 Rules: a fresh nats-server and database per test; the daemon runs as its own
 process (`python -m notip_trio`) so it can be SIGKILLed; the management API is
@@ -12,80 +12,30 @@ A replica whose path to PostgreSQL goes dark reaches it through
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import random
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
+import pytest
 import trio
 
 from devstack import js as _js
-from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
 from devstack.relay import Relay
 
-from ._daemon import DaemonProcess, spawn_daemon
-from ._inprocess import until
 from ._standin import running_standin
+from .fix_daemon import DaemonProcess, spawn_daemon, until
+from .fix_servers import DURABLE, drained, telemetry_rows
+from .sim_gateways import TENANT, Gateways
 
-TENANT = "t1"
+# Daemons as their own processes, SIGKILLed and restarted.
+pytestmark = pytest.mark.slow
+
 TIMEOUT_MS = 2000
-DURABLE = "data-consumer-telemetry"
-
-
-class Gateways:
-    """Gateways publishing every `period_s` from a thread until `stop()`; `silence(g)`
-    stops one. `last[g]` is the wall time of its last publish, `sent` the total,
-    `bursts` how many rounds were published."""
-
-    def __init__(self, server: NatsServer, names: list[str], period_s: float = 0.25) -> None:
-        self.server = server
-        self.active = set(names)
-        self.period_s = period_s
-        self.last: dict[str, dt.datetime] = {}
-        self.sent = 0
-        self.bursts = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def silence(self, name: str) -> dt.datetime:
-        """Stop `name`; returns the wall time of its last message."""
-        with self._lock:
-            self.active.discard(name)
-            return self.last[name]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        rng = random.Random(7)
-
-        async def fn(nc: Any) -> None:
-            while not self._stop.is_set():
-                with self._lock:
-                    for name in sorted(self.active):
-                        now = dt.datetime.now(dt.UTC)
-                        body = simulator.make_envelope(name, f"{name}-s1", "humidity", now, rng=rng)
-                        await nc.publish(simulator.subject_for(TENANT, name), body)
-                        self.last[name] = now
-                        self.sent += 1
-                await nc.flush()
-                self.bursts += 1
-                await asyncio.sleep(self.period_s)
-
-        _js.run_nats(self.server, fn, "gateway-sim", timeout_s=600)
 
 
 def _env(nats: NatsServer, pg: PgServer, db: PgDatabase) -> dict[str, str]:
@@ -104,13 +54,6 @@ def _env(nats: NatsServer, pg: PgServer, db: PgDatabase) -> dict[str, str]:
 
 def _alerted(server: NatsServer) -> list[str]:
     return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(server, "ALERTS"))
-
-
-def _scalar(conninfo: str, sql: str) -> int:
-    with psycopg.connect(conninfo, connect_timeout=10) as conn:
-        row = conn.execute(sql).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _metric(daemon: DaemonProcess, name: str) -> float:
@@ -242,13 +185,12 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
                     await trio.to_thread.run_sync(gateways.stop)
                     sent = gateways.sent
 
-                    def stored_and_drained() -> bool:
-                        state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
-                        rows = _scalar(conninfo, "SELECT count(*) FROM telemetry")
-                        return state.drained and rows >= sent
-
                     # The killed replica's deliveries come back after ack_wait (3 s).
-                    await until(stored_and_drained, 60, "every message stored and acked")
+                    await until(
+                        lambda: drained(nats) and telemetry_rows(conninfo) >= sent,
+                        60,
+                        "every message stored and acked",
+                    )
                     survivor.signal(signal.SIGTERM)
                     await survivor.wait_exit(30)
             finally:
@@ -256,11 +198,7 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
         alerted = await trio.to_thread.run_sync(_alerted, nats)
 
     assert alerted == ["g00", "g01"]
-    rows = _scalar(conninfo, "SELECT count(*) FROM telemetry")
-    distinct = _scalar(
-        conninfo, "SELECT count(DISTINCT (tenant_id, gateway_id, sensor_id, time)) FROM telemetry"
-    )
-    assert rows == distinct == sent
+    assert telemetry_rows(conninfo) == sent
     for name in names:
         expected = ["online", "offline"] if name in ("g00", "g01") else ["online"]
         assert standin.statuses(name) == expected, name

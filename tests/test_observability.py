@@ -1,7 +1,7 @@
-"""Observability of the running daemon process (SPEC.md Behaviour 7, Metrics).
+"""Observability of the running daemon process (docs/contract.md Behaviour 7, Metrics).
 
 Rules for this file: as in test_daemon_process.py, the daemon is a real
-subprocess (tests/_daemon.py) configured by `daemon_env`, on a fresh
+subprocess (tests/fix_daemon.py) configured by `daemon_env`, on a fresh
 `private_nats_server` and a fresh database (a `private_pg_server` where the test
 stops PostgreSQL); each test has an absolute `trio.fail_after` hang guard, and
 waits poll real state (HTTP endpoints, the table, the server's monitoring
@@ -17,7 +17,6 @@ import re
 import signal
 from collections.abc import Callable
 
-import psycopg
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,11 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack import js as _js
 from devstack import simulator
 from devstack.env import daemon_env
-from devstack.natsd import NatsServer
 
-from ._daemon import DaemonProcess, assert_logs_clean, spawn_daemon
+from .fix_daemon import DaemonProcess, assert_logs_clean, spawn_daemon, until
+from .fix_servers import drained, telemetry_rows
 
-DURABLE = "data-consumer-telemetry"
+# The daemon as its own process.
+pytestmark = pytest.mark.slow
 
 COUNTERS = (
     "notip_consumer_messages_received_total",
@@ -101,13 +101,6 @@ def _blobs(msgs: list[tuple[str, bytes]]) -> set[str]:
     return out
 
 
-def _count(conninfo: str) -> int:
-    with psycopg.connect(conninfo, connect_timeout=10) as conn:
-        row = conn.execute("SELECT count(*) FROM telemetry").fetchone()
-        assert row is not None
-        return int(row[0])
-
-
 def _samples(daemon: DaemonProcess) -> dict[str, float]:
     """Sample name (labels joined in) -> value, from GET /metrics."""
     status, text = daemon.get("/metrics")
@@ -122,19 +115,6 @@ def _samples(daemon: DaemonProcess) -> dict[str, float]:
 
 def _total(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
-
-
-async def _until(check: Callable[[], bool], limit_s: float, what: str) -> None:
-    with trio.move_on_after(limit_s):
-        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110 - external state
-            await trio.sleep(0.1)
-        return
-    pytest.fail(f"timed out after {limit_s} s waiting for {what}")
-
-
-def _drained(server: NatsServer) -> bool:
-    state = _js.consumer_state(server, "TELEMETRY", DURABLE)
-    return state.num_pending == 0 and state.num_ack_pending == 0
 
 
 async def _stop(daemon: DaemonProcess) -> None:
@@ -159,17 +139,17 @@ async def test_metrics_name_every_spec_metric_and_written_equals_rows(
         def settled() -> bool:
             samples = _samples(daemon)
             return (
-                _drained(nats)
-                and _count(conninfo) == 500
+                drained(nats)
+                and telemetry_rows(conninfo) == 500
                 and _total(samples, "notip_consumer_messages_written_total") == 500
                 and _total(samples, "notip_consumer_message_parsing_errors_total") == bad
                 # The leader reads the gateways' state from the database each tick.
                 and samples.get("notip_consumer_heartbeat_map_size") == 25
             )
 
-        await _until(settled, 180, "500 rows, every message acked or terminated, and counted")
+        await until(settled, 180, "500 rows, every message acked or terminated, and counted")
         samples = await trio.to_thread.run_sync(_samples, daemon)
-        rows = await trio.to_thread.run_sync(_count, conninfo)
+        rows = await trio.to_thread.run_sync(telemetry_rows, conninfo)
         await _stop(daemon)
 
     names = {key.split("{", 1)[0] for key in samples}
@@ -223,15 +203,15 @@ async def test_healthz_and_readyz_follow_the_database_and_livez_stays_200(
 
     with trio.fail_after(300), spawn_daemon(env, tmp_path / "daemon.log") as daemon:
         await daemon.wait_ready()
-        await _until(both(200), 30, "/readyz and /healthz 200 at start")
+        await until(both(200), 30, "/readyz and /healthz 200 at start")
 
         await trio.to_thread.run_sync(pg.stop)
-        await _until(both(503, "database"), 60, "/readyz and /healthz 503 naming the database")
+        await until(both(503, "database"), 60, "/readyz and /healthz 503 naming the database")
         down = [probe("/readyz"), probe("/healthz")]
         assert daemon.running
 
         await trio.to_thread.run_sync(pg.start)
-        await _until(both(200), 120, "/readyz and /healthz 200 after PostgreSQL is back")
+        await until(both(200), 120, "/readyz and /healthz 200 after PostgreSQL is back")
         assert daemon.running
         await _stop(daemon)
 
@@ -256,8 +236,8 @@ async def test_logs_are_json_and_never_carry_blobs_or_the_password(
     with trio.fail_after(240), spawn_daemon(env, tmp_path / "daemon.log") as daemon:
         await daemon.wait_ready()
         await trio.to_thread.run_sync(_js.publish, nats, msgs)
-        await _until(
-            lambda: _drained(nats) and _count(pg_database.conninfo) == 300,
+        await until(
+            lambda: drained(nats) and telemetry_rows(pg_database.conninfo) == 300,
             180,
             "every message written or rejected",
         )

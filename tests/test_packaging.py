@@ -4,8 +4,8 @@ and the container probe deploy/notip_probe.py.
 No container engine and no YAML library are needed: the manifest is ours, so a
 few line-oriented helpers read the parts these tests check. The variable names
 and defaults are taken from notip_trio.config (REQUIRED_VARIABLES, DEFAULTS,
-ENV_VARS: the one declaration of what the daemon reads) and, where the
-checkout has it beside it, from SPEC.md.
+ENV_VARS: the one declaration of what the daemon reads) and from the
+contract (docs/contract.md).
 """
 
 from __future__ import annotations
@@ -139,13 +139,9 @@ def test_manifest_names_every_required_variable():
     assert not missing, f"required variables not set by the manifest: {sorted(missing)}"
 
 
-def test_manifest_required_variables_match_spec_when_available():
-    spec = next(
-        (p for p in (ROOT.parent / "shared" / "SPEC.md", ROOT / "SPEC.md") if p.is_file()), None
-    )
-    if spec is None:
-        pytest.skip("SPEC.md not beside this checkout")
-    rows = re.findall(r"(?m)^\| ([A-Z_]+) \| yes \|", spec.read_text(encoding="utf-8"))
+def test_manifest_required_variables_match_the_contract():
+    contract = ROOT / "docs" / "contract.md"
+    rows = re.findall(r"(?m)^\| ([A-Z_]+) \| yes \|", contract.read_text(encoding="utf-8"))
     assert set(rows) == REQUIRED
 
 

@@ -24,8 +24,8 @@ from devstack.proc import PROJECT_ROOT
 from devstack.prometheus import JOB, PrometheusServer, start_prometheus
 from notip_trio.metrics import Metrics
 
-from ._inprocess import daemon_settings, running_daemon, until
 from ._promql import require_tool
+from .fix_daemon import daemon_settings, running_daemon, until
 
 RULES = PROJECT_ROOT / "deploy" / "prometheus" / "notip-trio.rules.yaml"
 MESSAGES = 600

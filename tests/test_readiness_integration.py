@@ -1,4 +1,4 @@
-"""/readyz while NATS is away, on the real servers (SPEC.md Behaviour 7).
+"""/readyz while NATS is away, on the real servers (docs/contract.md Behaviour 7).
 
 Rules: a private nats-server of this test is stopped and started again; the
 daemon runs in the test's nursery and stops through its `stop` event; waits
@@ -16,7 +16,7 @@ import trio
 from devstack.env import daemon_env
 from notip_trio.metrics import Metrics
 
-from ._inprocess import daemon_settings, running_daemon, until
+from .fix_daemon import daemon_settings, running_daemon, until
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

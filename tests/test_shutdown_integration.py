@@ -1,4 +1,4 @@
-"""Shutdown with a write held up in the real database (SPEC.md Behaviour 6).
+"""Shutdown with a write held up in the real database (docs/contract.md Behaviour 6).
 
 Rules: servers come from the fixtures; the daemon runs in the test's nursery
 and stops through its `stop` event; every test has an absolute hang guard. No
@@ -22,7 +22,7 @@ from devstack import simulator
 from devstack.env import daemon_env
 from notip_trio.metrics import Metrics
 
-from ._inprocess import daemon_settings, running_daemon, until
+from .fix_daemon import daemon_settings, running_daemon, until
 
 LOCK_HELD_S = 30.0  # far longer than SHUTDOWN_DRAIN_MS below (2 s) and the closes
 

@@ -19,6 +19,8 @@ from notip_trio.db.schema import (
 from notip_trio.db.writer import RejectedRecord, Storage
 from notip_trio.envelope import Row
 
+from .fix_servers import scalar, telemetry_rows
+
 T0 = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 GO_SCHEMA = """
 CREATE TABLE telemetry (
@@ -33,13 +35,6 @@ def _row(i: int, blob: str = "QUJD", sensor: str = "s1") -> Row:
     return Row(
         T0 + dt.timedelta(seconds=i), "t1", "g1", sensor, "humidity", blob, "aXY=", "dGFn", 1
     )
-
-
-def _scalar(conninfo: str, sql: str) -> int:
-    with psycopg.connect(conninfo) as conn:
-        row = conn.execute(sql).fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 def _is_hypertable(conninfo: str) -> bool:
@@ -86,7 +81,7 @@ async def test_fresh_database_migrates_idempotently_and_dedups(pg_database) -> N
         assert (result.inserted, result.duplicates) == (1, 1)
     finally:
         await storage.close()
-    assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 301
+    assert telemetry_rows(pg_database.conninfo) == 301
 
 
 async def test_rejected_records_are_kept_once_per_stream_sequence(pg_database) -> None:
@@ -119,7 +114,7 @@ async def test_go_filled_table_with_exact_duplicates_gets_its_index(pg_database)
         assert info.conflicting_keys == 0
     finally:
         await storage.close()
-    assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 50
+    assert telemetry_rows(pg_database.conninfo) == 50
 
 
 async def test_go_filled_table_with_differing_rows_under_one_key_keeps_them(
@@ -147,9 +142,9 @@ async def test_go_filled_table_with_differing_rows_under_one_key_keeps_them(
         assert await storage.migrate() == info.__class__(info.hypertable, False, 0, 1)
     finally:
         await storage.close()
-    assert _scalar(pg_database.conninfo, "SELECT count(*) FROM telemetry") == 22
+    assert telemetry_rows(pg_database.conninfo) == 22
     assert (
-        _scalar(
+        scalar(
             pg_database.conninfo, "SELECT count(*) FROM telemetry WHERE encrypted_data <> 'QUJD'"
         )
         == 1
@@ -224,7 +219,7 @@ async def test_go_filled_table_that_is_already_a_hypertable(timescaledb_database
         assert await storage.migrate() == info.__class__(True, True, 0, 0)
     finally:
         await storage.close()
-    assert _scalar(conninfo, "SELECT count(*) FROM telemetry") == 41
+    assert telemetry_rows(conninfo) == 41
 
 
 async def test_unreachable_database_is_a_clear_error() -> None:

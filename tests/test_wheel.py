@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Builds the wheel into a fresh venv and imports it from there.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 _PROBE = """

@@ -1,7 +1,8 @@
 """The developer stack (`scripts/trio-run`): its pieces, and one short run of the whole.
 
 The whole-stack run starts real servers and the daemon as subprocesses; it is
-marked `integration` and skipped where nats-server or PostgreSQL is missing.
+marked `integration` and skipped where nats-server or PostgreSQL is missing
+(failed under CI=true, like the server fixtures).
 Child processes get an absolute timeout.
 """
 
@@ -20,6 +21,7 @@ from devstack import natsd, postgres, simulator, stack
 from devstack._common import free_port
 from devstack._summary import Summary, db_counts, readiness, scrape
 from devstack.proc import Child, exit_status
+from tests.fix_servers import require
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +78,7 @@ with stack.state_lock(Path(sys.argv[1])):
 def test_a_second_run_on_a_held_state_dir_exits_1_naming_the_holder(tmp_path: Path) -> None:
     """Issue 15: two trio-runs on one directory; the second must not touch the first's."""
     if stack.missing_servers():
-        pytest.skip(f"not installed: {stack.missing_servers()}")  # checked before the lock
+        require(f"not installed: {stack.missing_servers()}")  # checked before the lock
     state = tmp_path / "state"
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD_LOCK, str(state)],
@@ -175,9 +177,10 @@ def test_summary_line_with_nothing_running() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_whole_stack_runs_and_stops_cleanly(tmp_path: Path) -> None:
     if stack.missing_servers():
-        pytest.skip(f"not installed: {stack.missing_servers()}")
+        require(f"not installed: {stack.missing_servers()}")
     state = tmp_path / "state"
     # Gateways fall silent 10 s in (the simulator's lead), for 10 s; a 4 s timeout
     # with 2 s ticks alerts within ~16 s, and they are back online from ~20 s.

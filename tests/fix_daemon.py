@@ -1,32 +1,95 @@
-"""The daemon as a real process (`python -m notip_trio`) for tests.
+"""pytest plugin: the daemon under test, in the test's nursery or as its own
+process, and waiting on real state.
 
-`spawn_daemon(env, log_path)` starts it through the toolkit's one process
-wrapper (`devstack.proc.Child`): exactly the variables of `env` (every daemon
-variable inherited from the test's own environment is dropped first), output in
-a log file (no pipe to fill up), killed on exit from the `with` block if it is
-still running, and SIGTERM'd if the test process dies. HTTP and log helpers
-read what an operator would see.
+In process (the integration tests): `daemon_settings(env, monkeypatch)` gives
+Settings from exactly `env`; `running_daemon(settings, metrics)` runs the daemon
+in the test's nursery and stops it through its `stop` event (what SIGTERM
+does), so the drain path runs at the end of each test.
 
-Blocking helpers take their own timeouts; from Trio call them through
+As a process (`python -m notip_trio`): `spawn_daemon(env, log_path)` starts it
+through the toolkit's one process wrapper (`devstack.proc.Child`): exactly the
+variables of `env` (every daemon variable inherited from the test's own
+environment is dropped first), output in a log file (no pipe to fill up), killed
+on exit from the `with` block if it is still running, and SIGTERM'd if the test
+process dies. HTTP and log helpers read what an operator would see. Blocking
+helpers take their own timeouts; from Trio call them through
 `trio.to_thread.run_sync`.
+
+`until(check, limit_s, what)` polls real state (a blocking check, in a thread)
+with a deadline: the one way the integration tests wait.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from devstack.proc import Child, python_module
+from notip_trio.app import run_daemon
+from notip_trio.config import Settings, load_settings
+from notip_trio.metrics import Metrics
+
+
+async def until(check: Callable[[], bool], limit_s: float, what: str) -> None:
+    """Poll real state (`check`, blocking, in a thread) until it holds; fail after `limit_s`."""
+    with trio.move_on_after(limit_s):
+        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110 - external state
+            await trio.sleep(0.1)
+        return
+    pytest.fail(f"timed out after {limit_s} s waiting for {what}")
+
+
+# --- in process -------------------------------------------------------------------
+
+_OURS = (
+    "NATS_",
+    "DB_",
+    "HEARTBEAT_",
+    "TELEMETRY_",
+    "ALERT_CONFIG_",
+    "GATEWAY_",
+    "LIVENESS_",
+    "SHUTDOWN_",
+    "METRICS_",
+)
+
+
+def daemon_settings(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **overrides: str
+) -> Settings:
+    """Settings from exactly `env` + `overrides` (nothing inherited from the shell)."""
+    for key in [k for k in os.environ if k.startswith(_OURS)]:
+        monkeypatch.delenv(key)
+    for key, value in {**env, **overrides}.items():
+        monkeypatch.setenv(key, value)
+    return load_settings()
+
+
+@asynccontextmanager
+async def running_daemon(settings: Settings, metrics: Metrics) -> AsyncIterator[int]:
+    """The daemon in this test's nursery; yields the metrics port."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(run_daemon, settings, metrics, stop)
+        try:
+            yield port
+        finally:
+            stop.set()
+
+
+# --- as a process -----------------------------------------------------------------
 
 
 @dataclass(eq=False)
