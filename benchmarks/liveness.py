@@ -32,7 +32,7 @@ from benchmarks.common import child_main, rss_bytes
 from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.config import load_settings
 from notip_trio.db.writer import Storage
-from notip_trio.dispatch import StatusUpdate
+from notip_trio.horizon import Horizon
 from notip_trio.lanes import Key
 from notip_trio.liveness import LivenessTracker
 from notip_trio.livestate import PgStateStore, record_seen
@@ -54,14 +54,12 @@ class _Instant:
     async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
         self.alerts += 1
 
-    def submit(self, update: StatusUpdate) -> bool:
-        return True
+    def wake(self) -> None:
+        pass
 
-    def horizon(self, now: float) -> float:
-        return now
-
-    def behind(self, now: float) -> bool:
-        return False
+    async def read(self) -> Horizon:
+        now = time.time()
+        return Horizon(at=now, now=now, bounded=False)
 
 
 def _keys(count: int) -> list[Key]:
@@ -72,7 +70,7 @@ def _fill(conninfo: str, keys: list[Key], due: int) -> None:
     now = dt.datetime.now(dt.UTC)
     old = now - dt.timedelta(milliseconds=TIMEOUT_MS + 5000)
     with psycopg.connect(conninfo) as conn:
-        conn.execute("TRUNCATE gateway_liveness")
+        conn.execute("TRUNCATE gateway_liveness, gateway_status_outbox")
         with conn.cursor().copy(
             "COPY gateway_liveness (tenant_id, gateway_id, last_seen, status, status_last_seen)"
             " FROM STDIN"

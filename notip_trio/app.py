@@ -2,29 +2,32 @@
 
 Start order (each `nursery.start` returns only when its task is truly ready):
 
-    metrics/health server ─ alert configs ─ status dispatcher ─ leadership
+    metrics/health server ─ alert configs ─ signal watcher ─ leadership
+      (ticks + outbox dispatcher, while leading) ─ last-seen writer
       ─ ingest (writer ready) ─ telemetry pull ─ decommission pull
-      ─ signal watcher
 
 Channels (all bounded):
 
-    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY, then ack
-    ingest ──last-seen per gateway──▶ SeenBuffer ──(once a second)──▶ the state table
-    leader (liveness) ──StatusUpdate (GATEWAY_BUFFER_SIZE, never blocks)──▶ dispatcher
+    telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY
+    ingest ──committed batch──▶ SeenBuffer ──(at most every 200 ms)──▶ last-seen ──▶ ack
+    leader (liveness) ──transition + its report (one txn)──▶ outbox table ──▶ dispatcher
     decommission pull ──list[JsMsg] (1)──▶ decommission ──▶ tombstone in the state table
 
 Liveness runs only while this replica holds the advisory lock (`leader.py`);
-it reads the state every replica's ingest writes (`livestate.py`). The pull
-path tells the catch-up horizon how far behind the consumer is.
+it reads the state every replica's ingest writes (`livestate.py`), up to the
+horizon the durable's ack floor gives (`horizon.py`), and its dispatcher sends
+the status reports queued with the transitions (`dispatch.py`).
 
 The tree is wired in `_wire` and run in four layers, one nursery each
 (`_root_layer` > `_liveness_layer` > `_ingest_layer` > `_intake_layer`).
 
-Shutdown (SIGTERM/SIGINT): stop pulling, let ingest write and ack what it
-holds (bounded by SHUTDOWN_DRAIN_MS), stop leading (the lock is released: a
-follower takes over), drain the status queue (bounded), close NATS and the
-pool, return. Any unexpected exception cancels the whole tree and propagates
-to `__main__`, which exits non-zero.
+Shutdown (SIGTERM/SIGINT): stop pulling, let ingest write what it holds
+(bounded by SHUTDOWN_DRAIN_MS), write its last-seen and ack, send what the
+outbox holds (on the leader; until the same deadline, or one second should
+ingest use it all), stop leading (the lock is released: a follower takes over
+and sends what is left), close NATS and the pool, return. Any unexpected
+exception cancels the whole tree and propagates to `__main__`, which exits
+non-zero.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import functools
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -48,14 +50,15 @@ from .db.writer import Storage
 from .decommission import run_decommission
 from .dispatch import Dispatcher
 from .errors import DatabaseError, StartupError
+from .horizon import AckFloorHorizon, JsConsumerPosition, StreamClock
 from .http import run_http_server
-from .ingest import SEEN_FLUSH_S, IngestState, run_ingest, run_seen_flusher
-from .js.bridge import NatsBridge
+from .ingest import IngestState, SeenBuffer, flush_seen, run_ingest, run_seen_flusher
+from .js.bridge import Acker, NatsBridge
 from .js.delivery import JsMsg
 from .js.specs import decommission_spec, telemetry_spec
 from .leader import AdvisoryLock, Lock, run_leadership
-from .liveness import CatchUp, LivenessTracker, lead_liveness
-from .livestate import PgStateStore, SeenBuffer, StateStore, flush_seen
+from .liveness import LivenessTracker, lead_liveness
+from .livestate import PgStateStore, StateStore
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
@@ -152,7 +155,8 @@ class _Parts:
     mgmt: MgmtClient
     cache: AlertConfigCache
     dispatcher: Dispatcher
-    catch_up: CatchUp
+    clock: StreamClock
+    horizon: AckFloorHorizon
     grace_until: float
     seen: SeenBuffer
     pulled_tx: trio.MemorySendChannel[list[JsMsg]]
@@ -175,11 +179,15 @@ class _Parts:
             self.bridge,
             self.dispatcher,
             self.metrics,
-            self.catch_up,
+            self.horizon,
             grace_until=self.grace_until,
             concurrency=self.settings.liveness_query_concurrency,
         )
-        await lead_liveness(tracker, self.settings.heartbeat_tick_s, observer=self.watchdog)
+        # The dispatcher sends reports only while this replica leads: it is
+        # cancelled with the ticks, before the lock is let go.
+        async with trio.open_nursery() as leading:
+            await leading.start(self.dispatcher.run)
+            await lead_liveness(tracker, self.settings.heartbeat_tick_s, observer=self.watchdog)
 
 
 def _wire(
@@ -201,6 +209,10 @@ def _wire(
     mgmt = MgmtClient(bridge)
     pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](settings.telemetry_pipeline_depth)
     decom_tx, decom_rx = trio.open_memory_channel[list[JsMsg]](1)
+    clock = StreamClock()
+    position = JsConsumerPosition(
+        bridge, wire.TELEMETRY_STREAM, settings.nats_consumer_durable_name, wire.TELEMETRY_SUBJECTS
+    )
     return _Parts(
         settings=settings,
         metrics=metrics,
@@ -214,16 +226,15 @@ def _wire(
         mgmt=mgmt,
         cache=AlertConfigCache(settings.alert_config_default_timeout_ms),
         dispatcher=Dispatcher(
-            mgmt, metrics, capacity=settings.gateway_buffer_size, drain_s=settings.shutdown_drain_s
+            store,
+            mgmt,
+            metrics,
+            batch=settings.gateway_buffer_size,
+            poll_s=max(1.0, settings.heartbeat_tick_s),
         ),
-        catch_up=CatchUp(
-            threshold=settings.liveness_catchup_pending,
-            # Batches delivered before the consumer was seen caught up may still be
-            # in flight on some replica: give them this long to commit, and their
-            # last-seen to reach the table (written once a second).
-            settle_s=max(1.0, 2 * settings.telemetry_flush_s) + SEEN_FLUSH_S,
-            max_lag_s=settings.liveness_catchup_max_s,
-            wall=time.time,
+        clock=clock,
+        horizon=AckFloorHorizon(
+            position, clock, max_lag_s=settings.liveness_catchup_max_s, wall=time.time
         ),
         grace_until=trio.current_time() + settings.heartbeat_grace_period_s,
         seen=SeenBuffer(),
@@ -247,16 +258,16 @@ async def _serve(
 ) -> None:
     """The task tree, once the database and NATS are ready; returns after the
     shutdown. Four layers, each one nursery, started outside in and stopped
-    inside out: root (HTTP, alert configs, dispatcher, signals) > liveness
-    (leadership, last-seen flusher) > ingest > intake (the pulls, decommission).
+    inside out: root (HTTP, alert configs, signals) > liveness (leadership with
+    its dispatcher, last-seen flusher) > ingest > intake (the pulls, decommission).
     """
     parts = _wire(settings, metrics, storage, bridge, store=store, lock=lock)
     await _root_layer(parts, stop, task_status)
 
 
 async def _root_layer(parts: _Parts, stop: trio.Event, task_status: trio.TaskStatus[int]) -> None:
-    """HTTP, alert configs, the dispatcher and the signal watcher around the rest.
-    Its drain: the dispatcher's, bounded by itself (`drain_by`, set by ingest's layer)."""
+    """HTTP, alert configs and the signal watcher around the rest. Its drain: none
+    of its own (the layers inside have drained when it stops)."""
     settings = parts.settings
     async with trio.open_nursery() as root:
         port = await root.start(
@@ -273,21 +284,20 @@ async def _root_layer(parts: _Parts, stop: trio.Event, task_status: trio.TaskSta
             FetchPolicy.from_settings(settings),
             parts.metrics,
         )
-        dispatch_done = trio.Event()
-        root.start_soon(_run_then_set, parts.dispatcher.run, dispatch_done)
         root.start_soon(_watch_signals, stop)
         await _liveness_layer(parts, stop, port, task_status)
-        parts.dispatcher.close()
-        await dispatch_done.wait()  # bounded by the dispatcher itself (drain_by)
         root.cancel_scope.cancel()
 
 
 async def _liveness_layer(
     parts: _Parts, stop: trio.Event, port: int, task_status: trio.TaskStatus[int]
 ) -> None:
-    """Leadership (liveness while leading) and the last-seen flusher around ingest.
-    Its drain: flush what ingest committed last, then stop leading (the lock is
-    released at once: a follower takes over)."""
+    """Leadership (liveness and the outbox dispatcher while leading) and the
+    last-seen flusher around ingest. Its drain: write the last-seen of what ingest
+    committed last and ack it; on the leader, send what the outbox holds (until
+    the ingest deadline, or one second should ingest use it all); then stop
+    leading (the lock is released at once: a follower takes over and sends what
+    is left)."""
     tick_s = parts.settings.heartbeat_tick_s
     with trio.CancelScope() as liveness_scope:
         async with trio.open_nursery() as liveness:
@@ -301,12 +311,16 @@ async def _liveness_layer(
                     check_s=min(1.0, tick_s / 2),
                 )
             )
-            await liveness.start(run_seen_flusher, parts.seen, parts.store, parts.metrics)
-            deadline = await _ingest_layer(parts, stop, port, task_status)
-            # What ingest committed last reaches the state table too (bounded).
-            await _flush_seen_at_shutdown(
-                parts.seen, parts.store, max(deadline, trio.current_time() + 0.5)
+            await liveness.start(
+                run_seen_flusher, parts.seen, parts.store, parts.bridge, parts.metrics
             )
+            deadline = await _ingest_layer(parts, stop, port, task_status)
+            # What ingest committed last reaches the state table too, and is
+            # acked (bounded).
+            await _flush_seen_at_shutdown(
+                parts.seen, parts.store, parts.bridge, max(deadline, trio.current_time() + 0.5)
+            )
+            await parts.dispatcher.drain(max(deadline, trio.current_time() + 1.0))
             # Stop leading (releases the lock at once: a follower takes over).
             liveness_scope.cancel()
 
@@ -325,6 +339,7 @@ async def _ingest_layer(
                     run_ingest,
                     max_body=settings.telemetry_max_body_bytes,
                     rejected_body_max=settings.rejected_body_max_bytes,
+                    clock=parts.clock,
                 ),
                 parts.pulled_rx,
                 parts.storage,
@@ -334,11 +349,10 @@ async def _ingest_layer(
                 parts.seen,
             )
             await _intake_layer(parts, stop, port, task_status)
-            # One drain budget for the whole shutdown: ingest first, the status
-            # queue until then too, plus a second should ingest use it all.
+            # One drain budget for the whole shutdown: ingest first, then the
+            # status outbox until then too (the liveness layer).
             deadline = trio.current_time() + drain_s
             ingest_scope.deadline = deadline
-            parts.dispatcher.drain_by(deadline + 1.0)
     if ingest_scope.cancelled_caught:
         log.warning("ingest_drain_timeout", drain_s=drain_s)
     return deadline
@@ -357,7 +371,6 @@ async def _intake_layer(
                 bridge.run_pull,
                 telemetry_spec(settings),
                 parts.pulled_tx,
-                observe_pending=parts.catch_up.observe,
             )
         )
         intake.start_soon(bridge.run_pull, decommission_spec(), parts.decom_tx)
@@ -377,10 +390,12 @@ async def _intake_layer(
         intake.cancel_scope.cancel()
 
 
-async def _flush_seen_at_shutdown(seen: SeenBuffer, store: StateStore, deadline: float) -> None:
+async def _flush_seen_at_shutdown(
+    seen: SeenBuffer, store: StateStore, acker: Acker, deadline: float
+) -> None:
     with trio.move_on_at(deadline) as scope:
         try:
-            await flush_seen(seen, store)
+            await flush_seen(seen, store, acker)
         except DatabaseError as exc:
             log.warning("last_seen_flush_failed", error=str(exc)[:300], gateways=len(seen))
     if scope.cancelled_caught:
@@ -392,13 +407,6 @@ async def _watch_signals(stop: trio.Event) -> None:
         async for signum in signals:
             log.info("signal_received", signal=signal.Signals(signum).name)
             stop.set()
-
-
-async def _run_then_set(fn: Callable[[], Awaitable[None]], done: trio.Event) -> None:
-    try:
-        await fn()
-    finally:
-        done.set()
 
 
 GC_GEN0_THRESHOLD = 50_000

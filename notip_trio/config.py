@@ -57,7 +57,6 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "TELEMETRY_PIPELINE_DEPTH": "2",
     "REJECTED_BODY_MAX_BYTES": "16384",
     "LIVENESS_QUERY_CONCURRENCY": "32",
-    "LIVENESS_CATCHUP_PENDING": "1000",
     "LIVENESS_CATCHUP_MAX_MS": "300000",
     "SHUTDOWN_DRAIN_MS": "8000",
     "LOG_LEVEL": "INFO",
@@ -113,7 +112,6 @@ class Settings:
     telemetry_pipeline_depth: int = 2
     rejected_body_max_bytes: int = 16384
     liveness_query_concurrency: int = 32
-    liveness_catchup_pending: int = 1000
     liveness_catchup_max_ms: int = 300000
     shutdown_drain_ms: int = 8000
     log_level: str = "INFO"
@@ -344,7 +342,6 @@ def _load(env: environs.Env) -> Settings:
         telemetry_pipeline_depth=pos_int("TELEMETRY_PIPELINE_DEPTH"),
         rejected_body_max_bytes=pos_int("REJECTED_BODY_MAX_BYTES", minimum=0),
         liveness_query_concurrency=pos_int("LIVENESS_QUERY_CONCURRENCY"),
-        liveness_catchup_pending=pos_int("LIVENESS_CATCHUP_PENDING", minimum=0),
         liveness_catchup_max_ms=pos_int("LIVENESS_CATCHUP_MAX_MS"),
         shutdown_drain_ms=pos_int("SHUTDOWN_DRAIN_MS"),
         log_level=log_level,

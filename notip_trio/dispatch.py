@@ -1,44 +1,51 @@
-"""The status-update queue: one bounded FIFO served in order by one worker.
+"""Status updates from the outbox: every transition reported, in order, at least once.
 
-Liveness decides *that* a gateway went online or offline; this module delivers
-the decision to the management API (update-status) without ever making the
-decider wait. `Dispatcher.submit` is synchronous and never blocks: when the
-queue (`GATEWAY_BUFFER_SIZE`) is full the update is dropped and counted
-(`status_update_dropped`). One worker sends the updates in submission order,
-so an `offline` followed by an `online` for the same gateway arrives in that
-order. A failed update (after the client's own retries) is counted
-(`status_update_errors`) and not retried again: the next transition of that
-gateway sends a fresh one.
+Liveness decides *that* a gateway went online or offline; the transition and
+its report commit together (`livestate.py`: the report is a row of
+`gateway_status_outbox`). The dispatcher runs on the leader only, beside the
+ticks: it reads the oldest pending reports (at most `batch`, i.e.
+GATEWAY_BUFFER_SIZE, in memory at once), sends each with update-status in
+queue order, and deletes the delivered ones. So nothing the leader decided is
+lost when it dies, and a full queue only delays an update:
 
-Shutdown: `close()` ends the input. The worker then sends what is still queued,
-for at most `drain_s` after the close, and never past a deadline the task tree
-may set beforehand (`drain_by`, the daemon's one shutdown budget); whatever is
-left when that time is up is counted as dropped and logged with its number.
-This module is the only owner of that bound and that count.
+- a new leader sends what its predecessor left pending, first thing;
+- a leader that loses the lock is cancelled before it lets go of it (`leader.py`),
+  so two leaders never send at once; an update sent but not yet deleted when
+  it dies is sent again by the next (at least once);
+- an update that fails after the client's own retries (no answer, no
+  responders) stays queued: the dispatcher stops the round there, so nothing
+  behind it overtakes it, and tries again after a back-off (1 s doubling to
+  30 s), counted in `status_update_errors`;
+- an update the management API answers but refuses (`success: false`, an
+  invalid reply) is given up for good, as is a report `superseded` by a newer
+  transition reported without the outbox (a release before it): both counted
+  in `status_update_dropped`, with the reason in the log. An older update is
+  never sent after a newer one.
+
+Shutdown: `drain(deadline)` waits (bounded) until the outbox is empty before
+the task tree stops leading; what is left is sent by the next leader.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Final, NoReturn, Protocol
 
 import trio
 
-from .errors import MgmtError
+from .errors import DatabaseError, MgmtError
+from .livestate import Report, Reports
 from .log import get_logger
 from .metrics import Metrics
 from .mgmt import ReportedStatus
 
 log = get_logger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class StatusUpdate:
-    tenant_id: str  # for logs; update-status itself carries no tenant
-    gateway_id: str
-    status: ReportedStatus
-    last_seen_at: datetime
+BACKOFF_INITIAL_S: Final = 1.0
+BACKOFF_MAX_S: Final = 30.0
+# Delivered reports are deleted in groups of this many (and at the end of a round).
+CLEAR_EVERY: Final = 100
 
 
 class StatusUpdater(Protocol):
@@ -49,123 +56,154 @@ class StatusUpdater(Protocol):
         ...
 
 
+class ReportStore(Protocol):
+    async def pending_reports(self, limit: int) -> Reports: ...
+
+    async def clear_reports(self, ids: Sequence[int]) -> None: ...
+
+
 class Dispatcher:
-    """Owner of the status-update queue; `run` is its worker task."""
+    """Sender of the outbox; `run` is its task on the leader."""
 
     def __init__(
-        self, updater: StatusUpdater, metrics: Metrics, *, capacity: int, drain_s: float
+        self,
+        store: ReportStore,
+        updater: StatusUpdater,
+        metrics: Metrics,
+        *,
+        batch: int,
+        poll_s: float,
     ) -> None:
+        self._store = store
         self._updater = updater
         self._metrics = metrics
-        self._capacity = capacity
-        self._drain_s = drain_s
-        self._send, self._receive = trio.open_memory_channel[StatusUpdate](capacity)
-        self._closed = trio.Event()
-        self._worker = trio.CancelScope()
-        self._drain_deadline = float("inf")  # the latest the drain may end (drain_by)
-        self._dropping = 0  # drops in the current overflow episode (for the log)
-        metrics.dispatch_queue_capacity.set(self._capacity)
+        self._batch = batch
+        self._poll_s = poll_s
+        self._wake = trio.Event()
+        self._empty = trio.Event()  # set when a read found the outbox empty
+        self._running = False
+        self._pending = 0  # as the last read found it
+        metrics.dispatch_queue_capacity.set(batch)
 
-    def submit(self, update: StatusUpdate) -> bool:
-        """Queue `update` without blocking; False (and counted) if it was dropped."""
-        try:
-            self._send.send_nowait(update)
-        except trio.WouldBlock:
-            reason = "queue_full"
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            reason = "closed"
-        else:
-            if self._dropping:
-                log.info("status_update_queue_recovered", dropped=self._dropping)
-                self._dropping = 0
-            self._set_gauge()
-            return True
-        self._metrics.status_update_dropped.inc()
-        if not self._dropping:
-            # Once per overflow episode: a flood must not turn into a flood of logs.
-            log.warning(
-                "status_update_dropped",
-                reason=reason,
-                tenant_id=update.tenant_id,
-                gateway_id=update.gateway_id,
-                status=update.status,
-                capacity=self._capacity,
-            )
-        self._dropping += 1
-        return False
+    def wake(self) -> None:
+        """New reports were committed: read the outbox now. Never blocks."""
+        self._wake.set()
 
-    def close(self) -> None:
-        """End the input: the worker drains the queue (bounded) and returns. Idempotent."""
-        self._send.close()
-        self._closed.set()
+    async def drain(self, deadline: float) -> None:
+        """Wait until the outbox was found empty, or `deadline` (Trio time).
 
-    def drain_by(self, deadline: float) -> None:
-        """The drain after `close()` ends by `deadline` (Trio time) at the latest."""
-        self._drain_deadline = min(self._drain_deadline, deadline)
-        if self._closed.is_set():
-            self._worker.deadline = min(self._worker.deadline, deadline)
-
-    def queued(self) -> int:
-        return self._receive.statistics().current_buffer_used
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send queued updates in order until `close()`, then drain within the bound.
-
-        Returns after the drain (complete or timed out). Ready at once.
-        """
-        in_flight = 0
-        left = 0
-        worker = self._worker
-        async with trio.open_nursery() as nursery:
-
-            async def arm_drain_deadline() -> None:
-                # The deadline starts when the input closes, not when the
-                # worker next looks: it may be deep in a retrying request.
-                await self._closed.wait()
-                end = min(trio.current_time() + self._drain_s, self._drain_deadline)
-                worker.deadline = min(worker.deadline, end)
-
-            nursery.start_soon(arm_drain_deadline)
-            task_status.started()
-            with worker:
-                async with self._receive:
-                    try:
-                        async for update in self._receive:
-                            self._set_gauge()
-                            in_flight = 1
-                            await self._deliver(update)
-                            in_flight = 0
-                    finally:
-                        # Count before the channel closes: closing discards the buffer.
-                        left = in_flight + self.queued()
-            nursery.cancel_scope.cancel()
-
-        if worker.cancelled_caught and left:
-            self._metrics.status_update_dropped.inc(left)
-            log.warning("status_updates_drain_timeout", left=left, drain_s=self._drain_s)
+        Returns at once where no dispatcher runs (a follower)."""
+        if not self._running:
+            return
+        self._empty = trio.Event()
+        self.wake()
+        with trio.move_on_at(deadline) as scope:
+            await self._empty.wait()
+        if scope.cancelled_caught:
+            # Left in the outbox: the next leader sends them.
+            log.warning("status_updates_drain_timeout", left=self._pending)
         else:
             log.info("status_updates_drained")
-        self._metrics.dispatch_queue_length.set(0)
 
-    async def _deliver(self, update: StatusUpdate) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Send pending reports until cancelled (when leading ends). Ready at once."""
+        self._running = True
+        backoff = 0.0
+        reading_failed = False
+        task_status.started()
         try:
-            await self._updater.update_status(update.gateway_id, update.status, update.last_seen_at)
+            while True:
+                self._wake = trio.Event()  # a wake during this round starts another
+                try:
+                    pending = await self._store.pending_reports(self._batch)
+                except DatabaseError as exc:
+                    if not reading_failed:
+                        log.warning("status_outbox_read_failed", error=str(exc)[:300])
+                    reading_failed = True
+                    await trio.sleep(self._poll_s)
+                    continue
+                reading_failed = False
+                self._pending = pending.pending
+                self._metrics.dispatch_queue_length.set(pending.pending)
+                if not pending.reports:
+                    self._empty.set()
+                    with trio.move_on_after(self._poll_s):
+                        await self._wake.wait()
+                    continue
+                if await self._send(pending.reports):
+                    if backoff:
+                        log.info("status_updates_resumed")
+                    backoff = 0.0
+                    continue
+                backoff = min(max(2 * backoff, BACKOFF_INITIAL_S), BACKOFF_MAX_S)
+                log.warning("status_updates_paused", retry_in_s=backoff, pending=pending.pending)
+                await trio.sleep(backoff)
+        finally:
+            self._running = False
+            self._metrics.dispatch_queue_length.set(0)
+
+    async def _send(self, reports: Sequence[Report]) -> bool:
+        """Send in order, clearing what is done; False at the first update that
+        could not be delivered (it and those behind it stay queued)."""
+        done: list[int] = []
+        ok = True
+        try:
+            for report in reports:
+                if report.superseded:
+                    self._give_up(report, "superseded", "a newer transition was reported")
+                elif not await self._deliver(report):
+                    ok = False
+                    break
+                done.append(report.id)
+                if len(done) >= CLEAR_EVERY:
+                    await self._clear(done)
+                    done = []
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                await self._clear(done)
+        return ok
+
+    async def _deliver(self, report: Report) -> bool:
+        tenant_id, gateway_id = report.key
+        try:
+            await self._updater.update_status(gateway_id, report.status, report.last_seen)
         except MgmtError as exc:
             self._metrics.status_update_errors.inc()
+            if exc.refused:
+                self._give_up(report, "refused", str(exc))
+                return True
             log.warning(
                 "status_update_failed",
-                tenant_id=update.tenant_id,
-                gateway_id=update.gateway_id,
-                status=update.status,
+                tenant_id=tenant_id,
+                gateway_id=gateway_id,
+                status=report.status,
                 error=str(exc),
             )
-        else:
-            log.debug(
-                "status_update_sent",
-                tenant_id=update.tenant_id,
-                gateway_id=update.gateway_id,
-                status=update.status,
-            )
+            return False
+        self._metrics.status_updates_sent.inc()
+        log.debug(
+            "status_update_sent", tenant_id=tenant_id, gateway_id=gateway_id, status=report.status
+        )
+        return True
 
-    def _set_gauge(self) -> None:
-        self._metrics.dispatch_queue_length.set(self.queued())
+    def _give_up(self, report: Report, reason: str, detail: str) -> None:
+        self._metrics.status_update_dropped.inc()
+        log.warning(
+            "status_update_dropped",
+            reason=reason,
+            detail=detail[:300],
+            tenant_id=report.key[0],
+            gateway_id=report.key[1],
+            status=report.status,
+        )
+
+    async def _clear(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        try:
+            await self._store.clear_reports(ids)
+        except DatabaseError as exc:
+            # Delivered but still queued: the next round sends them again (at least once).
+            log.warning("status_outbox_clear_failed", error=str(exc)[:300], reports=len(ids))

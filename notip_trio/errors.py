@@ -39,4 +39,13 @@ class NatsRequestError(NotipError):
 
 
 class MgmtError(NotipError):
-    """A management-API call that failed after all its attempts."""
+    """A management-API call that failed after all its attempts.
+
+    `refused`: the last attempt was answered, but with a refusal or a reply
+    that breaks the contract (the API is up and said no), not a timeout or
+    no responders.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused

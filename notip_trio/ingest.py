@@ -5,15 +5,20 @@ current one is written:
 
     pull slots ──list[JsMsg]──▶ decode ──Prepared──▶ write (thread) ──▶ ack / term
 
-A message is acked only after the transaction holding its row commits; a bad
-message is terminated only after its `telemetry_rejected` record commits. Each
-committed batch adds its gateways' last-seen (docs/contract.md Behaviour 8) to a
-`SeenBuffer`, which `run_seen_flusher` writes to the state table at least once
-a second: the time each gateway's newest valid message reached the stream,
-read from the delivery's ack subject, so a backlog, a redelivery or another
-replica cannot move it. Only valid rows count: a message naming another
-gateway keeps nobody alive. When
-the write fails, the whole batch is nak'ed with a delay (it comes back by
+A message is acked only after its row *and* its gateway's last-seen are
+committed (docs/contract.md Behaviour 8): each committed batch hands its gateways'
+last-seen and its messages to a `SeenBuffer`; `run_seen_flusher` writes the
+last-seen of everything in hand in one upsert of its own (off the ingest path,
+as soon as there is something and at most every `SEEN_FLUSH_S`) and acks those
+messages only once that upsert commits. So an acknowledged heartbeat can never
+be lost with a replica, and the durable's ack floor tells the leader up to
+which stream time the state table is complete (`horizon.py`). Last-seen is the
+time each gateway's newest valid message reached the stream, read from the
+delivery's ack subject, so a backlog, a redelivery or another replica cannot
+move it. Only valid rows count: a message naming another gateway keeps nobody
+alive. A bad message is terminated as soon as its `telemetry_rejected` record
+commits (it keeps nobody alive, so it waits for no last-seen). When the write
+fails, the whole batch is nak'ed with a delay (it comes back by
 redelivery) and the writer backs off; nothing is acked, nothing is lost.
 Closing the input channel means "drain and stop": what is in hand is written
 and acked before `run_ingest` returns.
@@ -22,7 +27,9 @@ and acked before `run_ingest` returns.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NoReturn, Protocol
 
@@ -31,10 +38,11 @@ import trio
 from .db.writer import RejectedRecord, WriteResult
 from .envelope import Rejection, Row, decode
 from .errors import DatabaseError
+from .horizon import StreamClock
 from .js.bridge import Acker
 from .js.delivery import Delivery, JsMsg
 from .lanes import Key
-from .livestate import SeenBuffer, SeenRecorder, flush_seen
+from .livestate import SeenRecorder
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
@@ -58,6 +66,7 @@ class Prepared:
     bad: list[JsMsg] = field(default_factory=list)
     rejected: list[RejectedRecord] = field(default_factory=list)
     seen: dict[Key, dt.datetime] = field(default_factory=dict)  # stream arrival, per gateway
+    newest_ns: int = 0  # the newest stream timestamp of the batch (for the stream clock)
 
 
 @dataclass(slots=True)
@@ -115,6 +124,7 @@ def prepare(
     if msgs and (last := msgs[-1].delivery) is not None:
         metrics.consumer_pending.set(last.pending)
     out.seen = {key: _EPOCH + dt.timedelta(microseconds=ns // 1000) for key, ns in newest.items()}
+    out.newest_ns = max(newest.values(), default=0)
     return out
 
 
@@ -150,9 +160,14 @@ async def run_ingest(
     *,
     max_body: int,
     rejected_body_max: int,
+    clock: StreamClock | None = None,
+    wall: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run both stages until `pulled` is closed and drained, then return."""
+    """Run both stages until `pulled` is closed and drained, then return.
+
+    `clock`, if given, learns this host's skew against the stream's clock from
+    each batch's newest stream timestamp (`wall` at receipt)."""
     prepared_tx, prepared_rx = trio.open_memory_channel[Prepared](1)
     state.running = True
     try:
@@ -165,6 +180,8 @@ async def run_ingest(
                 state.progress,
                 max_body,
                 rejected_body_max,
+                clock,
+                wall,
             )
             nursery.start_soon(_write_stage, prepared_rx, writer, acker, metrics, state, seen)
             task_status.started()
@@ -179,9 +196,12 @@ async def _decode_stage(
     progress: IngestProgress,
     max_body: int,
     rejected_body_max: int,
+    clock: StreamClock | None,
+    wall: Callable[[], float],
 ) -> None:
     async with pulled, prepared_tx:
         async for msgs in pulled:
+            received_at = wall()
             last = msgs[-1].delivery if msgs else None
             progress.received(
                 len(msgs), last.pending if last is not None else None, trio.current_time()
@@ -189,6 +209,9 @@ async def _decode_stage(
             batch = prepare(
                 msgs, max_body=max_body, rejected_body_max=rejected_body_max, metrics=metrics
             )
+            if clock is not None and batch.newest_ns:
+                clock.observe(received_at, batch.newest_ns / 1e9)
+                metrics.stream_clock_skew.set(clock.skew)
             await prepared_tx.send(batch)
 
 
@@ -237,10 +260,11 @@ async def _write_stage(
                 seconds=round(elapsed, 4),
             )
             metrics.batch_size.observe(len(batch.rows))
-            seen.add(batch.seen)  # committed: its gateways were heard
-            await acker.ack(batch.good)
+            # Committed: the good messages are acked once their last-seen is
+            # stored too (run_seen_flusher); the bad ones keep nobody alive.
+            seen.add(batch.seen, batch.good)
             await acker.term(batch.bad)
-            metrics.consumer_ack_pending.dec(len(batch.good) + len(batch.bad))
+            metrics.consumer_ack_pending.dec(len(batch.bad))
             state.progress.settled(
                 len(batch.good) + len(batch.bad), committed=True, now=trio.current_time()
             )
@@ -251,35 +275,99 @@ async def _write_stage(
                 log.info("duplicates_skipped", count=result.duplicates)
 
 
-SEEN_FLUSH_S: Final = 1.0
+# How often, at most, the last-seen of committed batches is written (and their
+# messages acknowledged): the ack waits up to this long after the commit.
+SEEN_FLUSH_S: Final = 0.2
+
+
+class SeenBuffer:
+    """Committed batches waiting for their last-seen to be stored, then their ack.
+
+    Newest last-seen per gateway, and the messages to acknowledge once a write
+    of it commits. `wait` returns when there is something to write.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Key, dt.datetime] = {}
+        self._msgs: list[JsMsg] = []
+        self._filled = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    @property
+    def messages(self) -> int:
+        return len(self._msgs)
+
+    def add(self, seen: Mapping[Key, dt.datetime], msgs: Sequence[JsMsg] = ()) -> None:
+        mine = self._seen
+        for key, at in seen.items():
+            old = mine.get(key)
+            if old is None or at > old:
+                mine[key] = at
+        self._msgs.extend(msgs)
+        if mine or self._msgs:
+            self._filled.set()
+
+    def take(self) -> tuple[dict[Key, dt.datetime], list[JsMsg]]:
+        taken = self._seen, self._msgs
+        self._seen, self._msgs = {}, []
+        self._filled = trio.Event()
+        return taken
+
+    async def wait(self) -> None:
+        await self._filled.wait()
+
+
+async def flush_seen(buffer: SeenBuffer, recorder: SeenRecorder, acker: Acker) -> int:
+    """Write what `buffer` holds, then ack its messages. On a failed write put it
+    all back (newest wins) and raise DatabaseError: nothing is acked. Returns
+    how many gateways were written."""
+    seen, msgs = buffer.take()
+    if seen:
+        try:
+            await recorder.record_seen(seen)
+        except BaseException:
+            buffer.add(seen, msgs)
+            raise
+    if msgs:
+        await acker.ack(msgs)
+    return len(seen)
 
 
 async def run_seen_flusher(
     buffer: SeenBuffer,
     recorder: SeenRecorder,
+    acker: Acker,
     metrics: Metrics,
     *,
     interval_s: float = SEEN_FLUSH_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Write the committed batches' last-seen every `interval_s`; never returns.
+    """Write committed batches' last-seen and ack their messages, as soon as
+    there is something and at most every `interval_s`; never returns.
 
-    A failed write keeps the times for the next one (newest per gateway wins),
-    counted and logged once per outage. The caller flushes once more after
-    ingest has drained (`flush_seen`).
+    A failed write keeps everything for the next one (newest per gateway
+    wins, nothing acked), counted and logged once per outage. The caller
+    flushes once more after ingest has drained (`flush_seen`).
     """
     task_status.started()
     failing = False
+    last = -math.inf
     while True:
-        await trio.sleep(interval_s)
+        await buffer.wait()
+        await trio.sleep_until(last + interval_s)
+        last = trio.current_time()
+        pending = buffer.messages
         try:
-            await flush_seen(buffer, recorder)
+            await flush_seen(buffer, recorder, acker)
         except DatabaseError as exc:
             metrics.last_seen_flush_errors.inc()
             if not failing:
                 log.warning("last_seen_flush_failed", error=str(exc)[:300], gateways=len(buffer))
             failing = True
             continue
+        metrics.consumer_ack_pending.dec(pending)
         if failing:
             log.info("last_seen_flush_recovered")
             failing = False

@@ -1,8 +1,8 @@
 """Liveness on the leader: offline alerts and status updates (docs/contract.md Behaviour 3, 4, 8).
 
 The state lives in PostgreSQL (`livestate.py`): every replica's ingest records
-each gateway's last-seen there, in the transaction of its batch. One replica,
-the leader (`leader.py`), runs a `LivenessTracker`:
+each gateway's last-seen there before it acknowledges the gateway's messages
+(`ingest.py`). One replica, the leader (`leader.py`), runs a `LivenessTracker`:
 
 - `take_over()` loads every tracked gateway once; then each `tick()` reads only
   the rows changed since the last one (O(changed)), keeps the online gateways
@@ -10,8 +10,8 @@ the leader (`leader.py`), runs a `LivenessTracker`:
 - a gateway `new`, or `offline` and heard since its alert (by a message
   younger than its timeout: an old message processed late, say redelivered from
   a replica that died, does not bring it back), becomes online through a
-  conditional update; only the update that wins reports `online`
-  (last_seen_at = its last-seen);
+  conditional update that queues its report in the same statement; only the
+  update that wins reports `online` (last_seen_at = its last-seen);
 - an online gateway whose last-seen + timeout (strictly) lies before the alert
   horizon is a candidate, once the grace period after start is over.
   Candidates are checked concurrently (at most `concurrency` at a time) with
@@ -20,15 +20,17 @@ the leader (`leader.py`), runs a `LivenessTracker`:
   again (a message that arrived meanwhile cancels the alert), the offline alert
   is published with a `Nats-Msg-Id` from (tenant, gateway, last-seen), so an
   old and a new leader publishing it store it once, and only after the PubAck
-  is it marked offline, conditionally; the winner reports `offline`
-  (last_seen_at = last-seen). A failed publish is counted and leaves it
-  online: the next tick retries with the same msg id.
-- the alert horizon (`CatchUp`): silences are judged only up to the last moment
-  the consumer was seen caught up (pending at most a threshold), less a settle
-  time for batches still being written. While the stream holds a backlog (after
-  a restart, a takeover, an outage) no gateway whose messages may still wait in
-  it is alerted; but the horizon never trails the wall clock by more than
-  `max_lag_s`, so a consumer that stays behind cannot silence alerting for ever.
+  is it marked offline, conditionally, with its report queued; the winner
+  reports `offline` (last_seen_at = last-seen). A failed publish is counted
+  and leaves it online: the next tick retries with the same msg id.
+- the alert horizon (`horizon.py`) is read at the start of each tick, before
+  the changes: the stream time of the first message the durable has not had
+  acknowledged (everything before it is stored), in stream time, so a
+  backlog, a replica that died holding messages, a nak'ed batch or a clock
+  running ahead never makes a live gateway look silent. It never trails
+  stream-now by more than LIVENESS_CATCHUP_MAX_MS.
+- reports are sent by the dispatcher from the outbox (`dispatch.py`); the
+  tracker only wakes it.
 
 Decommission is a tombstone in the table (any replica writes it); the leader
 forgets the gateway at its next read.
@@ -36,7 +38,6 @@ forgets the gateway at its next read.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Final, NoReturn, Protocol
@@ -44,8 +45,8 @@ from typing import Final, NoReturn, Protocol
 import trio
 
 from .alertconfig import AlertConfigCache
-from .dispatch import StatusUpdate
 from .errors import DatabaseError, MgmtError, NatsRequestError
+from .horizon import Horizon, HorizonError
 from .js.bridge import AlertPublisher
 from .lanes import Due, Key, LaneIndex
 from .livestate import GatewayRow, StateStore
@@ -68,8 +69,8 @@ class StatusQuery(Protocol):
 
 
 class StatusSink(Protocol):
-    def submit(self, update: StatusUpdate) -> bool:
-        """Queue without blocking; False when dropped."""
+    def wake(self) -> None:
+        """Reports were queued in the outbox: send them (never blocks)."""
         ...
 
 
@@ -78,49 +79,15 @@ def _utcnow() -> datetime:
 
 
 class AlertHorizon(Protocol):
-    def horizon(self, now: float) -> float:
-        """Silences are judged up to this wall time (seconds since the epoch)."""
-        ...
-
-    def behind(self, now: float) -> bool:
-        """True while alerts are held back because the consumer lags."""
+    async def read(self) -> Horizon:
+        """Up to which stream time silences may be judged (`horizon.py`); raises
+        HorizonError or NatsRequestError when it cannot be read."""
         ...
 
 
-class CatchUp:
-    """The alert horizon: up to when may silences be judged? Pure bookkeeping.
-
-    `observe(pending)` after every pull result (0 for an empty pull); the
-    horizon is the last time the consumer was seen within `threshold` of the
-    stream's end, less `settle_s`, and never more than `max_lag_s` behind now.
-    Before any observation (a fresh start) only the `max_lag_s` bound holds.
-    """
-
-    def __init__(
-        self,
-        *,
-        threshold: int,
-        settle_s: float,
-        max_lag_s: float,
-        wall: Callable[[], float],
-    ) -> None:
-        self.threshold = threshold
-        self.settle_s = settle_s
-        self.max_lag_s = max_lag_s
-        self._wall = wall
-        self._caught_up_at = -math.inf
-        self.pending: int | None = None
-
-    def observe(self, pending: int) -> None:
-        self.pending = pending
-        if pending <= self.threshold:
-            self._caught_up_at = self._wall()
-
-    def horizon(self, now: float) -> float:
-        return max(self._caught_up_at - self.settle_s, now - self.max_lag_s)
-
-    def behind(self, now: float) -> bool:
-        return self._caught_up_at - self.settle_s < now - 2 * self.settle_s
+# Alerts held back by a horizon trailing stream-now by more than this are logged
+# (once, when it starts and when it ends).
+DEFER_LOG_LAG_S: Final = 5.0
 
 
 class LivenessTracker:
@@ -137,7 +104,7 @@ class LivenessTracker:
         publisher: AlertPublisher,
         sink: StatusSink,
         metrics: Metrics,
-        catch_up: AlertHorizon,
+        horizon: AlertHorizon,
         *,
         grace_until: float,
         concurrency: int,
@@ -150,7 +117,7 @@ class LivenessTracker:
         self._publisher = publisher
         self._sink = sink
         self._metrics = metrics
-        self._catch_up = catch_up
+        self._horizon = horizon
         self._grace_until = grace_until  # Trio time: no alerts before it
         self._concurrency = concurrency
         self._wall_clock = wall_clock
@@ -158,7 +125,8 @@ class LivenessTracker:
         self._offline: set[Key] = set()
         self._cursor: int | None = None
         self._ticking = False
-        self._deferring = False  # alerts held back by the catch-up rule (for the log)
+        self._deferring = False  # alerts held back by a trailing horizon (for the log)
+        self._horizon_failing = False
 
     # --- introspection ---
 
@@ -223,7 +191,7 @@ class LivenessTracker:
                     log.info("gateway_back_online", tenant_id=key[0], gateway_id=key[1])
                 else:
                     log.debug("gateway_first_seen", tenant_id=key[0], gateway_id=key[1])
-                self._submit(key, "online", last_seen)
+            self._sink.wake()  # their reports were queued with the transitions
         self._update_gauges()
 
     def _stale(self, row: GatewayRow) -> bool:
@@ -248,12 +216,15 @@ class LivenessTracker:
         self._ticking = True
         t0 = trio.current_time()
         try:
+            # The horizon first: every message below it is stored before the
+            # changes are read, so the read sees all of them.
+            horizon = await self._read_horizon() if t0 >= self._grace_until else None
             await self._sync()
             if self._configs.table is not self._table:
                 self._retime()
-            if t0 < self._grace_until:
+            if horizon is None:
                 return
-            candidates = self._index.due(self._horizon())
+            candidates = self._index.due(horizon)
             if not candidates:
                 return
             log.debug("offline_candidates", count=len(candidates))
@@ -274,20 +245,32 @@ class LivenessTracker:
             self._ticking = False
             self._metrics.heartbeat_tick_duration.observe(trio.current_time() - t0)
 
-    def _horizon(self) -> float:
-        now = self._wall_clock().timestamp()
-        horizon = self._catch_up.horizon(now)
-        behind = self._catch_up.behind(now)
+    async def _read_horizon(self) -> float | None:
+        """The horizon's stream time; None (no alerts this tick) when unreadable."""
+        try:
+            horizon = await self._horizon.read()
+        except (HorizonError, NatsRequestError) as exc:
+            if not self._horizon_failing:
+                log.warning("alert_horizon_unavailable", error=str(exc)[:300])
+            self._horizon_failing = True
+            return None
+        if self._horizon_failing:
+            log.info("alert_horizon_available")
+            self._horizon_failing = False
+        lag = horizon.lag_s
+        self._metrics.alert_horizon_lag.set(lag)
+        behind = lag > DEFER_LOG_LAG_S
         if behind != self._deferring:
             self._deferring = behind
             if behind:
                 log.warning(
                     "offline_alerts_deferred_consumer_behind",
-                    alert_horizon_lag_s=round(now - horizon, 3),
+                    alert_horizon_lag_s=round(lag, 3),
+                    bounded=horizon.bounded,
                 )
             else:
                 log.info("offline_alerts_resumed_consumer_caught_up")
-        return horizon
+        return horizon.at
 
     async def _check(self, c: Due) -> None:
         tenant_id, gateway_id = c.key
@@ -348,7 +331,7 @@ class LivenessTracker:
         self._offline.add(c.key)
         # Heard while the alert was in flight (won > last_seen): the alert stands;
         # the next tick reads the newer last-seen and reports `online` after this.
-        self._submit(c.key, "offline", last_seen)
+        self._sink.wake()  # its report was queued with the transition
         self._update_gauges()
 
     # --- helpers ---
@@ -374,9 +357,6 @@ class LivenessTracker:
             moved=moved,
             lanes=self._index.lane_count(),
         )
-
-    def _submit(self, key: Key, status: ReportedStatus, last_seen: datetime) -> None:
-        self._sink.submit(StatusUpdate(key[0], key[1], status, last_seen))
 
     def clear_gauges(self) -> None:
         m = self._metrics

@@ -5,12 +5,12 @@ One row per gateway in `gateway_liveness`, beside `telemetry`:
 - `last_seen`: when the gateway's newest message reached the stream (the
   timestamp of its ack subject): the same on every replica and every
   redelivery. Every replica collects it from the batches it commits
-  (`SeenBuffer`, newest per gateway) and writes it at least once a second in
-  one upsert of its own (`run_seen_flusher`, `record_seen`): off the ingest
-  path, and a gateway heard many times in that second is written once. It
-  never moves backwards. (Measured: the same upsert inside each batch's COPY
-  transaction cost 62% of the write path's throughput with 1,000 gateways per
-  batch; README, Running several replicas.)
+  (`ingest.SeenBuffer`, newest per gateway) and writes it in one upsert of
+  its own, at most every 200 ms (`run_seen_flusher`, `record_seen`): off the
+  ingest path, and a gateway heard many times meanwhile is written once; the
+  messages are acknowledged only after that upsert commits. It never moves
+  backwards. (Measured: the same upsert inside each batch's COPY transaction
+  cost 62% of the write path's throughput with 1,000 gateways per batch.)
 - `status`: `new` (never reported), `online`, `offline`, or `decommissioned`
   (a tombstone: the leader learns of the removal like any other change); a
   message after a decommission makes the gateway `new` again (first seen).
@@ -24,7 +24,13 @@ One row per gateway in `gateway_liveness`, beside `telemetry`:
 
 Transitions are conditional updates (`mark_online`, `mark_offline`): only the
 caller whose update wins reports the transition, so an old and a new leader
-cannot both report it. Row locks are always taken in (tenant_id, gateway_id)
+cannot both report it. The report is durable with the transition: the same
+statement queues it in `gateway_status_outbox` (one row per transition, in
+commit order per gateway), and the leader's dispatcher (`dispatch.py`) sends
+and deletes it; a leader that dies leaves it for the next. A queued report
+whose gateway has made a newer transition since that is *not* queued (a
+release without the outbox made and sent it) is `superseded`: sending it
+would put an older update after a newer one. Row locks are always taken in (tenant_id, gateway_id)
 order under the "C" collation, Python's own string order, so the leader and
 the ingest transactions of every replica never deadlock.
 """
@@ -65,22 +71,50 @@ SELECT 1 FROM gateway_liveness g
  ORDER BY g.tenant_id COLLATE "C", g.gateway_id COLLATE "C"
    FOR UPDATE OF g
 """
+# A transition and its report, in one statement (so in one transaction).
 _MARK_ONLINE: Final = """
-UPDATE gateway_liveness g
-   SET status = 'online', status_last_seen = g.last_seen, status_at = now(),
-       changed_xid = pg_current_xact_id()
-  FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id)
- WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
-   AND (g.status = 'new' OR (g.status = 'offline' AND g.last_seen > g.status_last_seen))
-RETURNING g.tenant_id, g.gateway_id, g.last_seen
+WITH won AS (
+    UPDATE gateway_liveness g
+       SET status = 'online', status_last_seen = g.last_seen, status_at = now(),
+           changed_xid = pg_current_xact_id()
+      FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id)
+     WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
+       AND (g.status = 'new' OR (g.status = 'offline' AND g.last_seen > g.status_last_seen))
+    RETURNING g.tenant_id, g.gateway_id, g.last_seen
+), queued AS (
+    INSERT INTO gateway_status_outbox (tenant_id, gateway_id, status, last_seen)
+    SELECT tenant_id, gateway_id, 'online', last_seen FROM won
+     ORDER BY tenant_id COLLATE "C", gateway_id COLLATE "C"
+)
+SELECT tenant_id, gateway_id, last_seen FROM won
 """
 _MARK_OFFLINE: Final = """
-UPDATE gateway_liveness
-   SET status = 'offline', status_last_seen = %s, status_at = now(),
-       changed_xid = pg_current_xact_id()
- WHERE tenant_id = %s AND gateway_id = %s AND status = 'online' AND last_seen >= %s
-RETURNING last_seen
+WITH won AS (
+    UPDATE gateway_liveness
+       SET status = 'offline', status_last_seen = %(alerted)s, status_at = now(),
+           changed_xid = pg_current_xact_id()
+     WHERE tenant_id = %(tenant)s AND gateway_id = %(gateway)s
+       AND status = 'online' AND last_seen >= %(alerted)s
+    RETURNING tenant_id, gateway_id, last_seen
+), queued AS (
+    INSERT INTO gateway_status_outbox (tenant_id, gateway_id, status, last_seen)
+    SELECT tenant_id, gateway_id, 'offline', %(alerted)s FROM won
+)
+SELECT last_seen FROM won
 """
+_PENDING_REPORTS: Final = """
+SELECT o.id, o.tenant_id, o.gateway_id, o.status, o.last_seen,
+       coalesce(g.status_at > o.transition_at, false) AND NOT EXISTS (
+           SELECT 1 FROM gateway_status_outbox n
+            WHERE n.tenant_id = o.tenant_id AND n.gateway_id = o.gateway_id AND n.id > o.id
+       ) AS superseded,
+       count(*) OVER () AS pending
+  FROM gateway_status_outbox o
+  LEFT JOIN gateway_liveness g USING (tenant_id, gateway_id)
+ ORDER BY o.id
+ LIMIT %s
+"""
+_CLEAR_REPORTS: Final = "DELETE FROM gateway_status_outbox WHERE id = ANY(%s::bigint[])"
 # A tombstone as of the decommission message's stream time: a last-seen from
 # before it (still buffered on some replica, or redelivered) cannot bring the
 # gateway back; one from after it makes it first seen again.
@@ -99,6 +133,23 @@ class GatewayRow:
     last_seen: dt.datetime
     status: RowStatus
     status_last_seen: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A transition's status update, queued in the outbox with the transition."""
+
+    id: int
+    key: Key
+    status: Literal["online", "offline"]
+    last_seen: dt.datetime  # the update's last_seen_at
+    superseded: bool  # a newer transition of the gateway was reported without the outbox
+
+
+@dataclass(frozen=True, slots=True)
+class Reports:
+    reports: list[Report]  # the oldest pending ones, in queue order
+    pending: int  # how many are pending in all
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +179,23 @@ class StateStore(Protocol):
         ...
 
     async def mark_online(self, keys: Sequence[Key]) -> list[tuple[Key, dt.datetime]]:
-        """Make new gateways, and offline ones heard since, online; returns those
-        this call changed (with their last-seen): only they are reported."""
+        """Make new gateways, and offline ones heard since, online, each with its
+        report queued in the outbox; returns those this call changed (with their
+        last-seen)."""
         ...
 
     async def mark_offline(self, key: Key, last_seen: dt.datetime) -> dt.datetime | None:
-        """Online → offline for the silence that ended at `last_seen`; the gateway's
-        current last-seen if this call made the change, else None."""
+        """Online → offline for the silence that ended at `last_seen`, with its
+        report queued; the gateway's current last-seen if this call made the
+        change, else None."""
+        ...
+
+    async def pending_reports(self, limit: int) -> Reports:
+        """The oldest `limit` queued reports (outbox order) and the pending count."""
+        ...
+
+    async def clear_reports(self, ids: Sequence[int]) -> None:
+        """Remove delivered (or given-up) reports from the outbox."""
         ...
 
     async def decommission(self, key: Key, at: dt.datetime) -> bool:
@@ -151,41 +212,6 @@ class SeenRecorder(Protocol):
     async def record_seen(self, seen: Mapping[Key, dt.datetime]) -> None:
         """Write last-seen times (one transaction); DatabaseError on failure."""
         ...
-
-
-class SeenBuffer:
-    """Last-seen times committed by ingest and not written yet: newest per gateway."""
-
-    def __init__(self) -> None:
-        self._seen: dict[Key, dt.datetime] = {}
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def add(self, seen: Mapping[Key, dt.datetime]) -> None:
-        mine = self._seen
-        for key, at in seen.items():
-            old = mine.get(key)
-            if old is None or at > old:
-                mine[key] = at
-
-    def take(self) -> dict[Key, dt.datetime]:
-        taken, self._seen = self._seen, {}
-        return taken
-
-
-async def flush_seen(buffer: SeenBuffer, recorder: SeenRecorder) -> int:
-    """Write what `buffer` holds; on failure put it back (newest wins). Returns
-    how many gateways were written; raises DatabaseError after putting back."""
-    seen = buffer.take()
-    if not seen:
-        return 0
-    try:
-        await recorder.record_seen(seen)
-    except BaseException:
-        buffer.add(seen)
-        raise
-    return len(seen)
 
 
 def record_seen(conn: Conn, seen: Mapping[Key, dt.datetime]) -> None:
@@ -239,11 +265,30 @@ class PgStateStore:
         return await self._runner.run_in_transaction(mark)
 
     async def mark_offline(self, key: Key, last_seen: dt.datetime) -> dt.datetime | None:
+        params = {"alerted": last_seen, "tenant": key[0], "gateway": key[1]}
+
         def mark(conn: Conn) -> dt.datetime | None:
-            row = conn.execute(_MARK_OFFLINE, (last_seen, *key, last_seen)).fetchone()
+            row = conn.execute(_MARK_OFFLINE, params).fetchone()
             return row[0] if row else None  # type: ignore[return-value]
 
         return await self._runner.run_in_transaction(mark)
+
+    async def pending_reports(self, limit: int) -> Reports:
+        def pending(conn: Conn) -> Reports:
+            rows = conn.execute(_PENDING_REPORTS, (limit,)).fetchall()
+            reports = [
+                Report(int(i), (str(t), str(g)), status, seen, bool(sup))  # type: ignore[arg-type, call-overload]
+                for i, t, g, status, seen, sup, _ in rows
+            ]
+            return Reports(reports, int(rows[0][6]) if rows else 0)  # type: ignore[call-overload]
+
+        return await self._runner.run_in_transaction(pending)
+
+    async def clear_reports(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self._runner.run_in_transaction(
+                lambda conn: conn.execute(_CLEAR_REPORTS, (list(ids),))
+            )
 
     async def record_seen(self, seen: Mapping[Key, dt.datetime]) -> None:
         await self._runner.run_in_transaction(lambda conn: record_seen(conn, seen))

@@ -50,7 +50,7 @@ class Metrics:
         )
         self.status_update_dropped = Counter(
             _P + "status_update_dropped",
-            "Gateway status updates dropped because the queue was full",
+            "Gateway status updates given up for good (superseded or refused; reason in the log)",
             registry=r,
         )
         self.alert_cache_refresh_errors = Counter(
@@ -64,7 +64,9 @@ class Metrics:
             _P + "heartbeat_map_size", "Gateways tracked for liveness", registry=r
         )
         self.dispatch_queue_length = Gauge(
-            _P + "dispatch_queue_length", "Status updates waiting in the queue", registry=r
+            _P + "dispatch_queue_length",
+            "Status updates waiting to be sent (on the leader: pending in the outbox table)",
+            registry=r,
         )
         self.alert_cache_last_success = Gauge(
             _P + "alert_cache_last_success_timestamp",
@@ -106,7 +108,9 @@ class Metrics:
             registry=r,
         )
         self.dispatch_queue_capacity = Gauge(
-            _P + "dispatch_queue_capacity", "Size of the status-update queue", registry=r
+            _P + "dispatch_queue_capacity",
+            "Status updates the dispatcher reads from the outbox at once (GATEWAY_BUFFER_SIZE)",
+            registry=r,
         )
         self.gateways_online = Gauge(
             _P + "gateways_online", "Tracked gateways currently online", registry=r
@@ -152,5 +156,22 @@ class Metrics:
         self.last_seen_flush_errors = Counter(
             _P + "last_seen_flush_errors",
             "Failed writes of gateways' last-seen to the liveness state (retried)",
+            registry=r,
+        )
+        self.stream_clock_skew = Gauge(
+            _P + "stream_clock_skew_seconds",
+            "This host's clock minus the stream's (NATS server's), estimated from deliveries"
+            " (an upper bound; silences are judged in stream time)",
+            registry=r,
+        )
+        self.alert_horizon_lag = Gauge(
+            _P + "alert_horizon_lag_seconds",
+            "On the leader: how far the alert horizon (stream time of the first message not"
+            " yet acknowledged) trails stream-now",
+            registry=r,
+        )
+        self.status_updates_sent = Counter(
+            _P + "status_updates_sent",
+            "Status updates delivered to the management API (update-status succeeded)",
             registry=r,
         )

@@ -140,6 +140,7 @@ class MgmtClient:
 
     async def _call(self, subject: str, payload: bytes, parse: Callable[[bytes], _T]) -> _T:
         attempts = len(self._retry_delays_s) + 1
+        refused = False
         for attempt in range(attempts):
             if attempt:
                 await trio.sleep(self._retry_delays_s[attempt - 1])
@@ -148,9 +149,13 @@ class MgmtClient:
                     raw = await self._requester.request(subject, payload)
                 return parse(raw)
             except trio.TooSlowError:
-                reason = f"no reply within {self._attempt_timeout_s:g} s"
-            except (NatsRequestError, msgspec.DecodeError, _InvalidReply) as exc:
+                reason, refused = f"no reply within {self._attempt_timeout_s:g} s", False
+            except NatsRequestError as exc:
+                reason, refused = f"{type(exc).__name__}: {exc}", False
+            except (msgspec.DecodeError, _InvalidReply) as exc:
                 # msgspec.ValidationError is a DecodeError: wrong types, missing fields.
-                reason = f"{type(exc).__name__}: {exc}"
+                reason, refused = f"{type(exc).__name__}: {exc}", True
             log.debug("mgmt_attempt_failed", subject=subject, attempt=attempt + 1, reason=reason)
-        raise MgmtError(f"{subject}: {attempts} attempts failed, last: {reason}") from None
+        raise MgmtError(
+            f"{subject}: {attempts} attempts failed, last: {reason}", refused=refused
+        ) from None

@@ -20,11 +20,10 @@ from devstack import simulator
 from notip_trio.db.writer import RejectedRecord, WriteResult
 from notip_trio.envelope import Row
 from notip_trio.errors import DatabaseError
+from notip_trio.ingest import SeenBuffer
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.livestate import SeenBuffer
 from notip_trio.metrics import Metrics
-from tests.liveness_fakes import FakeStore
 
 BASE = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
 
@@ -142,23 +141,18 @@ class FakeWriter:
 
 class RecordingSeenBuffer(SeenBuffer):
     """A `SeenBuffer` that keeps each batch's last-seen as it is added, and where
-    in the event log that happened (`positions`: events logged before it); with
-    `store` it writes them there at once (a flush with no delay)."""
+    in the event log that happened (`positions`: events logged before it)."""
 
-    def __init__(self, events: Events, store: FakeStore | None = None) -> None:
+    def __init__(self, events: Events) -> None:
         super().__init__()
         self.events = events
-        self.store = store
         self.added: list[dict[Key, dt.datetime]] = []
         self.positions: list[int] = []
 
-    def add(self, seen: Mapping[Key, dt.datetime]) -> None:
-        super().add(seen)
+    def add(self, seen: Mapping[Key, dt.datetime], msgs: Sequence[JsMsg] = ()) -> None:
+        super().add(seen, msgs)
         self.added.append(dict(seen))
         self.positions.append(len(self.events.log))
-        if self.store is not None:
-            for key, at in self.take().items():
-                self.store.record(key, at)
 
 
 class FakeAcker:

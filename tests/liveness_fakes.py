@@ -15,11 +15,11 @@ from typing import Any
 import trio
 
 from notip_trio.config import Settings
-from notip_trio.dispatch import StatusUpdate
 from notip_trio.errors import DatabaseError, NatsRequestError
+from notip_trio.horizon import AckFloor, Horizon
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.livestate import Changes, GatewayRow
+from notip_trio.livestate import Changes, GatewayRow, Report, Reports
 from notip_trio.metrics import Metrics
 
 # Wall time that corresponds to Trio time 0 in tests (see `wall_at`).
@@ -146,19 +146,31 @@ class FakePublisher:
         self.published.append((trio.current_time(), subject, json.loads(payload), msg_id))
 
 
+@dataclasses.dataclass(frozen=True)
+class QueuedUpdate:
+    """A status report as the fake store's outbox keeps it (in queue order)."""
+
+    tenant_id: str
+    gateway_id: str
+    status: str
+    last_seen_at: datetime
+
+
 class RecordingSink:
-    """`StatusSink` keeping every submitted update in order."""
+    """`StatusSink` counting wakes; `brief()`/`updates` show the reports the
+    store queued with its transitions (every one, sent or not)."""
 
-    def __init__(self) -> None:
-        self.updates: list[StatusUpdate] = []
-        self.closed = False
+    def __init__(self, store: FakeStore | None = None) -> None:
+        self.store = store
+        self.wakes = 0
 
-    def submit(self, update: StatusUpdate) -> bool:
-        self.updates.append(update)
-        return True
+    def wake(self) -> None:
+        self.wakes += 1
 
-    def close(self) -> None:
-        self.closed = True
+    @property
+    def updates(self) -> list[QueuedUpdate]:
+        assert self.store is not None, "RecordingSink(store) to read the queued reports"
+        return list(self.store.queued)
 
     def brief(self) -> list[tuple[str, str, datetime]]:
         return [(u.gateway_id, u.status, u.last_seen_at) for u in self.updates]
@@ -207,6 +219,17 @@ class FakeStore:
         self.delay_s = 0.0
         self.down = False
         self.calls: dict[str, int] = {}
+        self.queued: list[QueuedUpdate] = []  # every report ever queued, in order
+        self.outbox: dict[int, tuple[QueuedUpdate, datetime]] = {}  # pending, by id
+        self._report_id = 0
+        self._now = 0  # a transition's "status_at": the store's own counter
+
+    def _queue(self, key: Key, status: str, last_seen: datetime) -> None:
+        update = QueuedUpdate(key[0], key[1], status, last_seen)
+        self.queued.append(update)
+        self._report_id += 1
+        self.outbox[self._report_id] = (update, last_seen)
+        self.rows[key]["status_at"] = self._report_id
 
     def record(self, key: Key, last_seen: datetime) -> None:
         self._xid += 1
@@ -267,6 +290,7 @@ class FakeStore:
                 self._xid += 1
                 row.update(status="online", status_last_seen=row["last_seen"], xid=self._xid)
                 won.append((key, row["last_seen"]))
+                self._queue(key, "online", row["last_seen"])
         return won
 
     async def mark_offline(self, key: Key, last_seen: datetime) -> datetime | None:
@@ -276,7 +300,36 @@ class FakeStore:
             return None
         self._xid += 1
         row.update(status="offline", status_last_seen=last_seen, xid=self._xid)
+        self._queue(key, "offline", last_seen)
         return row["last_seen"]  # type: ignore[no-any-return]
+
+    def transition_unreported(self, key: Key, status: str, last_seen: datetime) -> None:
+        """A transition made (and reported) by a release without the outbox."""
+        self._report_id += 1
+        self._xid += 1
+        self.rows[key].update(
+            status=status, status_last_seen=last_seen, status_at=self._report_id, xid=self._xid
+        )
+
+    async def pending_reports(self, limit: int) -> Reports:
+        await self._enter("pending_reports")
+        out = []
+        for report_id in sorted(self.outbox)[:limit]:
+            update, last_seen = self.outbox[report_id]
+            key = (update.tenant_id, update.gateway_id)
+            newer_queued = any(
+                (u.tenant_id, u.gateway_id) == key for i, (u, _) in self.outbox.items()
+                if i > report_id
+            )
+            status_at = self.rows.get(key, {}).get("status_at", 0)
+            superseded = status_at > report_id and not newer_queued
+            out.append(Report(report_id, key, update.status, last_seen, superseded))  # type: ignore[arg-type]
+        return Reports(out, len(self.outbox))
+
+    async def clear_reports(self, ids: Sequence[int]) -> None:
+        await self._enter("clear_reports")
+        for report_id in ids:
+            self.outbox.pop(report_id, None)
 
     async def decommission(self, key: Key, at: datetime | None = None) -> bool:
         await self._enter("decommission")
@@ -294,10 +347,45 @@ class FakeStore:
 
 
 class CaughtUp:
-    """An alert horizon that is always now: the consumer never lags."""
+    """An alert horizon that is always now (by `clock`, the tracker's wall clock:
+    `trio_wall_clock` by default): nothing lags."""
 
-    def horizon(self, now: float) -> float:
-        return now
+    def __init__(self, clock: Callable[[], datetime] = trio_wall_clock) -> None:
+        self._clock = clock
 
-    def behind(self, now: float) -> bool:
-        return False
+    async def read(self) -> Horizon:
+        now = self._clock().timestamp()
+        return Horizon(at=now, now=now, bounded=False)
+
+
+class FakePosition:
+    """`ConsumerPosition` over an in-memory stream: messages get sequences and
+    stream times; `ack` acknowledges them; the floor is computed as JetStream's."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}  # stream seq -> stream time (epoch seconds)
+        self.acked: set[int] = set()
+        self.failing = False
+        self.reads = 0
+
+    def publish(self, stream_time: float) -> int:
+        seq = len(self.times) + 1
+        self.times[seq] = stream_time
+        return seq
+
+    def ack(self, *seqs: int) -> None:
+        self.acked.update(seqs)
+
+    async def ack_floor(self) -> AckFloor:
+        self.reads += 1
+        if self.failing:
+            raise NatsRequestError("$JS.API.CONSUMER.INFO: no responders (fake)")
+        floor = 0
+        while floor + 1 in self.acked:
+            floor += 1
+        unacked = len(self.times) - len(self.acked)
+        return AckFloor(stream_seq=floor, num_ack_pending=unacked, num_pending=0)
+
+    async def first_time_from(self, stream_seq: int) -> float | None:
+        later = [seq for seq in self.times if seq >= stream_seq]
+        return self.times[min(later)] if later else None

@@ -48,7 +48,8 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
     server = private_nats_server
     client = server.client("notip-trio")
     relay = nats_relay(server)
-    metrics, sink, store = Metrics(), RecordingSink(), FakeStore()
+    metrics, store = Metrics(), FakeStore()
+    sink = RecordingSink(store)
     # Heard long ago with a 30 s timeout: due at the first tick.
     store.record(("t1", "gw-1"), LAST_SEEN)
     with trio.fail_after(120):
@@ -67,7 +68,7 @@ async def test_an_alert_whose_puback_was_lost_is_retried_and_stored_once(
                 bridge,
                 sink,
                 metrics,
-                CaughtUp(),
+                CaughtUp(lambda: dt.datetime.now(dt.UTC)),  # the tracker's own clock
                 grace_until=0.0,
                 concurrency=32,
             )

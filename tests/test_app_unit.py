@@ -7,8 +7,9 @@ fake NATS bridge, so the shutdown budget (SHUTDOWN_DRAIN_MS: ingest first, the
 status queue the rest, plus a second should ingest use it all) is measured in
 exact virtual seconds while a write and a status update are held. And the
 reasons /readyz gives. The three gateways of the state table are new when the
-tree starts: the leader reports them online at once (0 s), the updates the
-tests hold.
+tree starts: the leader marks them online at once (0 s), their reports queued
+in the outbox with the transitions; the dispatcher sends them, and the tests
+hold update-status.
 
 Rules for this file: `autojump_clock`; no real I/O in flight (the HTTP server
 listens on 127.0.0.1 port 0 but is never asked); every test has a hang guard.
@@ -94,6 +95,8 @@ class FakeBridge(FakeAcker):
     async def request(self, subject: str, payload: bytes) -> bytes:
         if subject == SUBJECT_LIST_CONFIGS:
             return b"[]"
+        if subject.startswith("$JS.API.CONSUMER.INFO."):  # the alert horizon: all acked
+            return b'{"ack_floor": {"stream_seq": 0}, "num_ack_pending": 0, "num_pending": 0}'
         req = json.loads(payload)
         if subject == SUBJECT_GET_STATUS:
             return json.dumps({"gateway_id": req["gateway_id"], "state": "online"}).encode()
@@ -127,6 +130,7 @@ class Outcome:
     returned_at: float
     events: list[tuple[Any, ...]]
     bridge: FakeBridge
+    store: FakeStore
     metrics: Metrics
     log: list[logging.LogRecord]
 
@@ -165,7 +169,9 @@ async def _run_tree(
             await bridge.feed.send(batch)
         await trio.sleep_until(stop_at)
         stop.set()
-    return Outcome(stop_at, trio.current_time(), events.log, bridge, metrics, list(caplog.records))
+    return Outcome(
+        stop_at, trio.current_time(), events.log, bridge, store, metrics, list(caplog.records)
+    )
 
 
 def _logged(outcome: Outcome, event: str) -> list[dict[str, Any]]:
@@ -179,12 +185,12 @@ async def test_a_held_write_and_a_held_update_end_at_drain_plus_one_second(
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Ingest uses the whole budget: the write of batch 1 never ends, batch 2
-    waits for the writer and batch 3 in the decode stage. The status queue holds
-    three online updates, the first of them in flight and never answered.
-    Stop at 4 s: ingest is cut at 4 + 3 s; liveness ends with it and the queue
-    gets one more second: the tree returns at 8 s with the three updates dropped
-    and counted, and nothing acked, nak'd or terminated (never committed: the
-    messages come back after ack_wait)."""
+    waits for the writer and batch 3 in the decode stage. The outbox holds three
+    online reports, the first of them in flight and never answered. Stop at 4 s:
+    ingest is cut at 4 + 3 s; the outbox gets one more second, then leading
+    stops: the tree returns at 8 s with the three reports still in the outbox
+    for the next leader (nothing dropped), and nothing acked, nak'd or
+    terminated (never committed: the messages come back after ack_wait)."""
     with trio.fail_after(GUARD_S):
         outcome = await _run_tree(
             caplog, write_hold_s=math.inf, hold_updates=True, batches=THREE_GATEWAYS, stop_at=4
@@ -194,23 +200,24 @@ async def test_a_held_write_and_a_held_update_end_at_drain_plus_one_second(
     # Attempt 1 at 0 s timed out at 5 s; attempt 2 at 6 s was cut at 8 s.
     assert outcome.bridge.update_attempts == [(0, "gw-1"), (6, "gw-1")]
     assert outcome.bridge.updated == []
-    assert value(outcome.metrics, "status_update_dropped_total") == 3
+    assert len(outcome.store.outbox) == 3
+    assert value(outcome.metrics, "status_update_dropped_total") == 0
     assert _logged(outcome, "ingest_drain_timeout") == [{"drain_s": DRAIN_S}]
-    assert _logged(outcome, "status_updates_drain_timeout") == [{"left": 3, "drain_s": DRAIN_S}]
+    assert _logged(outcome, "status_updates_drain_timeout") == [{"left": 3}]
 
 
 async def test_when_ingest_drains_in_time_the_status_queue_gets_the_rest_of_the_budget(
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The write of the one batch in hand takes 1 s (1 to 2 s); the status
-    queue, closed when ingest has drained (2 s) and liveness stopped, drains
-    until 2 + 3 s and no longer: the tree returns at 5 s."""
+    """The write of the one batch in hand takes 1 s (1 to 2 s); its last-seen is
+    written and it is acked at 2 s; the outbox then gets the rest of the budget
+    (stop at 1.5 + 3 s) and no longer: the tree returns at 4.5 s."""
     batch = [good(1, "gw-1"), good(2, "gw-2"), good(3, "gw-3")]
     with trio.fail_after(GUARD_S):
         outcome = await _run_tree(
             caplog, write_hold_s=1, hold_updates=True, batches=[batch], stop_at=1.5
         )
-    assert outcome.returned_at == 2 + DRAIN_S
+    assert outcome.returned_at == 1.5 + DRAIN_S
     assert outcome.events == [
         (1, "write", 3, 0),
         (2, "commit", ["s1", "s2", "s3"], []),
@@ -218,9 +225,10 @@ async def test_when_ingest_drains_in_time_the_status_queue_gets_the_rest_of_the_
     ]
     # One update in flight, the first in (tenant, gateway) order.
     assert outcome.bridge.update_attempts == [(0, "gw-1")]
-    assert value(outcome.metrics, "status_update_dropped_total") == 3
+    assert len(outcome.store.outbox) == 3
+    assert value(outcome.metrics, "status_update_dropped_total") == 0
     assert _logged(outcome, "ingest_drain_timeout") == []
-    assert _logged(outcome, "status_updates_drain_timeout") == [{"left": 3, "drain_s": DRAIN_S}]
+    assert _logged(outcome, "status_updates_drain_timeout") == [{"left": 3}]
 
 
 async def test_with_nothing_held_the_tree_returns_at_once_having_sent_everything(
@@ -231,17 +239,23 @@ async def test_with_nothing_held_the_tree_returns_at_once_having_sent_everything
             caplog, write_hold_s=0, hold_updates=False, batches=THREE_GATEWAYS, stop_at=1.5
         )
     assert outcome.returned_at == 1.5
-    assert outcome.events == [
+    # Each batch acked once its last-seen is written (one write of last-seen at
+    # most every 0.2 s: the first at once, the others with the next write).
+    assert [e for e in outcome.events if e[1] != "ack"] == [
         (1, "write", 1, 0),
         (1, "commit", ["s1"], []),
-        (1, "ack", [1]),
         (1, "write", 1, 0),
         (1, "commit", ["s2"], []),
-        (1, "ack", [2]),
         (1, "write", 1, 0),
         (1, "commit", ["s3"], []),
-        (1, "ack", [3]),
     ]
+    acks = [(i, e) for i, e in enumerate(outcome.events) if e[1] == "ack"]
+    assert sorted(seq for _, e in acks for seq in e[2]) == [1, 2, 3]
+    for i, (at, _, seqs) in acks:
+        commits = [j for j, e in enumerate(outcome.events) if e[1] == "commit"]
+        assert all(commits[seq - 1] < i for seq in seqs)  # never before its commit
+        assert at in (1, 1.2)
+    assert outcome.store.outbox == {}
     assert outcome.bridge.updated == [
         (0, "gw-1", "online"),
         (0, "gw-2", "online"),

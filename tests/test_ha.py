@@ -12,11 +12,8 @@ A replica whose path to PostgreSQL goes dark reaches it through
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import random
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,6 @@ import pytest
 import trio
 
 from devstack import js as _js
-from devstack import simulator
 from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
@@ -34,57 +30,12 @@ from devstack.relay import Relay
 from ._standin import running_standin
 from .fix_daemon import DaemonProcess, spawn_daemon, until
 from .fix_servers import DURABLE, drained, telemetry_rows
+from .sim_gateways import TENANT, Gateways
 
 # Daemons as their own processes, SIGKILLed and restarted.
 pytestmark = pytest.mark.slow
 
-TENANT = "t1"
 TIMEOUT_MS = 2000
-
-
-class Gateways:
-    """Gateways publishing every `period_s` from a thread until `stop()`; `silence(g)`
-    stops one. `last[g]` is the wall time of its last publish, `sent` the total."""
-
-    def __init__(self, server: NatsServer, names: list[str], period_s: float = 0.25) -> None:
-        self.server = server
-        self.active = set(names)
-        self.period_s = period_s
-        self.last: dict[str, dt.datetime] = {}
-        self.sent = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def silence(self, name: str) -> dt.datetime:
-        """Stop `name`; returns the wall time of its last message."""
-        with self._lock:
-            self.active.discard(name)
-            return self.last[name]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        rng = random.Random(7)
-
-        async def fn(nc: Any) -> None:
-            while not self._stop.is_set():
-                with self._lock:
-                    for name in sorted(self.active):
-                        now = dt.datetime.now(dt.UTC)
-                        body = simulator.make_envelope(name, f"{name}-s1", "humidity", now, rng=rng)
-                        await nc.publish(simulator.subject_for(TENANT, name), body)
-                        self.last[name] = now
-                        self.sent += 1
-                await nc.flush()
-                await asyncio.sleep(self.period_s)
-
-        _js.run_nats(self.server, fn, "gateway-sim", timeout_s=600)
 
 
 def _env(nats: NatsServer, pg: PgServer, db: PgDatabase) -> dict[str, str]:

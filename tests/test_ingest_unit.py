@@ -20,10 +20,17 @@ import trio
 import trio.testing
 
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.ingest import BACKOFF_INITIAL_S, BACKOFF_MAX_S, IngestState, run_ingest
+from notip_trio.ingest import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAX_S,
+    IngestState,
+    SeenBuffer,
+    flush_seen,
+    run_ingest,
+    run_seen_flusher,
+)
 from notip_trio.js.delivery import JsMsg
 from notip_trio.liveness import LivenessTracker, lead_liveness
-from notip_trio.livestate import SeenBuffer
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient
 from tests.ingest_fakes import (
@@ -78,21 +85,22 @@ async def running_ingest(
     rejected_body_max: int = MAX_BODY,
     store: FakeStore | None = None,
 ) -> AsyncIterator[Rig]:
-    """`run_ingest` on fakes. On exit the input closes and the block waits for
-    `run_ingest` to return (`rig.returned_at`). With `store`, each committed
-    batch's last-seen is written there at once (as if the flusher ran then)."""
+    """`run_ingest` on fakes, with the last-seen flusher writing to `store` (a
+    fresh `FakeStore` if none) and acking. On exit the input closes and the block
+    waits for `run_ingest` to return (`rig.returned_at`), then flushes once more,
+    as the task tree does."""
     events = Events()
     pulled_tx, pulled_rx = trio.open_memory_channel[list[JsMsg]](32)
     writer = FakeWriter(events, hold_s=hold_s, fail=fail)
-    rig = Rig(
-        writer, events, pulled_tx, Metrics(), IngestState(), RecordingSeenBuffer(events, store)
-    )
+    store = store if store is not None else FakeStore()
+    acker = FakeAcker(events)
+    rig = Rig(writer, events, pulled_tx, Metrics(), IngestState(), RecordingSeenBuffer(events))
 
     async def ingest(task_status: trio.TaskStatus[None]) -> None:
         await run_ingest(
             pulled_rx,
             rig.writer,
-            FakeAcker(events),
+            acker,
             rig.metrics,
             rig.state,
             rig.seen,
@@ -103,9 +111,13 @@ async def running_ingest(
         rig.returned_at = trio.current_time()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(ingest)
-        yield rig
-        await pulled_tx.aclose()
+        await nursery.start(run_seen_flusher, rig.seen, store, acker, rig.metrics)
+        async with trio.open_nursery() as ingesting:
+            await ingesting.start(ingest)
+            yield rig
+            await pulled_tx.aclose()
+        await flush_seen(rig.seen, store, acker)
+        nursery.cancel_scope.cancel()
 
 
 # --- ack after commit, term after the rejected record's commit ------------------
@@ -140,8 +152,8 @@ async def test_bad_messages_are_terminated_only_after_their_records_commit(
     assert rig.events.log == [
         (0, "write", 2, 2),
         (2, "commit", ["s1", "s3"], [2, 4]),
-        (2, "ack", [1, 3]),
         (2, "term", [2, 4]),
+        (2, "ack", [1, 3]),  # once their last-seen is stored as well
     ]
     assert [(r.reason, r.subject, r.stream_seq) for r in rig.writer.rejected] == [
         ("malformed_json", "telemetry.data.t1.gw-1", 2),
@@ -171,13 +183,38 @@ async def test_a_failed_write_naks_good_and_bad_and_terminates_nothing(
         (0, "nak", [1, 2], BACKOFF_INITIAL_S),
         (10, "write", 1, 1),
         (10, "commit", ["s1"], [2]),
-        (10, "ack", [1]),
         (10, "term", [2]),
+        (10, "ack", [1]),
     ]
     assert [r.stream_seq for r in rig.writer.rejected] == [2]
     assert value(rig.metrics, "write_errors_total") == 1
     assert value(rig.metrics, "consumer_ack_pending_messages") == 0
     assert (rig.state.last_write_ok, rig.state.last_error) == (True, "")
+
+
+async def test_a_message_is_acked_only_once_its_last_seen_is_stored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The row commits at 0, but the state table is down until 7: the heartbeat is
+    not acknowledged before its gateway's last-seen is stored, so a replica that
+    dies meanwhile leaves it to be redelivered, never lost."""
+    store = FakeStore()
+    store.down = True
+    with trio.fail_after(GUARD_S):
+        async with running_ingest(store=store) as rig:
+            await rig.send(good(1))
+            await trio.sleep(7.1)
+            assert rig.events.only("ack") == []
+            assert store.rows == {}
+            assert value(rig.metrics, "consumer_ack_pending_messages") == 1
+            assert value(rig.metrics, "last_seen_flush_errors_total") == 36  # 0, 0.2, ... 7
+            store.down = False
+            await trio.sleep(1)
+            [(at, what, seqs)] = rig.events.only("ack")
+            assert (at, what, seqs) == (pytest.approx(7.2), "ack", [1])  # the next try
+    assert list(store.rows) == [("t1", "gw-1")]
+    assert value(rig.metrics, "last_seen_flush_errors_total") == 36
+    assert value(rig.metrics, "consumer_ack_pending_messages") == 0
 
 
 # --- back-off -----------------------------------------------------------------------
@@ -261,7 +298,9 @@ async def test_last_seen_comes_only_from_valid_rows(autojump_clock: trio.abc.Clo
         {},
     ]
     first = rig.seen.positions[0]
-    assert [e[1] for e in rig.events.log[first - 2 : first + 1]] == ["write", "commit", "ack"]
+    assert [e[1] for e in rig.events.log[first - 2 : first]] == ["write", "commit"]
+    assert rig.events.only("ack") == [(7, "ack", [1, 2, 6])]  # after the last-seen write
+    assert rig.events.log.index(rig.events.only("ack")[0]) > first
     assert rig.events.only("term") == [(7, "term", [3, 4, 5]), (10, "term", [7, 8])]
 
 
@@ -299,7 +338,7 @@ async def test_a_spoofed_message_on_a_silent_gateways_subject_does_not_keep_it_a
     store = FakeStore()
     cache = AlertConfigCache(30_000)
     requester = FakeRequester({SUBJECT_GET_STATUS: status_handler()})
-    publisher, sink, metrics = FakePublisher(), RecordingSink(), Metrics()
+    publisher, sink, metrics = FakePublisher(), RecordingSink(store), Metrics()
     tracker = LivenessTracker(
         store,
         cache,
@@ -366,7 +405,7 @@ async def test_body_caps_cut_where_each_says(
                 JsMsg("telemetry.data.t1.gw-1", over_limit, ack_subject(2)),
                 bad(3, junk_at_limit),
             )
-    assert rig.events.only("ack", "term") == [(0, "ack", [1]), (0, "term", [2, 3])]
+    assert rig.events.only("ack", "term") == [(0, "term", [2, 3]), (0, "ack", [1])]
     assert [r.sensor_id for r in rig.writer.rows] == ["s1"]
     kept = [(r.reason, r.body, r.body_length, r.stream_seq) for r in rig.writer.rejected]
     assert kept == [

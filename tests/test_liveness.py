@@ -22,11 +22,14 @@ import trio
 import trio.testing
 
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.liveness import AlertHorizon, CatchUp, LivenessTracker, lead_liveness
+from notip_trio.horizon import AckFloorHorizon, Horizon, StreamClock
+from notip_trio.liveness import AlertHorizon, LivenessTracker, lead_liveness
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, AlertConfig, MgmtClient
 from tests.liveness_fakes import (
+    WALL0,
     CaughtUp,
+    FakePosition,
     FakePublisher,
     FakeRequester,
     FakeStore,
@@ -66,8 +69,8 @@ class Rig:
             {SUBJECT_GET_STATUS: status_handler(self.states, delay_s=status_delay_s)}
         )
         self.publisher = FakePublisher(delay_s=publish_delay_s)
-        self.sink = RecordingSink()
         self.store = store if store is not None else FakeStore()
+        self.sink = RecordingSink(self.store)
         self.horizon = horizon if horizon is not None else CaughtUp()
         self.grace_s = grace_s
         self.concurrency = concurrency
@@ -570,67 +573,126 @@ async def test_the_state_is_loaded_again_until_the_database_answers(
 # --- the alert horizon ----------------------------------------------------------
 
 
-def test_catch_up_horizon_follows_the_consumer_and_is_bounded() -> None:
-    now = [1000.0]
-    catch_up = CatchUp(threshold=100, settle_s=1.0, max_lag_s=60.0, wall=lambda: now[0])
-    # Nothing observed yet (a fresh start): only the bound holds.
-    assert catch_up.horizon(1000.0) == 940.0
-    assert catch_up.behind(1000.0)
-    catch_up.observe(100)  # within the threshold: caught up now
-    assert catch_up.horizon(1000.0) == 999.0
-    assert not catch_up.behind(1000.0)
-    now[0] = 1010.0
-    catch_up.observe(5000)  # a backlog: the horizon stays where it was
-    assert catch_up.horizon(1010.0) == 999.0
-    assert catch_up.behind(1010.0)
-    assert catch_up.horizon(1100.0) == 1040.0  # ... but never more than 60 s behind
-    now[0] = 1100.0
-    catch_up.observe(0)
-    assert catch_up.horizon(1100.0) == 1099.0
-    assert not catch_up.behind(1100.0)
+def wall_now() -> float:
+    return trio_wall_clock().timestamp()
 
 
-async def test_no_alert_while_the_consumer_is_behind(autojump_clock: trio.abc.Clock) -> None:
+def floor_horizon(position: FakePosition, *, max_lag_s: float = 120.0,
+                  clock: StreamClock | None = None) -> AckFloorHorizon:  # fmt: skip
+    return AckFloorHorizon(position, clock or StreamClock(), max_lag_s=max_lag_s, wall=wall_now)
+
+
+async def test_the_horizon_is_the_first_unacknowledged_message() -> None:
+    t0 = WALL0.timestamp()
+    position = FakePosition()
+    horizon = AckFloorHorizon(position, StreamClock(), max_lag_s=60.0, wall=lambda: t0 + 100)
+    assert await horizon.read() == Horizon(at=t0 + 100, now=t0 + 100, bounded=False)
+    first, second, third = (position.publish(t0 + t) for t in (90, 95, 99))
+    position.ack(first, third)  # acknowledged out of order: the floor stays at `first`
+    assert (await horizon.read()).at == t0 + 95
+    position.ack(second)  # all acknowledged: everything is stored
+    assert (await horizon.read()).at == t0 + 100
+    position.publish(t0 + 10)  # a message held 90 s (say poison): bounded at now - 60
+    assert await horizon.read() == Horizon(at=t0 + 40, now=t0 + 100, bounded=True)
+
+
+def test_the_stream_clock_never_runs_ahead_of_the_server() -> None:
+    clock = StreamClock(window_s=60.0)
+    assert clock.now(1000.0) == 1000.0  # nothing learnt yet
+    # This host runs 10 s ahead of the stream; deliveries take 0.05 to 3 s.
+    for wall, delay in ((1000.0, 3.0), (1001.0, 0.05), (1002.0, 0.5)):
+        clock.observe(wall, wall - 10.0 - delay)
+    assert clock.skew == pytest.approx(10.05)  # the skew plus the shortest delay
+    assert clock.now(1010.0) == pytest.approx(999.95)  # never later than the server's
+    clock.observe(1070.0, 1070.0 - 10.2)  # a new window keeps the last one's estimate
+    assert clock.skew == pytest.approx(10.05)
+    clock.observe(1140.0, 1140.0 - 10.3)  # two windows on, only recent samples count
+    assert clock.skew == pytest.approx(10.2)
+
+
+async def test_no_alert_while_a_heartbeat_is_held_unacknowledged(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """gw1's heartbeat at 20 s reached the stream but a replica that died holds it
+    unacknowledged until ack_wait (redelivered and stored at 52): gw1 was alive,
+    so it is never alerted, though its stored last-seen (1 s) is 30 s old at 31."""
     with trio.fail_after(GUARD_S):
-        catch_up = CatchUp(
-            threshold=10,
-            settle_s=1.0,
-            max_lag_s=120.0,
-            wall=lambda: trio_wall_clock().timestamp(),
-        )
-        rig = Rig(horizon=catch_up)
-        catch_up.observe(0)
+        position = FakePosition()
+        rig = Rig(horizon=floor_horizon(position))
         async with rig.running():
             await rig.beat_at(1, GW1, GW2)
-            await trio.sleep_until(25)
-            catch_up.observe(50_000)  # a backlog from 25 on (an outage, a takeover)
-            await rig.beat_at(26, GW2)
-            await trio.sleep_until(95)
-            # gw1 (silent since 1) would be due at 40, but the horizon is 24.
-            assert rig.publisher.published == []
-            catch_up.observe(3)  # caught up at 95: silences up to 94 are judged
-            await trio.sleep_until(105)
+            position.ack(position.publish(wall_at(1).timestamp()))
+            await trio.sleep_until(20)
+            held = position.publish(wall_at(20).timestamp())  # gw1's, on the dead replica
+            await trio.sleep_until(52)
+            assert rig.published() == []  # gw2 too is held back: its silence is not sure
+            rig.store.record(GW1, wall_at(20))  # redelivered, stored, then acked
+            position.ack(held)
+            await trio.sleep_until(65)
+        # gw2 (silent since 1) is alerted at the first tick after the floor moved;
+        # gw1 (seen at 20, due at 50, nothing newer) at that tick as well.
         assert rig.published() == [
-            (100, "alert.t1.gw_offline", "gw1"),
-            (100, "alert.t1.gw_offline", "gw2"),
+            (60, "alert.t1.gw_offline", "gw2"),
+            (60, "alert.t1.gw_offline", "gw1"),
+        ]
+        assert rig.sink.brief()[-2:] == [
+            ("gw2", "offline", wall_at(1)),
+            ("gw1", "offline", wall_at(20)),
         ]
 
 
-async def test_a_consumer_that_stays_behind_delays_alerts_by_the_bound_only(
+async def test_a_floor_that_never_moves_delays_alerts_by_the_bound_only(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     with trio.fail_after(GUARD_S):
-        catch_up = CatchUp(
-            threshold=10, settle_s=1.0, max_lag_s=60.0, wall=lambda: trio_wall_clock().timestamp()
-        )
-        rig = Rig(horizon=catch_up)
-        catch_up.observe(10_000)  # behind from the start, for ever
+        position = FakePosition()
+        rig = Rig(horizon=floor_horizon(position, max_lag_s=60.0))
+        position.publish(wall_at(0).timestamp())  # held for ever (never acknowledged)
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(105)
-        # Due at 31 on a live consumer; held back until now - 60 passes 31: at 91,
+        # Due at 31 on a settled consumer; held back until now - 60 passes 31: at 91,
         # so the tick at 100 alerts it.
         assert rig.published() == [(100, "alert.t1.gw_offline", "gw1")]
+
+
+async def test_a_leader_whose_clock_runs_ahead_does_not_alert_early(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The leader's clock runs 15 s ahead of the stream's; ingest has learnt it. gw1
+    last reached the stream at (stream time) 1 s: due at 31 in stream time, so it is
+    alerted at the first tick when the stream's clock has passed 31."""
+    with trio.fail_after(GUARD_S):
+        clock = StreamClock()
+        position = FakePosition()
+        horizon = AckFloorHorizon(
+            position, clock, max_lag_s=120.0, wall=lambda: wall_now() + 15.0
+        )
+        rig = Rig(horizon=horizon)
+        clock.observe(wall_now() + 15.0, wall_now())  # a delivery: 15 s apart
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(35)
+            assert rig.published() == []  # by the leader's clock it was due at 16
+            await trio.sleep_until(45)
+        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+
+
+async def test_an_unreadable_horizon_holds_alerts_but_not_onlines(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        position = FakePosition()
+        rig = Rig(horizon=floor_horizon(position))
+        position.failing = True
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(55)
+            assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
+            assert rig.published() == []
+            position.failing = False
+            await trio.sleep_until(65)
+        assert rig.published() == [(60, "alert.t1.gw_offline", "gw1")]
 
 
 async def test_a_late_old_message_does_not_bring_an_offline_gateway_back(

@@ -1,15 +1,18 @@
-"""Last-seen on its way to the state table: the buffer and its flusher, on the
-virtual clock with a `FakeStore` (exact times; a hang guard per test)."""
+"""Last-seen on its way to the state table, and the acks that wait for it: the
+buffer and its flusher, on the virtual clock with a `FakeStore` (exact times; a
+hang guard per test)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import pytest
 import trio
 import trio.testing
 
 from notip_trio.errors import DatabaseError
-from notip_trio.ingest import run_seen_flusher
-from notip_trio.livestate import SeenBuffer, flush_seen
+from notip_trio.ingest import SeenBuffer, flush_seen, run_seen_flusher
+from notip_trio.js.delivery import JsMsg
 from notip_trio.metrics import Metrics
 from tests.liveness_fakes import FakeStore, sample, wall_at
 
@@ -17,50 +20,77 @@ GUARD_S = 600
 A, B = ("t1", "a"), ("t1", "b")
 
 
-def test_the_buffer_keeps_the_newest_time_per_gateway() -> None:
+def msg(seq: int) -> JsMsg:
+    return JsMsg("telemetry.data.t1.a", b"{}", f"$JS.ACK.TELEMETRY.d.1.{seq}.{seq}.0.0")
+
+
+class Acks:
+    """`Acker` recording (virtual time, stream sequences) per ack call."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[float, list[int]]] = []
+
+    async def ack(self, msgs: Sequence[JsMsg]) -> None:
+        self.acked.append((trio.current_time(), [m.delivery.stream_seq for m in msgs]))  # type: ignore[union-attr]
+
+    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None:
+        raise AssertionError("the flusher never naks")
+
+    async def term(self, msgs: Sequence[JsMsg]) -> None:
+        raise AssertionError("the flusher never terminates")
+
+
+def test_the_buffer_keeps_the_newest_time_per_gateway_and_every_message() -> None:
     buffer = SeenBuffer()
-    buffer.add({A: wall_at(5), B: wall_at(1)})
-    buffer.add({A: wall_at(3), B: wall_at(2)})  # an older redelivery of A: ignored
-    assert len(buffer) == 2
-    assert buffer.take() == {A: wall_at(5), B: wall_at(2)}
-    assert buffer.take() == {}
+    buffer.add({A: wall_at(5), B: wall_at(1)}, [msg(1)])
+    buffer.add({A: wall_at(3), B: wall_at(2)}, [msg(2)])  # an older redelivery of A: ignored
+    assert (len(buffer), buffer.messages) == (2, 2)
+    assert buffer.take() == ({A: wall_at(5), B: wall_at(2)}, [msg(1), msg(2)])
+    assert buffer.take() == ({}, [])
 
 
-async def test_a_failed_flush_puts_the_times_back_and_newer_ones_win() -> None:
-    store, buffer = FakeStore(), SeenBuffer()
-    buffer.add({A: wall_at(5)})
+async def test_a_failed_flush_acks_nothing_and_puts_it_all_back() -> None:
+    store, buffer, acks = FakeStore(), SeenBuffer(), Acks()
+    buffer.add({A: wall_at(5)}, [msg(1)])
     store.down = True
     with pytest.raises(DatabaseError):
-        await flush_seen(buffer, store)
-    buffer.add({A: wall_at(7), B: wall_at(1)})
+        await flush_seen(buffer, store, acks)
+    assert acks.acked == []
+    buffer.add({A: wall_at(7), B: wall_at(1)}, [msg(2)])
     store.down = False
-    assert await flush_seen(buffer, store) == 2
+    assert await flush_seen(buffer, store, acks) == 2
     assert {k: r["last_seen"] for k, r in store.rows.items()} == {A: wall_at(7), B: wall_at(1)}
-    assert await flush_seen(buffer, store) == 0  # nothing left: no round trip
+    assert [seqs for _, seqs in acks.acked] == [[1, 2]]
+    assert await flush_seen(buffer, store, acks) == 0  # nothing left: no round trip
     assert store.calls["record_seen"] == 2
+    assert len(acks.acked) == 1
 
 
-async def test_the_flusher_writes_once_a_second_and_rides_out_an_outage(
+async def test_the_flusher_writes_at_most_every_200_ms_and_rides_out_an_outage(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     with trio.fail_after(GUARD_S):
-        store, buffer, metrics = FakeStore(), SeenBuffer(), Metrics()
+        store, buffer, acks, metrics = FakeStore(), SeenBuffer(), Acks(), Metrics()
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_seen_flusher, buffer, store, metrics)
-            buffer.add({A: wall_at(0.2)})
+            await nursery.start(run_seen_flusher, buffer, store, acks, metrics)
+            await trio.sleep(1)
+            assert "record_seen" not in store.calls  # nothing to write: no round trip
+            buffer.add({A: wall_at(1)}, [msg(1)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert acks.acked == [(1, [1])]  # at once: the last write was long ago
+            buffer.add({A: wall_at(1.05)}, [msg(2)])
+            buffer.add({B: wall_at(1.1)}, [msg(3)])
             await trio.sleep(0.5)
-            assert store.rows == {}  # not before the second is up
-            await trio.sleep(0.6)
-            assert store.rows[A]["last_seen"] == wall_at(0.2)  # written at 1 s
+            assert acks.acked == [(1, [1]), (pytest.approx(1.2), [2, 3])]  # one write
             store.down = True
-            buffer.add({A: wall_at(1.5), B: wall_at(1.6)})
-            await trio.sleep(3)  # fails at 2, 3 and 4 s
-            assert sample(metrics, "last_seen_flush_errors_total") == 3
-            assert len(buffer) == 2  # kept
+            buffer.add({A: wall_at(2)}, [msg(4)])
+            await trio.sleep(1)  # tries at 1.5, 1.7, 1.9, 2.1, 2.3 fail
+            assert sample(metrics, "last_seen_flush_errors_total") == 5
+            assert (len(buffer), buffer.messages) == (1, 1)  # kept, not acked
             store.down = False
             await trio.sleep(1)
             nursery.cancel_scope.cancel()
-        assert trio.current_time() == 1.1 + 3 + 1
-        assert store.rows[A]["last_seen"] == wall_at(1.5)
-        assert store.rows[B]["last_seen"] == wall_at(1.6)
-        assert store.calls["record_seen"] == 5  # at 1, 2, 3, 4 and 5 s
+        assert acks.acked[-1] == (pytest.approx(2.5), [4])  # the first try after 2.4
+        assert store.rows[A]["last_seen"] == wall_at(2)
+        assert store.rows[B]["last_seen"] == wall_at(1.1)
+        assert store.calls["record_seen"] == 8

@@ -1,8 +1,9 @@
 """The schema: every table and index, the start-up migration, and TimescaleDB.
 
 Tables: `telemetry` (docs/contract.md), `telemetry_rejected` (messages that broke
-the contract) and `gateway_liveness` (one row per gateway; its statements live
-in livestate.py).
+the contract), `gateway_liveness` (one row per gateway) and
+`gateway_status_outbox` (status reports not yet delivered); the statements of
+the last two live in livestate.py.
 
 Effectively once: a unique index on (tenant_id, gateway_id, sensor_id, time)
 lets the writer (writer.py) make a redelivered message never make a second row.
@@ -39,13 +40,14 @@ COLUMNS: Final = (
 )
 DEDUP_INDEX: Final = "telemetry_dedup_key"
 #: What the migration creates (`notip-trio check` looks for them by these names).
-TABLES: Final = ("telemetry", "telemetry_rejected", "gateway_liveness")
+TABLES: Final = ("telemetry", "telemetry_rejected", "gateway_liveness", "gateway_status_outbox")
 INDEXES: Final = (
     "idx_telemetry_tenant_gateway_time",
     DEDUP_INDEX,
     "telemetry_rejected_stream_seq",
     "telemetry_rejected_received_at",
     "gateway_liveness_changed",
+    "gateway_status_outbox_gateway",
 )
 _MIGRATION_LOCK: Final = 0x6E6F746970  # "notip": serialises migrations across replicas
 
@@ -112,6 +114,18 @@ CREATE TABLE IF NOT EXISTS gateway_liveness (
     PRIMARY KEY (tenant_id, gateway_id)
 );
 CREATE INDEX IF NOT EXISTS gateway_liveness_changed ON gateway_liveness (changed_xid);
+-- A transition's status report, queued in the transition's own transaction
+-- (livestate.py, dispatch.py). Added in 0.2.0: additive, so 0.1.0 runs beside it.
+CREATE TABLE IF NOT EXISTS gateway_status_outbox (
+    id            BIGSERIAL   PRIMARY KEY,
+    tenant_id     TEXT        NOT NULL,
+    gateway_id    TEXT        NOT NULL,
+    status        TEXT        NOT NULL CHECK (status IN ('online', 'offline')),
+    last_seen     TIMESTAMPTZ NOT NULL,
+    transition_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS gateway_status_outbox_gateway
+    ON gateway_status_outbox (tenant_id, gateway_id, id);
 """
 
 
