@@ -177,8 +177,8 @@ class LivenessTracker:
         """Load the whole state (once, when this replica becomes the leader)."""
         t0 = trio.current_time()
         snapshot = await self._store.load()
-        self._cursor = snapshot.cursor
         await self._apply(snapshot.rows)
+        self._cursor = snapshot.cursor
         log.info(
             "liveness_state_loaded",
             gateways=len(snapshot.rows),
@@ -191,8 +191,10 @@ class LivenessTracker:
         if self._cursor is None:
             raise RuntimeError("LivenessTracker.tick before take_over")
         changes = await self._store.changes(self._cursor)
-        self._cursor = changes.cursor
+        # The cursor moves only once the rows it covers were applied: rows whose
+        # apply failed (say, mark_online) are read again at the next tick.
         await self._apply(changes.rows)
+        self._cursor = changes.cursor
 
     async def _apply(self, rows: Iterable[GatewayRow]) -> None:
         to_online: list[Key] = []
@@ -240,8 +242,10 @@ class LivenessTracker:
         """One liveness check: read changes, report onlines, alert the silent.
 
         Returns when every candidate has been handled. A database error ends
-        this tick (logged); the next one starts over. Must not run
-        concurrently with itself (RuntimeError).
+        this tick at once, the checks still running included (logged once); the
+        next tick starts over. A management-API or NATS error ends only the
+        candidate it happened to. Must not run concurrently with itself
+        (RuntimeError).
         """
         if self._ticking:
             raise RuntimeError("LivenessTracker.tick is already running")
@@ -260,14 +264,31 @@ class LivenessTracker:
             # A fixed pool of workers over one shared iterator: bounded
             # concurrency without one task per candidate in a mass outage.
             pending = iter(candidates)
+            failed: list[DatabaseError] = []
 
-            async def worker() -> None:
+            async def worker(scope: trio.CancelScope) -> None:
                 for candidate in pending:
-                    await self._check(candidate)
+                    try:
+                        await self._check(candidate)
+                    except DatabaseError as exc:
+                        # Every other check needs the database too: end the tick
+                        # now rather than one deadline per candidate later.
+                        failed.append(exc)
+                        scope.cancel()
+                        return
+                    except (MgmtError, NatsRequestError) as exc:
+                        log.warning(
+                            "offline_check_failed",
+                            tenant_id=candidate.key[0],
+                            gateway_id=candidate.key[1],
+                            error=f"{type(exc).__name__}: {exc}",
+                        )
 
             async with trio.open_nursery() as nursery:
                 for _ in range(min(self._concurrency, len(candidates))):
-                    nursery.start_soon(worker)
+                    nursery.start_soon(worker, nursery.cancel_scope)
+            if failed:
+                raise failed[0]
         except DatabaseError as exc:
             log.warning("liveness_tick_database_error", error=str(exc)[:300])
         finally:
