@@ -64,8 +64,10 @@ async def running_standin(
     configs: list[dict[str, Any]] | None = None,
     paused: Iterable[Key] = (),
     invalid_status: Iterable[Key] = (),
+    delay_ms: int = 0,
 ) -> AsyncIterator[Standin]:
-    """The stand-in as its own process ("mgmt-api") until the block ends."""
+    """The stand-in as its own process ("mgmt-api") until the block ends;
+    `delay_ms` delays every reply."""
     standin = Standin(workdir / "mgmt-requests.jsonl")
     child = await trio.to_thread.run_sync(
         functools.partial(
@@ -76,6 +78,7 @@ async def running_standin(
             paused=paused,
             invalid_status=invalid_status,
             record=standin.record,
+            delay_ms=delay_ms,
             timeout_s=STANDIN_READY_S,
         )
     )
