@@ -10,12 +10,15 @@ asserts on speed: recovery times are printed (`pytest -s` shows them).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import trio
 
 from devstack import js as _js
@@ -23,10 +26,12 @@ from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
 from notip_trio.mgmt import SUBJECT_GET_STATUS
 
-from ._daemon import spawn_daemon
+from ._daemon import DaemonProcess, spawn_daemon
 from ._inprocess import until
 from ._standin import running_standin
-from .test_ha import TENANT, Gateways, _env
+from .test_ha import DURABLE, TENANT, Gateways, _env
+
+OUTAGE_S = 20.0
 
 # The daemon's pool connections: its application name, and not the session
 # that holds the liveness lock (terminating that one is another fault).
@@ -157,3 +162,102 @@ async def test_pool_backends_terminated_during_a_tick_end_the_tick_not_the_proce
         assert standin.statuses(g) == ["online", "offline"], g
     for g in alive:
         assert standin.statuses(g) == ["online"], g
+
+
+def _logged_after(daemon: DaemonProcess, event: str, since: dt.datetime) -> float | None:
+    """Seconds from `since` to the first `event` the daemon logged after it."""
+    for entry in daemon.json_logs():
+        at = dt.datetime.fromisoformat(entry["time"])
+        if entry["event"] == event and at >= since:
+            return (at - since).total_seconds()
+    return None
+
+
+_DISTINCT_KEYS = "SELECT count(DISTINCT (tenant_id, gateway_id, sensor_id, time)) FROM telemetry"
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
+def _scalar(conninfo: str, sql: str) -> int:
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        row = conn.execute(sql).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_ingest_and_the_leaders_load_resume_soon_after_a_database_outage(
+    private_nats_server: NatsServer, private_pg_server: PgServer, tmp_path: Path
+) -> None:
+    """PostgreSQL stopped for 20 s while 20 gateways send (5 s timeout): every
+    message is stored once, no gateway is alerted, and the first batch commit and
+    the leader's state load after the restart are printed (seconds after it)."""
+    nats, pg = private_nats_server, private_pg_server
+    db = pg.create_database()
+    names = [f"g{i:02d}" for i in range(20)]
+    configs = [{"tenant_id": TENANT, "timeout_ms": 5000}]
+    gateways = Gateways(nats, names)
+    with trio.fail_after(240):
+        async with running_standin(nats, tmp_path, configs=configs) as standin:
+            gateways.start()
+            try:
+                with spawn_daemon(_env(nats, pg, db), tmp_path / "daemon.log") as daemon:
+                    await daemon.wait_ready()
+                    await until(
+                        lambda: all(standin.statuses(g) == ["online"] for g in names),
+                        30,
+                        "every gateway online",
+                    )
+                    await trio.sleep(2)
+                    await trio.to_thread.run_sync(pg.stop)
+                    await trio.sleep(OUTAGE_S)
+                    await trio.to_thread.run_sync(pg.start)
+                    restarted = dt.datetime.now(dt.UTC)
+                    await until(
+                        lambda: (
+                            _logged_after(daemon, "liveness_state_loaded", restarted) is not None
+                        ),
+                        60,
+                        "the leader's state load after the restart",
+                    )
+                    await trio.sleep(5)  # a false alert would come now
+                    await trio.to_thread.run_sync(gateways.stop)
+                    sent = gateways.sent
+
+                    def stored_and_drained() -> bool:
+                        state = _js.consumer_state(nats, "TELEMETRY", DURABLE)
+                        rows = _scalar(db.conninfo, "SELECT count(*) FROM telemetry")
+                        return state.drained and rows >= sent
+
+                    await until(stored_and_drained, 60, "every message stored and acked")
+                    first_commit = _logged_after(daemon, "batch_write_recovered", restarted)
+                    loaded = _logged_after(daemon, "liveness_state_loaded", restarted)
+                    failed_loads = sum(
+                        e["event"] == "liveness_state_load_failed" for e in daemon.json_logs()
+                    )
+                    print(
+                        f"PostgreSQL down {OUTAGE_S:g} s: first batch committed "
+                        f"{_round(first_commit)} s "
+                        f"and the leader's state loaded {_round(loaded)} s after the restart "
+                        f"({failed_loads} failed loads)"
+                    )
+                    daemon.signal(signal.SIGTERM)
+                    code, _ = await daemon.wait_exit(30)
+                    assert code == 0, daemon.tail()
+            finally:
+                await trio.to_thread.run_sync(gateways.stop)
+        alerted = await trio.to_thread.run_sync(_alerts, nats)
+
+    rows = _scalar(db.conninfo, "SELECT count(*) FROM telemetry")
+    distinct = _scalar(db.conninfo, _DISTINCT_KEYS)
+    assert rows == distinct == sent
+    if alerted:
+        # Known (issue 19, deliverable 2): during the outage every delivery is nak'd,
+        # so the consumer's pending count stays 0 and the horizon counts it caught
+        # up; right after the restart the leader judges last-seen from before the
+        # outage, while the backlog that proves life is still being committed.
+        # Replace this by `assert alerted == []` once the horizon follows the ack floor.
+        pytest.xfail(f"{len(alerted)} false alerts right after the outage (horizon)")
+    for name in names:
+        assert standin.statuses(name) == ["online"], name
