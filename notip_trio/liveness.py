@@ -198,6 +198,9 @@ class LivenessTracker:
 
     async def _apply(self, rows: Iterable[GatewayRow]) -> None:
         to_online: list[Key] = []
+        # Into the index together, oldest first (`LaneIndex.set_many`): the order
+        # the rows were read in must not delay any gateway.
+        online: list[tuple[Key, float, int]] = []
         for row in rows:
             key = row.key
             if row.status == "decommissioned":
@@ -206,7 +209,7 @@ class LivenessTracker:
                     log.info("gateway_forgotten", tenant_id=key[0], gateway_id=key[1])
             elif row.status == "online":
                 self._offline.discard(key)
-                self._index.set(key, row.last_seen.timestamp(), self._configs.timeout_ms(*key))
+                online.append((key, row.last_seen.timestamp(), self._configs.timeout_ms(*key)))
             elif row.status == "new" or (
                 row.status_last_seen is not None
                 and row.last_seen > row.status_last_seen
@@ -220,12 +223,13 @@ class LivenessTracker:
             for key, last_seen in await self._store.mark_online(to_online):
                 back = key in self._offline
                 self._offline.discard(key)
-                self._index.set(key, last_seen.timestamp(), self._configs.timeout_ms(*key))
+                online.append((key, last_seen.timestamp(), self._configs.timeout_ms(*key)))
                 if back:
                     log.info("gateway_back_online", tenant_id=key[0], gateway_id=key[1])
                 else:
                     log.debug("gateway_first_seen", tenant_id=key[0], gateway_id=key[1])
                 self._submit(key, "online", last_seen)
+        self._index.set_many(online)
         self._update_gauges()
 
     def _stale(self, row: GatewayRow) -> bool:

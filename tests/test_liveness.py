@@ -747,3 +747,31 @@ async def test_the_change_cursor_moves_only_after_the_changes_were_applied(
             await trio.sleep_until(35)
         assert store.calls["mark_online"] == 2
         assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
+
+
+async def test_a_takeover_judges_every_gateway_on_its_own_last_seen(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The state is loaded newest first (gw0 was recorded first, and keeps
+    sending); gw1 and gw2 fell silent at 1 s. The new leader takes over at 25 s
+    and alerts both at the first tick after 31 s, not a timeout later."""
+    gw0 = ("t1", "gw0")
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.store.record(gw0, wall_at(0))
+        for key in (gw0, GW1, GW2):
+            rig.store.record(key, wall_at(1))
+        await trio.sleep_until(2)
+        for t in range(2, 25):
+            rig.store.record(gw0, wall_at(t + 0.5))
+        await trio.sleep_until(25)
+        assert [row.key for row in (await rig.store.load()).rows] == [gw0, GW1, GW2]
+        async with rig.running():
+            for t in range(25, 45):
+                await rig.beat_at(t + 0.5, gw0)
+            await trio.sleep_until(45)
+        # Ticks count from the load at 25: 35 is the first after 31 s.
+        assert rig.published() == [
+            (35, "alert.t1.gw_offline", "gw1"),
+            (35, "alert.t1.gw_offline", "gw2"),
+        ]
