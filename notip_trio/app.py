@@ -39,6 +39,7 @@ import functools
 import gc
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -428,11 +429,31 @@ def run_app(settings: Settings) -> int:
     """Run the daemon in a fresh Trio run; return the process exit code."""
     setup_logging(settings.log_level)
     tune_gc()
+    return run_logged(functools.partial(run_daemon, settings))
+
+
+def run_logged(daemon: Callable[..., Awaitable[None]]) -> int:
+    """Run `daemon(task_status=...)` in a fresh Trio run and log how it ended.
+
+    A database or NATS failure before `task_status.started()` is `startup_failed`;
+    any failure after it is `fatal` (the daemon was running).
+    """
+    started = False
+
+    async def main() -> None:
+        nonlocal started
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon)
+            started = True
+
     code = 0
     try:
-        trio.run(run_daemon, settings)
+        trio.run(main)
     except* (StartupError, DatabaseError) as group:
-        log.error("startup_failed", error=_describe(group))
+        if started:
+            log.error("fatal", error=_describe(group), exc_info=True)
+        else:
+            log.error("startup_failed", error=_describe(group))
         code = 1
     except* KeyboardInterrupt:
         code = 130

@@ -11,7 +11,9 @@ Last-seen is the time each message reached the stream, and batches from
 several replicas may apply slightly out of order; a lane stays ordered because
 its order key is clamped to the lane's newest key (`max`). The true last-seen
 is kept beside it for the wire. A clamped gateway is found due at most as late
-as the disorder, never early.
+as the disorder, never early. Rows read together (a takeover's whole state, one
+tick's changes) go in through `set_many`, oldest first, so the order they were
+read in delays nobody: only disorder across reads is clamped.
 
 When the timeout table changes, `retime` moves only the gateways whose timeout
 changed, sorted, into lanes of their own (a lane cannot take entries in the
@@ -93,6 +95,12 @@ class LaneIndex:
         else:
             entry.seen, entry.order_key = seen, order_key
         lane.order[key] = entry
+
+    def set_many(self, items: Iterable[tuple[Key, float, int]]) -> None:
+        """`set` each (key, seen, timeout_ms), oldest last-seen first: the order of
+        `items` clamps nobody."""
+        for key, seen, timeout_ms in sorted(items, key=lambda item: item[1]):
+            self.set(key, seen, timeout_ms)
 
     def discard(self, key: Key) -> bool:
         entry = self._entries.pop(key, None)

@@ -145,8 +145,8 @@ class LivenessTracker:
         """Load the whole state (once, when this replica becomes the leader)."""
         t0 = trio.current_time()
         snapshot = await self._store.load()
-        self._cursor = snapshot.cursor
         await self._apply(snapshot.rows)
+        self._cursor = snapshot.cursor
         log.info(
             "liveness_state_loaded",
             gateways=len(snapshot.rows),
@@ -159,11 +159,16 @@ class LivenessTracker:
         if self._cursor is None:
             raise RuntimeError("LivenessTracker.tick before take_over")
         changes = await self._store.changes(self._cursor)
-        self._cursor = changes.cursor
+        # The cursor moves only once the rows it covers were applied: rows whose
+        # apply failed (say, mark_online) are read again at the next tick.
         await self._apply(changes.rows)
+        self._cursor = changes.cursor
 
     async def _apply(self, rows: Iterable[GatewayRow]) -> None:
         to_online: list[Key] = []
+        # Into the index together, oldest first (`LaneIndex.set_many`): the order
+        # the rows were read in must not delay any gateway.
+        online: list[tuple[Key, float, int]] = []
         for row in rows:
             key = row.key
             if row.status == "decommissioned":
@@ -172,7 +177,7 @@ class LivenessTracker:
                     log.info("gateway_forgotten", tenant_id=key[0], gateway_id=key[1])
             elif row.status == "online":
                 self._offline.discard(key)
-                self._index.set(key, row.last_seen.timestamp(), self._configs.timeout_ms(*key))
+                online.append((key, row.last_seen.timestamp(), self._configs.timeout_ms(*key)))
             elif row.status == "new" or (
                 row.status_last_seen is not None
                 and row.last_seen > row.status_last_seen
@@ -186,12 +191,13 @@ class LivenessTracker:
             for key, last_seen in await self._store.mark_online(to_online):
                 back = key in self._offline
                 self._offline.discard(key)
-                self._index.set(key, last_seen.timestamp(), self._configs.timeout_ms(*key))
+                online.append((key, last_seen.timestamp(), self._configs.timeout_ms(*key)))
                 if back:
                     log.info("gateway_back_online", tenant_id=key[0], gateway_id=key[1])
                 else:
                     log.debug("gateway_first_seen", tenant_id=key[0], gateway_id=key[1])
             self._sink.wake()  # their reports were queued with the transitions
+        self._index.set_many(online)
         self._update_gauges()
 
     def _stale(self, row: GatewayRow) -> bool:
@@ -208,8 +214,10 @@ class LivenessTracker:
         """One liveness check: read changes, report onlines, alert the silent.
 
         Returns when every candidate has been handled. A database error ends
-        this tick (logged); the next one starts over. Must not run
-        concurrently with itself (RuntimeError).
+        this tick at once, the checks still running included (logged once); the
+        next tick starts over. A management-API or NATS error ends only the
+        candidate it happened to. Must not run concurrently with itself
+        (RuntimeError).
         """
         if self._ticking:
             raise RuntimeError("LivenessTracker.tick is already running")
@@ -231,14 +239,31 @@ class LivenessTracker:
             # A fixed pool of workers over one shared iterator: bounded
             # concurrency without one task per candidate in a mass outage.
             pending = iter(candidates)
+            failed: list[DatabaseError] = []
 
-            async def worker() -> None:
+            async def worker(scope: trio.CancelScope) -> None:
                 for candidate in pending:
-                    await self._check(candidate)
+                    try:
+                        await self._check(candidate)
+                    except DatabaseError as exc:
+                        # Every other check needs the database too: end the tick
+                        # now rather than one deadline per candidate later.
+                        failed.append(exc)
+                        scope.cancel()
+                        return
+                    except (MgmtError, NatsRequestError) as exc:
+                        log.warning(
+                            "offline_check_failed",
+                            tenant_id=candidate.key[0],
+                            gateway_id=candidate.key[1],
+                            error=f"{type(exc).__name__}: {exc}",
+                        )
 
             async with trio.open_nursery() as nursery:
                 for _ in range(min(self._concurrency, len(candidates))):
-                    nursery.start_soon(worker)
+                    nursery.start_soon(worker, nursery.cancel_scope)
+            if failed:
+                raise failed[0]
         except DatabaseError as exc:
             log.warning("liveness_tick_database_error", error=str(exc)[:300])
         finally:

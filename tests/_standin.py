@@ -66,7 +66,8 @@ async def running_standin(
     invalid_status: Iterable[Key] = (),
     delay_ms: int = 0,
 ) -> AsyncIterator[Standin]:
-    """The stand-in as its own process ("mgmt-api") until the block ends."""
+    """The stand-in as its own process ("mgmt-api") until the block ends;
+    `delay_ms` delays every reply."""
     standin = Standin(workdir / "mgmt-requests.jsonl")
     child = await trio.to_thread.run_sync(
         functools.partial(

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from notip_trio import app
@@ -302,3 +303,31 @@ async def test_readiness_names_each_part_that_is_not_ready(
     )
     with trio.fail_after(GUARD_S):
         assert await health.reasons() == reasons
+
+
+# --- how run_app reports the end ------------------------------------------------
+
+
+async def _fails_before_start(*, task_status: trio.TaskStatus[int]) -> None:
+    await trio.lowlevel.checkpoint()
+    raise DatabaseError("cannot connect to PostgreSQL (fake)")
+
+
+async def _fails_after_start(*, task_status: trio.TaskStatus[int]) -> None:
+    task_status.started(0)
+    await trio.lowlevel.checkpoint()
+    raise DatabaseError("AdminShutdown (fake)")
+
+
+@pytest.mark.parametrize(
+    ("daemon", "event"),
+    [(_fails_before_start, "startup_failed"), (_fails_after_start, "fatal")],
+)
+def test_a_failure_after_start_is_not_logged_as_startup_failed(
+    caplog: pytest.LogCaptureFixture, daemon: Any, event: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert app.run_logged(daemon) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [event]
+    assert "DatabaseError" in getattr(errors[0], "notip_ctx", {})["error"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from notip_trio.lanes import Due, LaneIndex
 
 A, B, C = ("t1", "a"), ("t1", "b"), ("t2", "c")
@@ -58,3 +60,25 @@ def test_retime_moves_only_changed_gateways_into_sorted_lanes() -> None:
     index.set(A, 120.0, 10_000)  # a later heartbeat keeps it in its moved lane
     assert [d.key for d in index.due(125.0)] == [C]
     assert index.lane_count() == 2
+
+
+def test_set_many_judges_every_gateway_on_its_own_last_seen_whatever_the_order() -> None:
+    """A takeover loads gateways in no particular order. One by one, a gateway
+    loaded after a newer one is clamped behind it (found due late, by up to the
+    spread of the load); together, each is due at its own last-seen + timeout."""
+    rows = [
+        (A, 120.0, 30_000),
+        (B, 100.0, 30_000),
+        (C, 100.0, 30_000),
+        (("t1", "d"), 110.0, 30_000),
+    ]
+    one_by_one = LaneIndex()
+    for key, seen, timeout_ms in rows:
+        one_by_one.set(key, seen, timeout_ms)
+    assert one_by_one.due(130.5) == []  # B and C wait behind A (seen at 120)
+    for order in itertools.permutations(rows):
+        index = LaneIndex()
+        index.set_many(order)
+        assert [d.key for d in index.due(130.5)] in ([B, C], [C, B])
+        assert [d.key for d in index.due(140.5)][2:] == [("t1", "d")]
+        assert index.due(150.5)[-1] == Due(A, 120.0, 30_000)

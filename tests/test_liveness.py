@@ -13,8 +13,10 @@ coincide with a tick. Every test has a hang guard.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -22,7 +24,9 @@ import trio
 import trio.testing
 
 from notip_trio.alertconfig import AlertConfigCache
+from notip_trio.errors import DatabaseError
 from notip_trio.horizon import AckFloorHorizon, Horizon, StreamClock
+from notip_trio.lanes import Key
 from notip_trio.liveness import AlertHorizon, LivenessTracker, lead_liveness
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, AlertConfig, MgmtClient
@@ -719,3 +723,117 @@ async def test_a_late_old_message_does_not_bring_an_offline_gateway_back(
             ("gw1", "online", wall_at(56)),
         ]
         assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+
+
+# --- faults inside a tick ---------------------------------------------------------
+
+
+async def test_the_store_going_down_during_a_check_ends_the_tick_not_the_leader(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """get-status takes 2 s; the store goes down meanwhile, so the re-read of
+    last-seen fails. The tick ends at once (the other candidates are not checked
+    one deadline after another), logged once; the leader keeps ticking and alerts
+    each gateway once when the store answers again."""
+    caplog.set_level(logging.WARNING)
+    gw3 = ("t1", "gw3")
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=2, concurrency=1)
+        async with rig.running():
+            await rig.beat_at(1, GW1, GW2, gw3)
+            await rig.beat_at(2)  # nothing heard after 1 s
+            await trio.sleep_until(41)
+            rig.store.down = True
+            await trio.sleep_until(45)
+            rig.store.down = False
+            await trio.sleep_until(65)
+        # The tick at 40 asked about gw1 only, then ended at 42.
+        assert rig.status_query_times() == [40, 50, 52, 54]
+        assert rig.published() == [
+            (52, "alert.t1.gw_offline", "gw1"),
+            (54, "alert.t1.gw_offline", "gw2"),
+            (56, "alert.t1.gw_offline", "gw3"),
+        ]
+        errors = [r for r in caplog.records if r.getMessage() == "liveness_tick_database_error"]
+        assert len(errors) == 1
+
+
+async def test_a_database_error_in_one_of_many_workers_ends_the_tick(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The same with every candidate checked at once: all of them fail together,
+    the tick ends, and the next one alerts each gateway once."""
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=2)
+        gateways = [("t1", f"gw{i}") for i in range(10)]
+        async with rig.running():
+            await rig.beat_at(1, *gateways)
+            await trio.sleep_until(41)
+            rig.store.down = True
+            await trio.sleep_until(45)
+            rig.store.down = False
+            await trio.sleep_until(65)
+        assert sorted(g for _, _, g in rig.published()) == sorted(g for _, g in gateways)
+        assert {t for t, _, _ in rig.published()} == {52}
+
+
+class _FailsMarkOnlineOnce(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def mark_online(self, keys: Sequence[Key]) -> list[tuple[Key, datetime]]:
+        if self.failures:
+            self.failures -= 1
+            self.calls["mark_online"] = self.calls.get("mark_online", 0) + 1
+            raise DatabaseError("OperationalError: the database is down (fake)")
+        return await super().mark_online(keys)
+
+
+async def test_the_change_cursor_moves_only_after_the_changes_were_applied(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """gw1 first heard at 1 s; the tick at 10 reads it but cannot mark it online:
+    the tick at 20 reads it again and reports it online, exactly once."""
+    with trio.fail_after(GUARD_S):
+        store = _FailsMarkOnlineOnce()
+        rig = Rig(store=store)
+        async with rig.running():
+            await rig.beat_at(1, GW1)
+            await trio.sleep_until(15)
+            assert rig.sink.brief() == []
+            assert store.status(GW1) == "new"
+            await trio.sleep_until(25)
+            assert store.status(GW1) == "online"
+            await rig.beat_at(26, GW1)
+            await trio.sleep_until(35)
+        assert store.calls["mark_online"] == 2
+        assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
+
+
+async def test_a_takeover_judges_every_gateway_on_its_own_last_seen(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The state is loaded newest first (gw0 was recorded first, and keeps
+    sending); gw1 and gw2 fell silent at 1 s. The new leader takes over at 25 s
+    and alerts both at the first tick after 31 s, not a timeout later."""
+    gw0 = ("t1", "gw0")
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.store.record(gw0, wall_at(0))
+        for key in (gw0, GW1, GW2):
+            rig.store.record(key, wall_at(1))
+        await trio.sleep_until(2)
+        for t in range(2, 25):
+            rig.store.record(gw0, wall_at(t + 0.5))
+        await trio.sleep_until(25)
+        assert [row.key for row in (await rig.store.load()).rows] == [gw0, GW1, GW2]
+        async with rig.running():
+            for t in range(25, 45):
+                await rig.beat_at(t + 0.5, gw0)
+            await trio.sleep_until(45)
+        # Ticks count from the load at 25: 35 is the first after 31 s.
+        assert rig.published() == [
+            (35, "alert.t1.gw_offline", "gw1"),
+            (35, "alert.t1.gw_offline", "gw2"),
+        ]

@@ -10,6 +10,7 @@ import pytest
 import trio
 from psycopg.conninfo import make_conninfo
 
+from notip_trio.db.pool import RECONNECT_MAX_DELAY_S, ReconnectAttempt
 from notip_trio.db.schema import (
     TimescalePlan,
     preloads_timescaledb,
@@ -231,3 +232,22 @@ async def test_unreachable_database_is_a_clear_error() -> None:
     with trio.fail_after(20), pytest.raises(DatabaseError, match="cannot connect to PostgreSQL"):
         await storage.open(timeout_s=2)
     await storage.close()
+
+
+def test_the_pool_retries_a_lost_server_at_a_bounded_interval() -> None:
+    """psycopg_pool's own policy doubles the delay up to reconnect_timeout (1, 2,
+    4, 8, 16 s ...); the pool here retries at most RECONNECT_MAX_DELAY_S apart,
+    and still gives up after reconnect_timeout."""
+    attempt = ReconnectAttempt(timeout=300.0)
+    delays: list[float] = []
+    now = 0.0
+    for _ in range(1000):
+        if attempt.time_to_give_up(now):
+            break
+        attempt.update_delay(now)
+        delays.append(attempt.delay)
+        now += attempt.delay
+    assert 0.45 <= delays[0] <= 0.55  # 0.5 s, jittered by 10 %
+    assert delays[2:7] == [RECONNECT_MAX_DELAY_S] * 5
+    assert max(delays) == RECONNECT_MAX_DELAY_S
+    assert now == pytest.approx(300.0)

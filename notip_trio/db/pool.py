@@ -26,6 +26,7 @@ from typing import Final, Self, TypeVar
 import psycopg
 import psycopg_pool
 import trio
+from psycopg_pool.base import AttemptWithBackoff
 
 from ..config import DEFAULTS, Settings
 from ..errors import DatabaseError, DeadlineExceeded
@@ -180,8 +181,33 @@ def _check(conn: Conn) -> None:
         raise
 
 
+# psycopg_pool retries a lost server with exponential backoff (1, 2, 4, 8, 16 s
+# ... until reconnect_timeout): after a 20 s outage a slot's next attempt could
+# come 16 s after the server is back, and ingest and the leader's load wait for
+# it. Retry at most this far apart instead (a refused connect costs little).
+RECONNECT_MAX_DELAY_S: Final = 1.0
+
+
+class ReconnectAttempt(AttemptWithBackoff):
+    """The pool's reconnect policy: backoff from 0.5 s, capped at RECONNECT_MAX_DELAY_S."""
+
+    INITIAL_DELAY = 0.5
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_MAX_DELAY_S)
+
+
 class _Pool(psycopg_pool.ConnectionPool[Conn]):
-    """A pool whose checked-out connections belong to the current round trip."""
+    """A pool whose checked-out connections belong to the current round trip, and
+    that retries a lost server at most RECONNECT_MAX_DELAY_S apart (overriding
+    psycopg_pool's private `_add_connection`: checked against psycopg-pool 3.3,
+    pinned in constraints.txt)."""
+
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        if attempt is None:
+            attempt = ReconnectAttempt(timeout=self.reconnect_timeout)
+        super()._add_connection(attempt, growing)
 
     def getconn(self, timeout: float | None = None) -> Conn:
         trip = current_round_trip()
