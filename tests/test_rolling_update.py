@@ -11,6 +11,10 @@ handed over in both directions by SIGTERM, as a rollout does:
 3. This code is stopped, 0.1.0 takes over, this code comes back as a
    follower: a third gateway falls silent.
 
+A second test leaves reports in the outbox for 0.1.0 to lead over: it sends
+none of them; the next leader of this code sends those still due and gives up
+the one a newer transition (made by 0.1.0) superseded.
+
 Exact counts: every message stored once, each silent gateway alerted once,
 update-status calls online then offline for the silent ones and online only
 for the others (a report repeated back to back is allowed: reports are at
@@ -185,18 +189,25 @@ def spawn_old_daemon(
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _env(nats: NatsServer, pg: PgServer, db: PgDatabase) -> dict[str, str]:
-    return daemon_env(
-        nats,
-        pg,
-        db.name,
-        HEARTBEAT_TICK_MS="250",
-        HEARTBEAT_GRACE_PERIOD_MS="0",
+def _env(nats: NatsServer, pg: PgServer, db: PgDatabase, **overrides: str) -> dict[str, str]:
+    settings = {
+        "HEARTBEAT_TICK_MS": "250",
+        "HEARTBEAT_GRACE_PERIOD_MS": "0",
         # Long, so a test whose alert config was not applied fails instead of passing.
-        ALERT_CONFIG_DEFAULT_TIMEOUT_MS="600000",
-        ALERT_CONFIG_REFRESH_MS="600000",
-        SHUTDOWN_DRAIN_MS="5000",
-    )
+        "ALERT_CONFIG_DEFAULT_TIMEOUT_MS": "600000",
+        "ALERT_CONFIG_REFRESH_MS": "600000",
+        "SHUTDOWN_DRAIN_MS": "5000",
+    }
+    return {**daemon_env(nats, pg, db.name), **settings, **overrides}
+
+
+def _check_env(release: OldRelease, env: dict[str, str]) -> None:
+    """Both releases find every variable they require; print what 0.1.0 ignores."""
+    missing = release.required - env.keys()
+    assert not missing, f"variables 0.1.0 requires that the test does not set: {sorted(missing)}"
+    assert not set(new_config.REQUIRED_VARIABLES) - env.keys()
+    unknown_to_old = sorted(env.keys() - release.known)
+    print(f"variables 0.1.0 does not know (it ignores them): {unknown_to_old or 'none'}")
 
 
 def _metric(daemon: DaemonProcess, name: str) -> float:
@@ -258,12 +269,7 @@ async def test_old_and_new_replicas_hand_the_lock_over_both_ways(
     gateways = Gateways(nats, names)
     configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]
     env = functools.partial(_env, nats, pg_server, pg_database)  # a fresh metrics port each
-    sample = env()
-    missing = old_release.required - sample.keys()
-    assert not missing, f"variables 0.1.0 requires that the test does not set: {sorted(missing)}"
-    assert not set(new_config.REQUIRED_VARIABLES) - sample.keys()
-    unknown_to_old = sorted(sample.keys() - old_release.known)
-    print(f"variables 0.1.0 does not know (it ignores them): {unknown_to_old or 'none'}")
+    _check_env(old_release, env())
     conninfo = pg_database.conninfo
     times: dict[str, float] = {}
     with trio.fail_after(420):
@@ -362,3 +368,113 @@ async def test_old_and_new_replicas_hand_the_lock_over_both_ways(
         seen = [dt.datetime.fromisoformat(at) for _, _, at in updates]
         assert seen == sorted(seen), (name, updates)
     assert pending == 0  # no report left behind in the outbox
+
+
+def _outbox(conninfo: str) -> list[str]:
+    """The gateways with a report pending in the outbox, in queue order."""
+    import psycopg
+
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        rows = conn.execute("SELECT gateway_id FROM gateway_status_outbox ORDER BY id").fetchall()
+    return [str(row[0]) for row in rows]
+
+
+async def test_reports_a_new_leader_left_wait_for_the_next_new_leader(
+    old_release: OldRelease,
+    private_nats_server: NatsServer,
+    pg_server: PgServer,
+    pg_database: PgDatabase,
+    tmp_path: Path,
+) -> None:
+    """update-status takes 2 s. This code leads and five gateways fall silent: it
+    alerts them and queues their offline reports in the outbox, and is stopped
+    (SIGTERM, a 1 s drain) with reports still queued. 0.1.0 takes over: it
+    does not send them (it knows no outbox). One of those gateways comes back:
+    0.1.0 reports it online. This code takes over again: it sends the reports
+    still due and gives up the one a newer transition superseded, so the
+    management API never hears an older update after a newer one."""
+    nats = private_nats_server
+    silent = [f"s{i:02d}" for i in range(5)]
+    live = ["l00", "l01"]
+    gateways = Gateways(nats, silent + live)
+    configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]
+    env = functools.partial(_env, nats, pg_server, pg_database, SHUTDOWN_DRAIN_MS="1000")
+    _check_env(old_release, env())
+    conninfo = pg_database.conninfo
+    with trio.fail_after(300):
+        async with running_standin(nats, tmp_path, configs=configs, delay_ms=2000) as standin:
+            gateways.start()
+            try:
+                with contextlib.ExitStack() as stack:
+                    new1 = stack.enter_context(spawn_daemon(env(), tmp_path / "new1.log"))
+                    await new1.wait_ready()
+                    await _leads(new1, "the new replica leads")
+                    old1 = stack.enter_context(
+                        spawn_old_daemon(old_release, env(), tmp_path / "old1.log")
+                    )
+                    await old1.wait_ready()
+                    await until(
+                        lambda: all(standin.statuses(g) for g in silent + live),
+                        60,
+                        "every gateway online",
+                    )
+                    for name in silent:
+                        gateways.silence(name)
+                    await until(
+                        lambda: any("offline" in standin.statuses(g) for g in silent),
+                        60,
+                        "the first offline update under way",
+                    )
+                    await _stop(new1)
+                    await _leads(old1, "0.1.0 takes over")
+                    left = await trio.to_thread.run_sync(_outbox, conninfo)
+                    await trio.sleep(3)  # 0.1.0 leads: would it send them?
+                    still = await trio.to_thread.run_sync(_outbox, conninfo)
+                    unsent = [g for g in left if "offline" not in standin.statuses(g)]
+                    assert len(unsent) >= 2, (left, standin.updates())
+                    back = unsent[0]
+                    gateways.resume(back)
+                    await until(
+                        lambda: standin.statuses(back) == ["online", "online"],
+                        30,
+                        f"{back} reported online again by 0.1.0",
+                    )
+                    new2 = stack.enter_context(spawn_daemon(env(), tmp_path / "new2.log"))
+                    await new2.wait_ready()
+                    await _stop(old1)
+                    await _leads(new2, "the new replica takes over again")
+                    gone = [g for g in silent if g != back]
+                    await until(
+                        lambda: all("offline" in standin.statuses(g) for g in gone),
+                        60,
+                        "every gateway still silent reported offline",
+                    )
+                    await until(lambda: not _outbox(conninfo), 30, "the outbox empty")
+                    await trio.sleep(3)  # a stray update or alert would come now
+                    await trio.to_thread.run_sync(gateways.stop)
+                    sent = gateways.sent
+                    await until(
+                        lambda: drained(nats) and telemetry_rows(conninfo) >= sent,
+                        60,
+                        "every message stored and acked",
+                    )
+                    await _stop(new2)
+            finally:
+                await trio.to_thread.run_sync(gateways.stop)
+        alerts = await trio.to_thread.run_sync(_js.stream_messages, nats, "ALERTS")
+
+    dropped = [e for e in new2.json_logs() if e["event"] == "status_update_dropped"]
+    print(f"outbox at the handover to 0.1.0: {left}; {back} came back; "
+          f"given up by the next new leader: {[e['gateway_id'] for e in dropped]}")  # fmt: skip
+    assert still == left  # 0.1.0 sent none of them, and cleared none
+    assert [(e["gateway_id"], e["reason"]) for e in dropped] == [(back, "superseded")]
+    assert sorted(body["gatewayId"] for _, body, _ in alerts) == silent
+    assert standin.statuses(back) == ["online", "online"]  # its offline was superseded
+    for name in gone:
+        assert _collapsed(standin.statuses(name)) == ["online", "offline"], name
+    for name in live:
+        assert standin.statuses(name) == ["online"], name
+    for name in silent + live:
+        seen = [dt.datetime.fromisoformat(at) for _, _, at in standin.updates(name)]
+        assert seen == sorted(seen), (name, standin.updates(name))
+    assert telemetry_rows(conninfo) == sent
