@@ -36,6 +36,9 @@ from typing import Any
 import pytest
 import trio
 
+from devstack.env import daemon_env
+from devstack.natsd import NatsServer
+from devstack.postgres import PgDatabase, PgServer
 from devstack.proc import Child, python_module
 from notip_trio.app import run_daemon
 from notip_trio.config import Settings, load_settings
@@ -147,6 +150,22 @@ class DaemonProcess:
         except (urllib.error.URLError, OSError):
             return None
 
+    def metric(self, name: str) -> float:
+        """A sample of /metrics by its full name (no labels); NaN while nothing answers."""
+        answer = self.try_get("/metrics")
+        if answer is None or answer[0] != 200:
+            return float("nan")
+        for line in answer[1].splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not on /metrics")
+
+    async def sigkill(self) -> None:
+        """SIGKILL it and wait for it to be gone (exit code -9 asserted)."""
+        self.signal(signal.SIGKILL)
+        code, _ = await self.wait_exit(10)
+        assert code == -signal.SIGKILL, code
+
     async def wait_ready(self, limit_s: float = 60.0) -> None:
         """Poll /readyz until 200; fail with the log tail if it exits or takes too long."""
         with trio.move_on_after(limit_s):
@@ -173,6 +192,27 @@ class DaemonProcess:
                 await trio.sleep(0.01)
             return code, time.monotonic() - since
         raise AssertionError(f"daemon still running after {limit_s} s:\n{self.tail()}")
+
+
+def liveness_env(
+    nats: NatsServer, pg: PgServer, db: PgDatabase, **overrides: str
+) -> dict[str, str]:
+    """The daemon's environment for the real-process liveness tests: 250 ms ticks,
+    no grace period, a default timeout long enough that a test whose alert config
+    was not applied fails instead of passing; a fresh metrics port each call."""
+    return daemon_env(
+        nats,
+        pg,
+        db.name,
+        **{
+            "HEARTBEAT_TICK_MS": "250",
+            "HEARTBEAT_GRACE_PERIOD_MS": "0",
+            "ALERT_CONFIG_DEFAULT_TIMEOUT_MS": "600000",
+            "ALERT_CONFIG_REFRESH_MS": "600000",
+            "SHUTDOWN_DRAIN_MS": "5000",
+        }
+        | overrides,
+    )
 
 
 @contextmanager

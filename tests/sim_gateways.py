@@ -72,3 +72,8 @@ class Gateways:
                 await asyncio.sleep(self.period_s)
 
         _js.run_nats(self.server, fn, "gateway-sim", timeout_s=600)
+
+
+def alerted_gateways(server: NatsServer) -> list[str]:
+    """The gatewayId of every offline alert in the ALERTS stream, sorted (repeats kept)."""
+    return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(server, "ALERTS"))

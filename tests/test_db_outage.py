@@ -27,10 +27,9 @@ from devstack.postgres import PgDatabase, PgServer
 from notip_trio.mgmt import SUBJECT_GET_STATUS
 
 from ._standin import running_standin
-from .fix_daemon import DaemonProcess, spawn_daemon, until
+from .fix_daemon import DaemonProcess, liveness_env, spawn_daemon, until
 from .fix_servers import drained, telemetry_rows
-from .sim_gateways import TENANT, Gateways
-from .test_ha import _env
+from .sim_gateways import TENANT, Gateways, alerted_gateways
 
 # Daemons as their own processes, their database stopped and its backends ended.
 pytestmark = pytest.mark.slow
@@ -81,10 +80,6 @@ def _first_request(server: NatsServer, subject: str, listening: threading.Event)
     _js.run_nats(server, fn, "test-client", timeout_s=120)
 
 
-def _alerts(server: NatsServer) -> list[str]:
-    return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(server, "ALERTS"))
-
-
 async def test_pool_backends_terminated_during_a_tick_end_the_tick_not_the_process(
     private_nats_server: NatsServer, pg_server: PgServer, pg_database: PgDatabase, tmp_path: Path
 ) -> None:
@@ -106,7 +101,9 @@ async def test_pool_backends_terminated_during_a_tick_end_the_tick_not_the_proce
         async with running_standin(nats, tmp_path, configs=configs, delay_ms=2000) as standin:
             gateways.start()
             try:
-                with spawn_daemon(_env(nats, pg_server, db), tmp_path / "daemon.log") as daemon:
+                with spawn_daemon(
+                    liveness_env(nats, pg_server, db), tmp_path / "daemon.log"
+                ) as daemon:
                     await daemon.wait_ready()
                     await until(
                         lambda: all(standin.statuses(g) == ["online"] for g in silent + alive),
@@ -155,7 +152,7 @@ async def test_pool_backends_terminated_during_a_tick_end_the_tick_not_the_proce
                     events = [e["event"] for e in daemon.json_logs()]
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
-        alerted = await trio.to_thread.run_sync(_alerts, nats)
+        alerted = await trio.to_thread.run_sync(alerted_gateways, nats)
 
     assert ended >= 1
     assert "liveness_tick_database_error" in events  # the fault hit a tick
@@ -196,7 +193,7 @@ async def test_ingest_and_the_leaders_load_resume_soon_after_a_database_outage(
         async with running_standin(nats, tmp_path, configs=configs) as standin:
             gateways.start()
             try:
-                with spawn_daemon(_env(nats, pg, db), tmp_path / "daemon.log") as daemon:
+                with spawn_daemon(liveness_env(nats, pg, db), tmp_path / "daemon.log") as daemon:
                     await daemon.wait_ready()
                     await until(
                         lambda: all(standin.statuses(g) == ["online"] for g in names),
@@ -239,7 +236,7 @@ async def test_ingest_and_the_leaders_load_resume_soon_after_a_database_outage(
                     assert code == 0, daemon.tail()
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
-        alerted = await trio.to_thread.run_sync(_alerts, nats)
+        alerted = await trio.to_thread.run_sync(alerted_gateways, nats)
 
     assert telemetry_rows(db.conninfo) == sent
     # The nak'd backlog holds the durable's ack floor, so the horizon waits for it.

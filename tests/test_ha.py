@@ -22,15 +22,12 @@ import pytest
 import trio
 
 from devstack import js as _js
-from devstack.env import daemon_env
-from devstack.natsd import NatsServer
-from devstack.postgres import PgDatabase, PgServer
 from devstack.relay import Relay
 
 from ._standin import running_standin
-from .fix_daemon import DaemonProcess, spawn_daemon, until
+from .fix_daemon import liveness_env, spawn_daemon, until
 from .fix_servers import DURABLE, drained, telemetry_rows
-from .sim_gateways import TENANT, Gateways
+from .sim_gateways import TENANT, Gateways, alerted_gateways
 
 # Daemons as their own processes, SIGKILLed and restarted.
 pytestmark = pytest.mark.slow
@@ -38,44 +35,11 @@ pytestmark = pytest.mark.slow
 TIMEOUT_MS = 2000
 
 
-def _env(nats: NatsServer, pg: PgServer, db: PgDatabase) -> dict[str, str]:
-    return daemon_env(
-        nats,
-        pg,
-        db.name,
-        HEARTBEAT_TICK_MS="250",
-        HEARTBEAT_GRACE_PERIOD_MS="0",
-        # Long, so a test whose alert config was not applied fails instead of passing.
-        ALERT_CONFIG_DEFAULT_TIMEOUT_MS="600000",
-        ALERT_CONFIG_REFRESH_MS="600000",
-        SHUTDOWN_DRAIN_MS="5000",
-    )
-
-
-def _alerted(server: NatsServer) -> list[str]:
-    return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(server, "ALERTS"))
-
-
-def _metric(daemon: DaemonProcess, name: str) -> float:
-    status, body = daemon.get("/metrics")
-    assert status == 200
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not on /metrics")
-
-
-async def _kill(daemon: DaemonProcess) -> None:
-    daemon.signal(signal.SIGKILL)
-    code, _ = await daemon.wait_exit(10)
-    assert code == -signal.SIGKILL
-
-
 async def test_restart_alerts_the_gateway_that_fell_silent_around_a_sigkill(
     private_nats_server, pg_server, pg_database, tmp_path: Path
 ) -> None:
     nats = private_nats_server
-    env = _env(nats, pg_server, pg_database)
+    env = liveness_env(nats, pg_server, pg_database)
     configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]
     gateways = Gateways(nats, ["A", "B", "C"])
     with trio.fail_after(180):
@@ -93,7 +57,7 @@ async def test_restart_alerts_the_gateway_that_fell_silent_around_a_sigkill(
                     await until(lambda: "offline" in standin.statuses("B"), 30, "B offline")
                     a_last = gateways.silence("A")
                     await trio.sleep(0.5)  # A falls silent 0.5 s before the kill
-                    await _kill(first)
+                    await first.sigkill()
                 await trio.sleep(1.5)  # down 1.5 s while C keeps sending
                 with spawn_daemon(env, tmp_path / "second.log") as second:
                     await second.wait_ready()
@@ -150,8 +114,12 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
             gateways.start()
             try:
                 with (
-                    spawn_daemon(_env(nats, pg_server, pg_database), tmp_path / "r1.log") as r1,
-                    spawn_daemon(_env(nats, pg_server, pg_database), tmp_path / "r2.log") as r2,
+                    spawn_daemon(
+                        liveness_env(nats, pg_server, pg_database), tmp_path / "r1.log"
+                    ) as r1,
+                    spawn_daemon(
+                        liveness_env(nats, pg_server, pg_database), tmp_path / "r2.log"
+                    ) as r2,
                 ):
                     await r1.wait_ready()
                     await r2.wait_ready()
@@ -162,7 +130,7 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
                     )
                     await trio.sleep(2)  # both replicas ingest
                     leaders = [
-                        await trio.to_thread.run_sync(_metric, r, "notip_consumer_liveness_leader")
+                        await trio.to_thread.run_sync(r.metric, "notip_consumer_liveness_leader")
                         for r in (r1, r2)
                     ]
                     assert sorted(leaders) == [0.0, 1.0]
@@ -170,7 +138,7 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
 
                     gateways.silence("g00")
                     await until(lambda: "offline" in standin.statuses("g00"), 30, "g00 offline")
-                    await _kill(leader)
+                    await leader.sigkill()
                     killed_at = time.monotonic()
                     g01_last = gateways.silence("g01")
                     await until(lambda: "offline" in standin.statuses("g01"), 30, "g01 offline")
@@ -178,9 +146,12 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
                         f"takeover: g01 reported offline {time.monotonic() - killed_at:.2f} s "
                         f"after the SIGKILL (its last message {g01_last.isoformat()})"
                     )
-                    assert await trio.to_thread.run_sync(
-                        _metric, survivor, "notip_consumer_liveness_leader"
-                    ) == 1.0
+                    assert (
+                        await trio.to_thread.run_sync(
+                            survivor.metric, "notip_consumer_liveness_leader"
+                        )
+                        == 1.0
+                    )
                     await trio.sleep(2)  # any false alert would show now
                     await trio.to_thread.run_sync(gateways.stop)
                     sent = gateways.sent
@@ -195,7 +166,7 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
                     await survivor.wait_exit(30)
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
-        alerted = await trio.to_thread.run_sync(_alerted, nats)
+        alerted = await trio.to_thread.run_sync(alerted_gateways, nats)
 
     assert alerted == ["g00", "g01"]
     assert telemetry_rows(conninfo) == sent
@@ -220,14 +191,16 @@ async def test_a_leader_cut_off_from_postgres_without_a_close_is_replaced(
     configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]
     leader = "notip_consumer_liveness_leader"
     with Relay.start(pg_server.host, pg_server.port) as relay, trio.fail_after(300):
-        env_a = _env(nats, pg_server, pg_database) | {"DB_PORT": str(relay.port)}
+        env_a = liveness_env(nats, pg_server, pg_database) | {"DB_PORT": str(relay.port)}
         async with running_standin(nats, tmp_path, configs=configs) as standin:
             gateways.start()
             try:
                 with spawn_daemon(env_a, tmp_path / "a.log") as a:
                     await a.wait_ready()
-                    await until(lambda: _metric(a, leader) == 1.0, 30, "A leads")
-                    with spawn_daemon(_env(nats, pg_server, pg_database), tmp_path / "b.log") as b:
+                    await until(lambda: a.metric(leader) == 1.0, 30, "A leads")
+                    with spawn_daemon(
+                        liveness_env(nats, pg_server, pg_database), tmp_path / "b.log"
+                    ) as b:
                         await b.wait_ready()
                         await until(
                             lambda: all(standin.statuses(g) == ["online"] for g in names),
@@ -235,28 +208,28 @@ async def test_a_leader_cut_off_from_postgres_without_a_close_is_replaced(
                             "every gateway online",
                         )
                         await trio.sleep(2)  # both replicas ingest
-                        assert await trio.to_thread.run_sync(_metric, b, leader) == 0.0
+                        assert await trio.to_thread.run_sync(b.metric, leader) == 0.0
 
                         frozen = relay.blackhole()
                         cut_at = time.monotonic()
                         gateways.silence("g00")
                         # The hang guard (60 s), well above the ~21 s bound: never a speed check.
-                        await until(lambda: _metric(b, leader) == 1.0, 60, "B leads")
+                        await until(lambda: b.metric(leader) == 1.0, 60, "B leads")
                         took_over_s = time.monotonic() - cut_at
                         await until(lambda: "offline" in standin.statuses("g00"), 30, "g00 offline")
                         alerted_s = time.monotonic() - cut_at
                         # A's held deliveries come back after ack_wait (30 s): a repeated
                         # or a false alert or update would come by then.
                         await trio.sleep_until(trio.current_time() + max(3.0, 35 - alerted_s))
-                        a_leads = await trio.to_thread.run_sync(_metric, a, leader)
+                        a_leads = await trio.to_thread.run_sync(a.metric, leader)
                         b_takeovers = await trio.to_thread.run_sync(
-                            _metric, b, "notip_consumer_liveness_takeovers_total"
+                            b.metric, "notip_consumer_liveness_takeovers_total"
                         )
                         a_logs = [e["event"] for e in a.json_logs()]
                         b_logs = [e["event"] for e in b.json_logs()]
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
-        alerted = await trio.to_thread.run_sync(_alerted, nats)
+        alerted = await trio.to_thread.run_sync(alerted_gateways, nats)
     print(
         f"\nblackhole: {frozen} connections of A frozen; B leads {took_over_s:.1f} s after, "
         f"g00 reported offline {alerted_s:.1f} s after"

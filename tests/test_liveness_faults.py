@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -26,32 +25,16 @@ import pytest
 import trio
 
 from devstack import js as _js
-from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
 
 from ._standin import running_standin
-from .fix_daemon import DaemonProcess, spawn_daemon, until
+from .fix_daemon import DaemonProcess, liveness_env, spawn_daemon, until
 from .fix_servers import DURABLE, drained, scalar, telemetry_rows
-from .sim_gateways import TENANT, Gateways
+from .sim_gateways import TENANT, Gateways, alerted_gateways
 
 # Daemons as their own processes, SIGKILLed, restarted, their database stopped.
 pytestmark = pytest.mark.slow
-
-
-def _env(nats: NatsServer, pg: PgServer, db: PgDatabase, **overrides: str) -> dict[str, str]:
-    return daemon_env(
-        nats,
-        pg,
-        db.name,
-        HEARTBEAT_TICK_MS="250",
-        HEARTBEAT_GRACE_PERIOD_MS="0",
-        # Long, so a test whose alert config was not applied fails instead of passing.
-        ALERT_CONFIG_DEFAULT_TIMEOUT_MS="600000",
-        ALERT_CONFIG_REFRESH_MS="600000",
-        SHUTDOWN_DRAIN_MS="5000",
-        **overrides,
-    )
 
 
 def _durable(nats: NatsServer, *, ack_wait_s: float, max_ack_pending: int) -> None:
@@ -83,35 +66,15 @@ def _consumer_info(nats: NatsServer) -> dict[str, Any]:
     return _js.run_nats(nats, info)
 
 
-def _alerts(nats: NatsServer) -> list[str]:
-    return sorted(body["gatewayId"] for _, body, _ in _js.stream_messages(nats, "ALERTS"))
-
-
-def _metric(daemon: DaemonProcess, name: str) -> float:
-    answer = daemon.try_get("/metrics")
-    if answer is None or answer[0] != 200:
-        return float("nan")
-    for line in answer[1].splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not on /metrics")
-
-
 async def _leader_of(*daemons: DaemonProcess) -> DaemonProcess:
     found: list[DaemonProcess] = []
 
     def one_leader() -> bool:
-        found[:] = [d for d in daemons if _metric(d, "notip_consumer_liveness_leader") == 1.0]
+        found[:] = [d for d in daemons if d.metric("notip_consumer_liveness_leader") == 1.0]
         return len(found) == 1
 
     await until(one_leader, 30, "exactly one leader")
     return found[0]
-
-
-async def _kill(daemon: DaemonProcess) -> None:
-    daemon.signal(signal.SIGKILL)
-    code, _ = await daemon.wait_exit(10)
-    assert code == -signal.SIGKILL
 
 
 def _collapsed(statuses: list[str]) -> list[str]:
@@ -135,7 +98,7 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
     names = [f"g{i:02d}" for i in range(30)]
     gateways = Gateways(nats, names, period_s=6.0)
     configs = [{"tenant_id": TENANT, "timeout_ms": 9000}]
-    env = functools.partial(_env, nats, pg_server, pg_database)  # a fresh metrics port each
+    env = functools.partial(liveness_env, nats, pg_server, pg_database)  # a fresh metrics port each
     received_before_kill: list[float] = []
     with trio.fail_after(300):
         async with running_standin(nats, tmp_path, configs=configs) as standin:
@@ -143,7 +106,7 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
             try:
                 with spawn_daemon(env(), tmp_path / "leader.log") as leader:
                     await leader.wait_ready()
-                    await until(lambda: _metric(leader, "notip_consumer_liveness_leader") == 1.0,
+                    await until(lambda: leader.metric("notip_consumer_liveness_leader") == 1.0,
                                 30, "the first replica leads")  # fmt: skip
                     for round_ in range(3):
                         with spawn_daemon(env(), tmp_path / f"follower{round_}.log") as follower:
@@ -155,7 +118,7 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
                             )
                             await until(
                                 lambda: (
-                                    _metric(follower, "notip_consumer_messages_received_total") > 0
+                                    follower.metric("notip_consumer_messages_received_total") > 0
                                 ),
                                 30,
                                 "the follower ingests",
@@ -166,10 +129,10 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
                             await trio.sleep(0.1)
                             received_before_kill.append(
                                 await trio.to_thread.run_sync(
-                                    _metric, follower, "notip_consumer_messages_received_total"
+                                    follower.metric, "notip_consumer_messages_received_total"
                                 )
                             )
-                            await _kill(follower)
+                            await follower.sigkill()
                         await trio.sleep(1)
                     with spawn_daemon(env(), tmp_path / "follower-last.log") as follower:
                         await follower.wait_ready()
@@ -190,7 +153,7 @@ async def test_a_follower_sigkilled_three_times_raises_no_false_alert(
                         info = await trio.to_thread.run_sync(_consumer_info, nats)
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
-        alerted = await trio.to_thread.run_sync(_alerts, nats)
+        alerted = await trio.to_thread.run_sync(alerted_gateways, nats)
 
     redelivered = info["delivered"]["consumer_seq"] - info["delivered"]["stream_seq"]
     print(f"follower had received {received_before_kill} messages at each kill; "
@@ -218,7 +181,7 @@ async def test_the_leader_sigkilled_with_reports_pending_loses_none(
     live = ["l00", "l01"]
     gateways = Gateways(nats, silent + live)
     configs = [{"tenant_id": TENANT, "timeout_ms": 2000}]
-    env = functools.partial(_env, nats, pg_server, pg_database)  # a fresh metrics port each
+    env = functools.partial(liveness_env, nats, pg_server, pg_database)  # a fresh metrics port each
     conninfo = pg_database.conninfo
     with trio.fail_after(300):
         async with running_standin(nats, tmp_path, configs=configs, delay_ms=500) as standin:
@@ -248,7 +211,7 @@ async def test_the_leader_sigkilled_with_reports_pending_loses_none(
                     pending = await trio.to_thread.run_sync(
                         scalar, conninfo, "SELECT count(*) FROM gateway_status_outbox"
                     )
-                    await _kill(leader)
+                    await leader.sigkill()
                     killed_at = time.monotonic()
                     await until(
                         lambda: all("offline" in standin.statuses(g) for g in silent),
@@ -259,7 +222,7 @@ async def test_the_leader_sigkilled_with_reports_pending_loses_none(
                           f"{time.monotonic() - killed_at:.1f} s after it")  # fmt: skip
                     assert (
                         await trio.to_thread.run_sync(
-                            _metric, survivor, "notip_consumer_liveness_leader"
+                            survivor.metric, "notip_consumer_liveness_leader"
                         )
                         == 1.0
                     )
@@ -295,7 +258,7 @@ async def test_a_database_outage_under_load_raises_no_false_alert(
     names = [f"g{i:03d}" for i in range(200)]
     gateways = Gateways(nats, names, period_s=0.2)
     configs = [{"tenant_id": TENANT, "timeout_ms": 5000}]
-    env = functools.partial(_env, nats, pg, db)  # a fresh metrics port each
+    env = functools.partial(liveness_env, nats, pg, db)  # a fresh metrics port each
     with trio.fail_after(400):
         async with running_standin(nats, tmp_path, configs=configs) as standin:
             gateways.start()
@@ -335,14 +298,14 @@ async def test_a_database_outage_under_load_raises_no_false_alert(
                     write_errors = sum(
                         [
                             await trio.to_thread.run_sync(
-                                _metric, d, "notip_consumer_write_errors_total"
+                                d.metric, "notip_consumer_write_errors_total"
                             )
                             for d in (r1, r2)
                         ]
                     )
             finally:
                 await trio.to_thread.run_sync(gateways.stop)
-        alerted = await trio.to_thread.run_sync(_alerts, nats)
+        alerted = await trio.to_thread.run_sync(alerted_gateways, nats)
 
     assert write_errors > 0  # the fault: writes failed while PostgreSQL was down
     assert alerted == []
@@ -369,7 +332,7 @@ async def test_alert_delay_after_the_timeout_with_one_and_three_replicas(
     silent = names[:20]
     gateways = Gateways(nats, names)
     configs = [{"tenant_id": TENANT, "timeout_ms": 2000}]
-    env = functools.partial(_env, nats, pg_server, pg_database)  # a fresh metrics port each
+    env = functools.partial(liveness_env, nats, pg_server, pg_database)  # a fresh metrics port each
     with trio.fail_after(240):
         async with running_standin(nats, tmp_path, configs=configs) as standin:
             gateways.start()

@@ -52,14 +52,13 @@ import pytest
 import trio
 
 from devstack import js as _js
-from devstack.env import daemon_env
 from devstack.natsd import NatsServer
 from devstack.postgres import PgDatabase, PgServer
 from devstack.proc import Child
 from notip_trio import config as new_config
 
 from ._standin import Standin, running_standin
-from .fix_daemon import DaemonProcess, spawn_daemon, until
+from .fix_daemon import DaemonProcess, liveness_env, spawn_daemon, until
 from .fix_servers import drained, in_ci, require, scalar, telemetry_rows
 from .sim_gateways import TENANT, Gateways
 
@@ -190,15 +189,7 @@ def spawn_old_daemon(
 
 
 def _env(nats: NatsServer, pg: PgServer, db: PgDatabase, **overrides: str) -> dict[str, str]:
-    settings = {
-        "HEARTBEAT_TICK_MS": "250",
-        "HEARTBEAT_GRACE_PERIOD_MS": "0",
-        # Long, so a test whose alert config was not applied fails instead of passing.
-        "ALERT_CONFIG_DEFAULT_TIMEOUT_MS": "600000",
-        "ALERT_CONFIG_REFRESH_MS": "600000",
-        "SHUTDOWN_DRAIN_MS": "5000",
-    }
-    return {**daemon_env(nats, pg, db.name), **settings, **overrides}
+    return liveness_env(nats, pg, db, **overrides)
 
 
 def _check_env(release: OldRelease, env: dict[str, str]) -> None:
@@ -210,18 +201,8 @@ def _check_env(release: OldRelease, env: dict[str, str]) -> None:
     print(f"variables 0.1.0 does not know (it ignores them): {unknown_to_old or 'none'}")
 
 
-def _metric(daemon: DaemonProcess, name: str) -> float:
-    answer = daemon.try_get("/metrics")
-    if answer is None or answer[0] != 200:
-        return float("nan")
-    for line in answer[1].splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not on /metrics")
-
-
 async def _leads(daemon: DaemonProcess, what: str) -> None:
-    await until(lambda: _metric(daemon, LEADER) == 1.0, 30, what)
+    await until(lambda: daemon.metric(LEADER) == 1.0, 30, what)
 
 
 async def _stop(daemon: DaemonProcess) -> float:
@@ -289,11 +270,11 @@ async def test_old_and_new_replicas_hand_the_lock_over_both_ways(
                     )
                     for daemon in (old1, new1):
                         await until(
-                            lambda: _metric(daemon, "notip_consumer_messages_received_total") > 0,  # noqa: B023
+                            lambda: daemon.metric("notip_consumer_messages_received_total") > 0,  # noqa: B023
                             30,
                             "both replicas ingest",
                         )
-                    assert _metric(new1, LEADER) == 0.0
+                    assert new1.metric(LEADER) == 0.0
 
                     # 1. 0.1.0 leads beside this code.
                     times["0.1.0 leads"] = await _falls_silent(gateways, standin, "g00")
@@ -308,11 +289,11 @@ async def test_old_and_new_replicas_hand_the_lock_over_both_ways(
                     )
                     await old2.wait_ready()
                     await until(
-                        lambda: _metric(old2, "notip_consumer_messages_received_total") > 0,
+                        lambda: old2.metric("notip_consumer_messages_received_total") > 0,
                         30,
                         "the restarted 0.1.0 ingests",
                     )
-                    assert _metric(old2, LEADER) == 0.0
+                    assert old2.metric(LEADER) == 0.0
                     times["new leads"] = await _falls_silent(gateways, standin, "g01")
 
                     # 3. This code stopped: 0.1.0 takes over; this code comes back.
@@ -323,7 +304,7 @@ async def test_old_and_new_replicas_hand_the_lock_over_both_ways(
                     new2 = stack.enter_context(spawn_daemon(env(), tmp_path / "new2.log"))
                     await new2.wait_ready()
                     await until(
-                        lambda: _metric(new2, "notip_consumer_messages_received_total") > 0,
+                        lambda: new2.metric("notip_consumer_messages_received_total") > 0,
                         30,
                         "the restarted new replica ingests",
                     )
@@ -337,7 +318,7 @@ async def test_old_and_new_replicas_hand_the_lock_over_both_ways(
                         60,
                         "every message stored and acked",
                     )
-                    leaders = {d: _metric(d, LEADER) for d in (old2, new2)}
+                    leaders = {d: d.metric(LEADER) for d in (old2, new2)}
                     for daemon in (new2, old2):  # the follower first: no third takeover
                         await _stop(daemon)
                     pending = await trio.to_thread.run_sync(
