@@ -120,9 +120,7 @@ async def check_nats(settings: Settings, emit: Emit) -> None:
     specs = (telemetry_spec(settings), decommission_spec())
     try:
         with trio.fail_after(settings.nats_connect_timeout_s + 2):
-            bridge = await NatsBridge.from_settings(
-                settings, name="notip-trio-check", retry=False
-            )
+            bridge = await NatsBridge.from_settings(settings, name="notip-trio-check", retry=False)
     except (StartupError, trio.TooSlowError) as exc:
         reason = str(exc).removeprefix("NATS: ") or "no connection"
         emit(Result("FAILED", "nats", reason, nats_hint(reason)))
