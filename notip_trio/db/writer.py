@@ -45,14 +45,15 @@ SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemet
     WHERE t.tenant_id = s.tenant_id AND t.gateway_id = s.gateway_id
       AND t.time = s.time AND t.sensor_id = s.sensor_id)
 """
-# On a hypertable with compression: rows already stored are left out before the
-# insert, so ON CONFLICT only settles races with another replica. Some TimescaleDB
+# On a hypertable with compression: rows already stored, and repeats within the
+# batch, are left out before the insert, so ON CONFLICT only settles races with
+# another replica. Some TimescaleDB
 # releases ended an INSERT ... ON CONFLICT DO NOTHING into compressed chunks at its
 # first conflict, dropping the rows after it (timescale/timescaledb#7672, fixed
 # in 2.18.1); with the conflicts filtered out, that path is not taken.
 _MERGE_GUARDED: Final = f"""
 INSERT INTO telemetry ({_COLS})
-SELECT {_COLS} FROM telemetry_stage s
+SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemetry_stage s
  WHERE NOT EXISTS (
    SELECT 1 FROM telemetry t
     WHERE t.tenant_id = s.tenant_id AND t.gateway_id = s.gateway_id
