@@ -47,10 +47,10 @@ SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemet
 """
 # On a hypertable with compression: rows already stored, and repeats within the
 # batch, are left out before the insert, so ON CONFLICT only settles races with
-# another replica. Some TimescaleDB
-# releases ended an INSERT ... ON CONFLICT DO NOTHING into compressed chunks at its
-# first conflict, dropping the rows after it (timescale/timescaledb#7672, fixed
-# in 2.18.1); with the conflicts filtered out, that path is not taken.
+# another replica. TimescaleDB 2.17.2 was reported to end an INSERT ... ON CONFLICT
+# DO NOTHING into compressed chunks at its first conflict, dropping the rows after
+# it (timescale/timescaledb#7672, fixed by #7673); with the conflicts filtered out,
+# that path is not taken.
 _MERGE_GUARDED: Final = f"""
 INSERT INTO telemetry ({_COLS})
 SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemetry_stage s
