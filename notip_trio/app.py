@@ -47,6 +47,7 @@ import trio
 from . import wire
 from .alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from .config import Settings
+from .db.lifecycle import Lifecycle
 from .db.writer import Storage
 from .decommission import run_decommission
 from .dispatch import Dispatcher
@@ -107,7 +108,7 @@ async def run_daemon(
         storage = Storage.from_settings(settings)
         await storage.open(timeout_s=30.0)
         try:
-            schema = await storage.migrate()
+            schema = await storage.migrate(Lifecycle.from_settings(settings))
             log.info(
                 "database_ready",
                 storage="timescaledb hypertable" if schema.hypertable else "plain PostgreSQL",

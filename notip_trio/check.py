@@ -42,6 +42,13 @@ import trio
 from . import wire
 from .config import Settings
 from .db.facts import DB_CONNECT_TIMEOUT_S, DB_QUERY_TIMEOUT_S, DbFacts, db_facts, pg_hint
+from .db.lifecycle import (
+    Lifecycle,
+    LifecycleFacts,
+    describe_hours,
+    describe_seconds,
+    plan_lifecycle,
+)
 from .db.schema import COLUMNS, PRELOAD_SETTING, TimescalePlan, timescaledb_plan
 from .errors import MgmtError, NatsRequestError, StartupError
 from .horizon import parse_stream_time
@@ -124,9 +131,7 @@ async def check_nats(settings: Settings, emit: Emit) -> None:
     specs = (telemetry_spec(settings), decommission_spec())
     try:
         with trio.fail_after(settings.nats_connect_timeout_s + 2):
-            bridge = await NatsBridge.from_settings(
-                settings, name="notip-trio-check", retry=False
-            )
+            bridge = await NatsBridge.from_settings(settings, name="notip-trio-check", retry=False)
     except (StartupError, trio.TooSlowError) as exc:
         reason = str(exc).removeprefix("NATS: ") or "no connection"
         emit(Result("FAILED", "nats", reason, nats_hint(reason)))
@@ -381,6 +386,7 @@ async def check_database(settings: Settings, emit: Emit) -> None:
     if facts is None:
         emit(Result("skip", "schema", "not checked (no database connection)"))
         emit(Result("skip", "timescaledb", "not checked (no database connection)"))
+        emit(Result("skip", LIFECYCLE, "not checked (no database connection)"))
         emit(Result("skip", "leader lock", "not checked (no database connection)"))
         return
     tls = f"TLS on, DB_SSL_MODE={settings.db_ssl_mode}" if facts.ssl else "TLS off"
@@ -389,6 +395,7 @@ async def check_database(settings: Settings, emit: Emit) -> None:
     )
     emit(schema_result(facts))
     emit(timescaledb_result(facts))
+    emit(lifecycle_result(facts, Lifecycle.from_settings(settings)))
     await _check_lock_session(settings, emit)
 
 
@@ -490,6 +497,97 @@ def timescaledb_result(facts: DbFacts) -> Result:
         "it; any use of it ends the connection, so the daemon stops at start",
         restart,
     )
+
+
+LIFECYCLE: Final = "telemetry lifecycle"
+
+
+def lifecycle_result(facts: DbFacts, wanted: Lifecycle) -> Result:
+    """The table's kind, chunk interval, compression and retention, against
+    TELEMETRY_COMPRESS_AFTER and TELEMETRY_RETENTION, judged by the migration's
+    own plan (`db.lifecycle.plan_lifecycle`).
+
+    What the daemon sets right at start is information, as is what it leaves
+    alone (said why); never a failure: telemetry is stored either way.
+    """
+    asked = _asked(wanted)
+    plan = timescaledb_plan(facts.timescale)
+    if plan is TimescalePlan.STOP_NOT_PRELOADED:
+        return Result("skip", LIFECYCLE, "not checked (timescaledb unusable, above)")
+    if plan is not TimescalePlan.HYPERTABLE:
+        if wanted.compress_after_h is None and wanted.retention_h is None:
+            return Result("ok", LIFECYCLE, f"plain table, kept for ever as asked ({asked})")
+        return Result(
+            "info",
+            LIFECYCLE,
+            f"plain table: uncompressed and kept for ever; {asked} need TimescaleDB "
+            "(the daemon says so once at start)",
+        )
+    lifecycle = facts.lifecycle
+    if not facts.hypertable or lifecycle is None:
+        steps = plan_lifecycle(_FRESH, wanted).steps
+        then = "; ".join(step.describe() for step in steps) or "sets no policy"
+        return Result(
+            "info",
+            LIFECYCLE,
+            f"telemetry becomes a hypertable at start; the daemon then does: {then} ({asked})",
+        )
+    have = describe_lifecycle(lifecycle)
+    todo = plan_lifecycle(lifecycle, wanted)
+    if not todo.steps and not todo.notes:
+        return Result("ok", LIFECYCLE, f"{have}; as asked ({asked})")
+    parts = [f"{have}; differs from {asked}"]
+    if todo.steps:
+        parts.append("the daemon will at start: " + "; ".join(s.describe() for s in todo.steps))
+    parts += todo.notes
+    return Result("info", LIFECYCLE, ": ".join(parts[:2]) + "".join(f"; {n}" for n in parts[2:]))
+
+
+_FRESH: Final = LifecycleFacts(version="99", chunk_interval_s=86400.0, compression_enabled=False)
+
+
+def _asked(wanted: Lifecycle) -> str:
+    def one(name: str, hours: int | None) -> str:
+        return f"{name}={'off' if hours is None else describe_hours(hours)}"
+
+    return (
+        f"{one('TELEMETRY_COMPRESS_AFTER', wanted.compress_after_h)}, "
+        f"{one('TELEMETRY_RETENTION', wanted.retention_h)}"
+    )
+
+
+def describe_lifecycle(facts: LifecycleFacts) -> str:
+    """One phrase: hypertable, chunk interval, compression, retention."""
+    chunks = (
+        "chunk interval unknown"
+        if facts.chunk_interval_s is None
+        else f"chunk interval {describe_seconds(facts.chunk_interval_s)}"
+    )
+    if not facts.compression_enabled:
+        compression = "compression off"
+    else:
+        columns = (
+            f"segment by {', '.join(facts.segmentby) or 'nothing'}, "
+            f"order by {', '.join(facts.orderby) or 'nothing'}"
+        )
+        policy = facts.compression_policy
+        when = (
+            "no compression policy"
+            if policy is None
+            else f"compressed after {describe_seconds(policy.after_s)}{_whose(policy.ours)}"
+        )
+        compression = f"compression on ({columns}), {when}"
+    retention = (
+        "no retention policy (kept for ever)"
+        if facts.retention_policy is None
+        else f"dropped after {describe_seconds(facts.retention_policy.after_s)}"
+        f"{_whose(facts.retention_policy.ours)}"
+    )
+    return f"hypertable (TimescaleDB {facts.version}), {chunks}, {compression}, {retention}"
+
+
+def _whose(ours: bool) -> str:
+    return "" if ours else " (policy made outside notip-trio)"
 
 
 # --- the leader's lock session (docs/leader-lock.md) -----------------------------

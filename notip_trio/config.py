@@ -67,6 +67,9 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "NATS_PING_INTERVAL_SECONDS": "5",
     "NATS_MAX_OUTSTANDING_PINGS": "2",
     "LIVEZ_STALL_MS": "120000",
+    # the telemetry lifecycle on TimescaleDB (README: Configuration), durations
+    "TELEMETRY_COMPRESS_AFTER": "7d",
+    "TELEMETRY_RETENTION": "off",
 }
 # Optional without a default: needed only for DB_SSL_MODE verify-ca / verify-full.
 OPTIONAL_VARIABLES: Final = ("DB_SSL_ROOT_CERT",)
@@ -121,6 +124,9 @@ class Settings:
     nats_ping_interval_s: int = 5
     nats_max_outstanding_pings: int = 2
     livez_stall_ms: int = 120000
+    # Hours (parse_duration_h); None: off (no policy).
+    telemetry_compress_after_h: int | None = 7 * 24
+    telemetry_retention_h: int | None = None
 
     # ---- the *_MS settings in seconds (what Trio's clock and the timeouts take) ----
 
@@ -226,6 +232,30 @@ def _readable_file(name: str, value: str) -> Path:
     return path
 
 
+DURATION_UNITS_H: Final = {"h": 1, "d": 24, "w": 7 * 24}
+#: The lifecycle durations' lower bounds: an hour to compress (chunks are a day
+#: long; the newest one is still being written), a day to drop (one chunk).
+COMPRESS_AFTER_MIN_H: Final = 1
+RETENTION_MIN_H: Final = 24
+
+
+def parse_duration_h(name: str, value: str, *, minimum_h: int) -> int | None:
+    """A lifecycle duration in whole hours: `<n>h`, `<n>d` or `<n>w` (`7d`), or
+    `off` (None: no policy). Empty counts as `off`."""
+    text = value.strip().lower()
+    if text in ("", "off"):
+        return None
+    number, unit = text[:-1], text[-1:]
+    if unit not in DURATION_UNITS_H or not number.isdigit():
+        raise ConfigError(
+            f"{name}: expected a duration such as 12h, 7d or 4w, or off, got {value!r}"
+        )
+    hours = int(number) * DURATION_UNITS_H[unit]
+    if hours < minimum_h:
+        raise ConfigError(f"{name}: must be at least {minimum_h}h or off, got {value!r}")
+    return hours
+
+
 def load_settings() -> Settings:
     """Read and validate every setting; raise ConfigError naming the first bad one."""
     return _load(environs.Env(eager=True, expand_vars=False))
@@ -305,6 +335,9 @@ def _load(env: environs.Env) -> Settings:
             )
         batch_min = batch_max
 
+    def duration_h(name: str, *, minimum_h: int) -> int | None:
+        return parse_duration_h(name, env.str(name, DEFAULTS[name]), minimum_h=minimum_h)
+
     log_level = opt_str("LOG_LEVEL").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -351,4 +384,8 @@ def _load(env: environs.Env) -> Settings:
         nats_ping_interval_s=pos_int("NATS_PING_INTERVAL_SECONDS"),
         nats_max_outstanding_pings=pos_int("NATS_MAX_OUTSTANDING_PINGS"),
         livez_stall_ms=pos_int("LIVEZ_STALL_MS", minimum=1000),
+        telemetry_compress_after_h=duration_h(
+            "TELEMETRY_COMPRESS_AFTER", minimum_h=COMPRESS_AFTER_MIN_H
+        ),
+        telemetry_retention_h=duration_h("TELEMETRY_RETENTION", minimum_h=RETENTION_MIN_H),
     )

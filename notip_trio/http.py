@@ -38,6 +38,7 @@ Liveness = Callable[[], list[str]]
 def _always_live() -> list[str]:
     return []
 
+
 _MAX_HEADER_BYTES = 16 * 1024
 _MAX_BODY_BYTES = 16 * 1024
 _RECV_BYTES = 16 * 1024

@@ -134,6 +134,7 @@ ON CONFLICT (tenant_id, gateway_id) DO UPDATE
        changed_xid = pg_current_xact_id()
 """
 
+
 @dataclass(frozen=True, slots=True)
 class GatewayRow:
     key: Key

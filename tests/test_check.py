@@ -120,6 +120,9 @@ def test_all_ok_on_an_empty_database_and_nothing_is_changed(
     assert all(name in schema for name in TABLES + INDEXES)
     assert "missing" in schema
     _line(lines, "info", "timescaledb")
+    # The defaults ask for compression: plain PostgreSQL says it needs TimescaleDB.
+    lifecycle = _line(lines, "info", "telemetry lifecycle")
+    assert ("plain table" in lifecycle) != pg_server.timescaledb_available
     # It changed nothing: no migration, no consumer.
     assert not _table_exists(pg_database.conninfo, "telemetry")
     assert not _table_exists(pg_database.conninfo, "telemetry_rejected")
@@ -176,6 +179,11 @@ def test_all_ok_after_the_daemon_set_up_its_table_and_durables(
     line = _line(lines, "ok", "durable data-consumer-telemetry")
     assert "pull consumer on TELEMETRY, explicit ack, no filter" in line
     _line(lines, "ok", "durable data-consumer-decommission-listener")
+    lifecycle = _line(lines, "info", "telemetry lifecycle")
+    if pg_server.timescaledb_available:
+        assert "the daemon will at start: enable compression" in lifecycle
+    else:
+        assert "plain table: uncompressed and kept for ever" in lifecycle
 
 
 def test_wrong_ca(clean_nats_server, pg_server, pg_database, pki, monkeypatch, capsys):

@@ -116,6 +116,15 @@ def test_each_missing_required_variable_is_named(
         ("LIVEZ_STALL_MS", "999", ">= 1000"),
         ("TELEMETRY_BATCH_MIN", "0", ">= 1"),
         ("TELEMETRY_BATCH_MIN", "20000", "exceeds TELEMETRY_BATCH_SIZE 10000"),
+        ("TELEMETRY_COMPRESS_AFTER", "7", "expected a duration such as 12h, 7d or 4w, or off"),
+        ("TELEMETRY_COMPRESS_AFTER", "7 days", "expected a duration"),
+        ("TELEMETRY_COMPRESS_AFTER", "604800000", "expected a duration"),
+        ("TELEMETRY_COMPRESS_AFTER", "-1d", "expected a duration"),
+        ("TELEMETRY_COMPRESS_AFTER", "1.5d", "expected a duration"),
+        ("TELEMETRY_COMPRESS_AFTER", "0h", "at least 1h or off"),
+        ("TELEMETRY_COMPRESS_AFTER", "never", "expected a duration"),
+        ("TELEMETRY_RETENTION", "12h", "at least 24h or off"),
+        ("TELEMETRY_RETENTION", "3m", "expected a duration"),
     ],
 )
 def test_invalid_values_are_named(
@@ -161,3 +170,30 @@ def test_metrics_addr_forms(env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     assert (load_settings().metrics_host, load_settings().metrics_port) == ("127.0.0.1", 0)
     monkeypatch.setenv("METRICS_ADDR", "[::1]:9100")
     assert load_settings().metrics_host == "::1"
+
+
+@pytest.mark.parametrize(
+    ("compress", "retention", "expected"),
+    [
+        (None, None, (7 * 24, None)),  # the defaults: compress after 7 days, keep for ever
+        ("12h", "90d", (12, 90 * 24)),
+        ("1h", "24h", (1, 24)),
+        ("2w", "52w", (14 * 24, 52 * 7 * 24)),
+        (" 3D ", "1W", (3 * 24, 7 * 24)),  # trimmed, any case
+        ("off", "off", (None, None)),
+        ("OFF", "", (None, None)),  # empty is off too
+    ],
+)
+def test_lifecycle_durations(
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    compress: str | None,
+    retention: str | None,
+    expected: tuple[int | None, int | None],
+) -> None:
+    if compress is not None:
+        monkeypatch.setenv("TELEMETRY_COMPRESS_AFTER", compress)
+    if retention is not None:
+        monkeypatch.setenv("TELEMETRY_RETENTION", retention)
+    s = load_settings()
+    assert (s.telemetry_compress_after_h, s.telemetry_retention_h) == expected

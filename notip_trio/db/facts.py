@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import psycopg
 
+from .lifecycle import LifecycleFacts, read_facts
 from .schema import (
     INDEXES,
     TABLES,
@@ -55,6 +56,8 @@ class DbFacts:
     timescaledb_available: str | None = None  # default_version, None if not available
     timescaledb_installed: str | None = None
     hypertable: bool = False
+    # Compression and retention of a hypertable telemetry (db.lifecycle.read_facts).
+    lifecycle: LifecycleFacts | None = None
 
 
 def pg_hint(reason: str) -> str:
@@ -119,6 +122,7 @@ def db_facts(conninfo: str) -> DbFacts:
         )
         timescale = probe_timescaledb(conn)
         hypertable = False
+        lifecycle = None
         # Only where the daemon would use it: touching an extension that is not
         # preloaded ends the connection.
         if (
@@ -131,6 +135,7 @@ def db_facts(conninfo: str) -> DbFacts:
                 " WHERE hypertable_name = 'telemetry'"
             )
             hypertable = found is not None
+        lifecycle = read_facts(conn) if hypertable else None
         return DbFacts(
             user=user,
             server_version=version.split()[0],
@@ -143,4 +148,5 @@ def db_facts(conninfo: str) -> DbFacts:
             timescaledb_installed=None if ext is None or ext[1] is None else str(ext[1]),
             timescale=timescale,
             hypertable=hypertable,
+            lifecycle=lifecycle,
         )

@@ -23,6 +23,7 @@ from psycopg import sql
 
 from ..errors import DatabaseError
 from ..log import get_logger
+from .lifecycle import Lifecycle, migrate_lifecycle, note_plain
 from .pool import Conn
 
 log = get_logger(__name__)
@@ -135,9 +136,10 @@ class SchemaInfo:
     dedup_index: bool
     exact_duplicates_removed: int
     conflicting_keys: int
+    compression: bool = False  # TimescaleDB compression enabled on telemetry (lifecycle.py)
 
 
-def migrate(conn: Conn) -> SchemaInfo:
+def migrate(conn: Conn, lifecycle: Lifecycle | None = None) -> SchemaInfo:
     """Create or update every table and index (autocommit `conn`, worker thread).
 
     Serialised across replicas by an advisory lock; idempotent. Looks at
@@ -145,6 +147,9 @@ def migrate(conn: Conn) -> SchemaInfo:
     the indexes; builds the dedup index, removing exact duplicates the Go
     service left if they stand in its way. `SchemaInfo.dedup_index` False: rows
     that differ under one key keep it from being built (the writer falls back).
+    Last, with `lifecycle`, the compression and retention policies
+    (lifecycle.py): applied on a hypertable, one line about them on plain
+    PostgreSQL; None leaves them as they are.
     """
     conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
     try:
@@ -178,7 +183,12 @@ def migrate(conn: Conn) -> SchemaInfo:
                     "a slower NOT EXISTS check (README: Deduplication)"
                 ),
             )
-        return SchemaInfo(hypertable, dedup_index, removed, conflicts)
+        compression = False
+        if lifecycle is not None and hypertable:
+            compression = migrate_lifecycle(conn, lifecycle)
+        elif lifecycle is not None:
+            note_plain(lifecycle)
+        return SchemaInfo(hypertable, dedup_index, removed, conflicts, compression)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
 

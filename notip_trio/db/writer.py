@@ -18,6 +18,7 @@ import psycopg
 import psycopg_pool
 
 from ..envelope import Row
+from .lifecycle import Lifecycle
 from .pool import MIGRATE_TIMEOUT_S, WRITE_TIMEOUT_S, Conn, Database
 from .schema import COLUMNS, SchemaInfo, migrate
 
@@ -43,6 +44,21 @@ SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemet
    SELECT 1 FROM telemetry t
     WHERE t.tenant_id = s.tenant_id AND t.gateway_id = s.gateway_id
       AND t.time = s.time AND t.sensor_id = s.sensor_id)
+"""
+# On a hypertable with compression: rows already stored, and repeats within the
+# batch, are left out before the insert, so ON CONFLICT only settles races with
+# another replica. TimescaleDB 2.17.2 was reported to end an INSERT ... ON CONFLICT
+# DO NOTHING into compressed chunks at its first conflict, dropping the rows after
+# it (timescale/timescaledb#7672, fixed by #7673); with the conflicts filtered out,
+# that path is not taken.
+_MERGE_GUARDED: Final = f"""
+INSERT INTO telemetry ({_COLS})
+SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemetry_stage s
+ WHERE NOT EXISTS (
+   SELECT 1 FROM telemetry t
+    WHERE t.tenant_id = s.tenant_id AND t.gateway_id = s.gateway_id
+      AND t.time = s.time AND t.sensor_id = s.sensor_id)
+ON CONFLICT DO NOTHING
 """
 _INSERT_REJECTED: Final = """
 INSERT INTO telemetry_rejected (received_at, subject, reason, detail, body, body_length, stream_seq)
@@ -81,9 +97,15 @@ class Storage(Database):
         super().__init__(pool, write_timeout_s=write_timeout_s, migrate_timeout_s=migrate_timeout_s)
         # False once the migration found the unique index impossible (schema.migrate).
         self._dedup_index = True
+        # True once the migration found compression on (lifecycle.py): guard the merge.
+        self._compression = False
 
-    async def migrate(self) -> SchemaInfo:
-        return await self._run(self._migrate_sync, timeout_s=self._migrate_timeout_s)
+    async def migrate(self, lifecycle: Lifecycle | None = None) -> SchemaInfo:
+        """The start-up migration (schema.migrate); with `lifecycle`, the
+        compression and retention policies too."""
+        return await self._run(
+            lambda: self._migrate_sync(lifecycle), timeout_s=self._migrate_timeout_s
+        )
 
     async def write_batch(
         self, rows: Sequence[Row], rejected: Sequence[RejectedRecord]
@@ -93,12 +115,13 @@ class Storage(Database):
 
     # ---- sync internals (worker thread) ---------------------------------
 
-    def _migrate_sync(self) -> SchemaInfo:
+    def _migrate_sync(self, lifecycle: Lifecycle | None) -> SchemaInfo:
         with self._pool.connection(timeout=10.0) as conn:
             conn.autocommit = True
             try:
-                info = migrate(conn)
+                info = migrate(conn, lifecycle)
                 self._dedup_index = info.dedup_index
+                self._compression = info.compression
                 return info
             finally:
                 conn.autocommit = False
@@ -121,12 +144,15 @@ class Storage(Database):
                 if rows:
                     conn.execute(_STAGE)  # once per connection; later a no-op
                     self._copy(conn, _COPY_STAGE, rows)
-                    cur = conn.execute(
-                        _MERGE_ON_CONFLICT if self._dedup_index else _MERGE_NOT_EXISTS
-                    )
+                    cur = conn.execute(self._merge())
                     inserted = max(cur.rowcount, 0)
                 self._insert_rejected(conn, rejected)
         return WriteResult(inserted=inserted, duplicates=len(rows) - inserted)
+
+    def _merge(self) -> str:
+        if not self._dedup_index:
+            return _MERGE_NOT_EXISTS
+        return _MERGE_GUARDED if self._compression else _MERGE_ON_CONFLICT
 
     @staticmethod
     def _copy(conn: Conn, stmt: str, rows: Sequence[Row]) -> None:
