@@ -2,7 +2,7 @@
 
 One read-only session in a worker thread (`db_facts`): the current user and
 schema, the daemon's tables and indexes, and the TimescaleDB probe the daemon's
-migration decides by (schema.py). Judging the facts is check.py's part.
+migration decides by (schema.py). Judging the facts is the preflight's part (check/database.py).
 """
 
 from __future__ import annotations
