@@ -43,6 +43,11 @@ def version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parser, and its `replay` subparser (which reports a window that makes no sense)."""
     parser = argparse.ArgumentParser(
         prog="notip-trio",
         description="Telemetry ingest and gateway liveness daemon for the NoTIP IoT platform. "
@@ -59,9 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "print one line per check. Exit 0 when everything needed is there, 1 otherwise, "
         "2 for a configuration error. Changes nothing.",
     )
-    _add_replay(commands)
+    replay = _add_replay(commands)
     _add_rejects(commands)
-    return parser
+    return parser, replay
 
 
 def _arg_type(fn: Callable[[str], object], name: str) -> Callable[[str], object]:
@@ -79,7 +84,9 @@ _WHEN = _arg_type(parse_when, "time")
 _FILTER = _arg_type(parse_subject_filter, "subject filter")
 
 
-def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_replay(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     replay = commands.add_parser(
         "replay",
         help="store a window of the TELEMETRY stream again (after a database restore)",
@@ -105,6 +112,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="SUBJECT",
         help="only these subjects, e.g. telemetry.data.<tenant>.>",
     )
+    return replay
 
 
 def _add_rejects(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,11 +139,11 @@ def _add_rejects(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser, replay_parser = _parsers()
     try:
         ns = parser.parse_args(args)
         if ns.command == "replay" and (problem := _replay_window(ns).problem()):
-            parser.error(f"replay: {problem}")
+            replay_parser.error(problem)
     except SystemExit as exc:  # --help and --version (0), or a usage error (2): printed
         return exc.code if isinstance(exc.code, int) else 0
     command = ns.command
