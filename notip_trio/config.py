@@ -67,6 +67,9 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "NATS_PING_INTERVAL_SECONDS": "5",
     "NATS_MAX_OUTSTANDING_PINGS": "2",
     "LIVEZ_STALL_MS": "120000",
+    # retention (docs/operations.md: Retention): a duration such as 30d, 12h, 90m; 0 keeps for ever
+    "LIVENESS_RETENTION": "30d",
+    "REJECTED_RETENTION": "30d",
 }
 # Optional without a default: needed only for DB_SSL_MODE verify-ca / verify-full.
 OPTIONAL_VARIABLES: Final = ("DB_SSL_ROOT_CERT",)
@@ -121,6 +124,8 @@ class Settings:
     nats_ping_interval_s: int = 5
     nats_max_outstanding_pings: int = 2
     livez_stall_ms: int = 120000
+    liveness_retention_s: int = 30 * 86400  # 0: keep offline rows and tombstones for ever
+    rejected_retention_s: int = 30 * 86400  # 0: keep rejected messages for ever
 
     # ---- the *_MS settings in seconds (what Trio's clock and the timeouts take) ----
 
@@ -224,6 +229,22 @@ def _readable_file(name: str, value: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{name}: file not found or not a file: {value}")
     return path
+
+
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(name: str, value: str) -> int:
+    """A whole number of seconds from `<n><unit>` (unit s, m, h or d), or 0."""
+    text = value.strip().lower()
+    if text == "0":
+        return 0
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS or not number.isdigit() or int(number) < 1:
+        raise ConfigError(
+            f"{name}: expected a duration such as 30d, 12h or 90m (or 0), got {value!r}"
+        )
+    return int(number) * _UNITS[unit]
 
 
 def load_settings() -> Settings:
@@ -351,4 +372,6 @@ def _load(env: environs.Env) -> Settings:
         nats_ping_interval_s=pos_int("NATS_PING_INTERVAL_SECONDS"),
         nats_max_outstanding_pings=pos_int("NATS_MAX_OUTSTANDING_PINGS"),
         livez_stall_ms=pos_int("LIVEZ_STALL_MS", minimum=1000),
+        liveness_retention_s=_parse_duration("LIVENESS_RETENTION", opt_str("LIVENESS_RETENTION")),
+        rejected_retention_s=_parse_duration("REJECTED_RETENTION", opt_str("REJECTED_RETENTION")),
     )

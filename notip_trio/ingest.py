@@ -8,9 +8,10 @@ current one is written:
 A message is acked only after its row *and* its gateway's last-seen are
 committed (docs/contract.md Behaviour 8): each committed batch hands its gateways'
 last-seen and its messages to a `SeenBuffer`; `run_seen_flusher` writes the
-last-seen of everything in hand in one upsert of its own (off the ingest path,
-as soon as there is something and at most every `SEEN_FLUSH_S`) and acks those
-messages only once that upsert commits. So an acknowledged heartbeat can never
+last-seen of everything in hand in upserts of its own (off the ingest path,
+as soon as there is something and at most every `SEEN_FLUSH_S`; at most
+`SEEN_CHUNK` gateways per transaction) and acks those messages only once
+every one of them committed. So an acknowledged heartbeat can never
 be lost with a replica, and the durable's ack floor tells the leader up to
 which stream time the state table is complete (`horizon.py`). Last-seen is the
 time each gateway's newest valid message reached the stream, read from the
@@ -42,7 +43,7 @@ from .horizon import StreamClock
 from .js.bridge import Acker
 from .js.delivery import Delivery, JsMsg
 from .lanes import Key
-from .livestate import SeenRecorder
+from .livestate import SEEN_CHUNK, SeenRecorder
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
@@ -319,16 +320,27 @@ class SeenBuffer:
         await self._filled.wait()
 
 
-async def flush_seen(buffer: SeenBuffer, recorder: SeenRecorder, acker: Acker) -> int:
-    """Write what `buffer` holds, then ack its messages. On a failed write put it
-    all back (newest wins) and raise DatabaseError: nothing is acked. Returns
-    how many gateways were written."""
+async def flush_seen(
+    buffer: SeenBuffer, recorder: SeenRecorder, acker: Acker, *, chunk: int = SEEN_CHUNK
+) -> int:
+    """Write what `buffer` holds, `chunk` gateways per transaction (in key
+    order, each under its own deadline), then ack its messages: only once
+    every chunk committed. On a failed write put back the gateways not yet
+    written and every message (newest last-seen wins) and raise
+    DatabaseError: nothing is acked, and the chunks already committed are not
+    written again. Returns how many gateways were written.
+
+    Bounded chunks are what lets a backlog drain: after an outage the buffer
+    holds about every gateway heard, more than one upsert could write within
+    its deadline."""
     seen, msgs = buffer.take()
-    if seen:
+    keys = sorted(seen)  # lock order (livestate.py), and chunks in key order
+    for start in range(0, len(keys), chunk):
+        part = keys[start : start + chunk]
         try:
-            await recorder.record_seen(seen)
+            await recorder.record_seen({key: seen[key] for key in part})
         except BaseException:
-            buffer.add(seen, msgs)
+            buffer.add({key: seen[key] for key in keys[start:]}, msgs)
             raise
     if msgs:
         await acker.ack(msgs)
