@@ -234,17 +234,23 @@ def _readable_file(name: str, value: str) -> Path:
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _parse_duration(name: str, value: str) -> int:
-    """A whole number of seconds from `<n><unit>` (unit s, m, h or d), or 0."""
+def _parse_retention(name: str, value: str) -> int:
+    """Seconds from `<n><unit>` (unit s, m, h or d), at least an hour, or 0 (for ever).
+
+    An hour at least: a tombstone must outlive every redelivery of the messages
+    before it (ack_wait, a nak's delay after an outage)."""
     text = value.strip().lower()
     if text == "0":
         return 0
     number, unit = text[:-1], text[-1:]
-    if unit not in _UNITS or not number.isdigit() or int(number) < 1:
+    if unit not in _UNITS or not number.isdigit():
         raise ConfigError(
             f"{name}: expected a duration such as 30d, 12h or 90m (or 0), got {value!r}"
         )
-    return int(number) * _UNITS[unit]
+    seconds = int(number) * _UNITS[unit]
+    if seconds < 3600:
+        raise ConfigError(f"{name}: must be 0 (keep for ever) or >= 1h, got {value!r}")
+    return seconds
 
 
 def load_settings() -> Settings:
@@ -372,6 +378,6 @@ def _load(env: environs.Env) -> Settings:
         nats_ping_interval_s=pos_int("NATS_PING_INTERVAL_SECONDS"),
         nats_max_outstanding_pings=pos_int("NATS_MAX_OUTSTANDING_PINGS"),
         livez_stall_ms=pos_int("LIVEZ_STALL_MS", minimum=1000),
-        liveness_retention_s=_parse_duration("LIVENESS_RETENTION", opt_str("LIVENESS_RETENTION")),
-        rejected_retention_s=_parse_duration("REJECTED_RETENTION", opt_str("REJECTED_RETENTION")),
+        liveness_retention_s=_parse_retention("LIVENESS_RETENTION", opt_str("LIVENESS_RETENTION")),
+        rejected_retention_s=_parse_retention("REJECTED_RETENTION", opt_str("REJECTED_RETENTION")),
     )

@@ -564,7 +564,7 @@ async def test_the_state_is_loaded_again_until_the_database_answers(
         rig.store.down = True
         async with rig.running():
             await trio.sleep_until(25)
-            assert rig.store.calls["load_chunk"] == 3  # at 0, 10, 20 (each fails at its first chunk)
+            assert rig.store.calls["load_chunk"] == 3  # at 0, 10, 20 (each at its first chunk)
             rig.store.down = False
             await trio.sleep_until(31)
             assert rig.store.calls["load_chunk"] == 4
