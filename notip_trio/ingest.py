@@ -279,6 +279,9 @@ async def _write_stage(
 # How often, at most, the last-seen of committed batches is written (and their
 # messages acknowledged): the ack waits up to this long after the commit.
 SEEN_FLUSH_S: Final = 0.2
+# Chunks of one flush written at once (a backlog after an outage drains ~1.3x
+# faster with two on 2 cores; BENCHMARKS.md).
+SEEN_WRITERS: Final = 2
 
 
 class SeenBuffer:
@@ -321,27 +324,57 @@ class SeenBuffer:
 
 
 async def flush_seen(
-    buffer: SeenBuffer, recorder: SeenRecorder, acker: Acker, *, chunk: int = SEEN_CHUNK
+    buffer: SeenBuffer,
+    recorder: SeenRecorder,
+    acker: Acker,
+    *,
+    chunk: int = SEEN_CHUNK,
+    writers: int = SEEN_WRITERS,
 ) -> int:
     """Write what `buffer` holds, `chunk` gateways per transaction (in key
-    order, each under its own deadline), then ack its messages: only once
-    every chunk committed. On a failed write put back the gateways not yet
-    written and every message (newest last-seen wins) and raise
-    DatabaseError: nothing is acked, and the chunks already committed are not
-    written again. Returns how many gateways were written.
+    order, each under its own deadline, up to `writers` at once), then ack
+    its messages: only once every chunk committed. On a failed write put
+    back the gateways of every chunk not committed and every message (newest
+    last-seen wins) and raise DatabaseError: nothing is acked, and the chunks
+    already committed are not written again. Returns how many gateways were
+    written.
 
     Bounded chunks are what lets a backlog drain: after an outage the buffer
     holds about every gateway heard, more than one upsert could write within
-    its deadline."""
+    its deadline. Chunks are disjoint and each locks its rows in key order,
+    so writing two at once cannot deadlock (livestate.py)."""
     seen, msgs = buffer.take()
     keys = sorted(seen)  # lock order (livestate.py), and chunks in key order
-    for start in range(0, len(keys), chunk):
-        part = keys[start : start + chunk]
-        try:
-            await recorder.record_seen({key: seen[key] for key in part})
-        except BaseException:
-            buffer.add({key: seen[key] for key in keys[start:]}, msgs)
-            raise
+    parts = [keys[start : start + chunk] for start in range(0, len(keys), chunk)]
+    committed = [False] * len(parts)
+    failed: list[DatabaseError] = []
+    todo = iter(range(len(parts)))
+
+    async def write() -> None:
+        for i in todo:
+            if failed:
+                return
+            try:
+                await recorder.record_seen({key: seen[key] for key in parts[i]})
+            except DatabaseError as exc:
+                failed.append(exc)
+                return
+            committed[i] = True
+
+    def put_back() -> None:
+        left = [key for i, part in enumerate(parts) if not committed[i] for key in part]
+        buffer.add({key: seen[key] for key in left}, msgs)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(writers, len(parts))):
+                nursery.start_soon(write)
+    except BaseException:
+        put_back()
+        raise
+    if failed:
+        put_back()
+        raise failed[0]
     if msgs:
         await acker.ack(msgs)
     return len(seen)
