@@ -26,8 +26,10 @@ from __future__ import annotations
 # trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import trio_asyncio  # isort: split
 
+import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,10 +39,12 @@ import nats.errors
 import psycopg
 import trio
 
+from . import wire
 from .config import Settings
 from .db.facts import DB_CONNECT_TIMEOUT_S, DB_QUERY_TIMEOUT_S, DbFacts, db_facts, pg_hint
 from .db.schema import COLUMNS, PRELOAD_SETTING, TimescalePlan, timescaledb_plan
-from .errors import MgmtError, StartupError
+from .errors import MgmtError, NatsRequestError, StartupError
+from .horizon import parse_stream_time
 from .js.bridge import NatsBridge
 from .js.specs import PullSpec, decommission_spec, durable_problems, telemetry_spec
 from .leader import lock_session_settings
@@ -146,6 +150,7 @@ async def check_nats(settings: Settings, emit: Emit) -> None:
         subjects = {name: await _check_stream(bridge, name, emit) for name in STREAMS}
         for spec in specs:
             await _check_durable(bridge, spec, subjects.get(spec.stream), emit)
+        await _check_clock(bridge, emit)
         await _check_mgmt(bridge, emit)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(STEP_TIMEOUT_S):
@@ -281,6 +286,55 @@ async def _check_durable(
     emit(Result("ok", check, f"pull consumer on {spec.stream}, explicit ack, {filt}"))
     for p in problems:
         emit(Result("info", check, p.message))
+
+
+# --- clocks ------------------------------------------------------------------
+
+#: Beyond this age the newest message says nothing useful about the clocks.
+CLOCK_RECENT_S: Final = 60.0
+
+
+async def _check_clock(bridge: NatsBridge, emit: Emit) -> None:
+    """How this host's clock compares with the stream's (the NATS server's): the
+    newest TELEMETRY message's stream time against this host's clock."""
+    try:
+        with trio.fail_after(STEP_TIMEOUT_S):
+            raw = await bridge.request(f"$JS.API.STREAM.INFO.{wire.TELEMETRY_STREAM}", b"")
+        newest = parse_stream_time(json.loads(raw)["state"]["last_ts"])
+        messages = int(json.loads(raw)["state"]["messages"])
+    except (trio.TooSlowError, NatsRequestError, KeyError, TypeError, ValueError) as exc:
+        emit(Result("skip", "clock", f"stream time not read ({type(exc).__name__}: {exc})"))
+        return
+    emit(clock_result(time.time(), newest if messages else None))
+
+
+def clock_result(now: float, newest: float | None) -> Result:
+    """The `clock` line from this host's time and the newest message's stream time.
+
+    Last-seen is stream time; the leader judges silence in stream time too and
+    corrects for the skew it measures (docs/architecture.md, One clock), so
+    this line informs, it does not fail: a skew of seconds means NTP is broken
+    somewhere, and alerts' `timestamp` fields carry this host's time."""
+    if newest is None:
+        return Result("info", "clock", "TELEMETRY is empty: no stream time to compare with")
+    age = now - newest
+    if age < 0:
+        return Result(
+            "info",
+            "clock",
+            f"this host's clock is {-age:.3f} s behind the NATS server's "
+            "(the newest message is from its future); the daemon corrects for it",
+        )
+    if age > CLOCK_RECENT_S:
+        return Result(
+            "info", "clock", f"the newest message is {age:.0f} s old: no recent one to compare with"
+        )
+    return Result(
+        "info",
+        "clock",
+        f"the newest message is {age:.3f} s old by this host's clock: this host runs at most "
+        "that far ahead of the NATS server; the daemon corrects for the skew it measures",
+    )
 
 
 async def _check_mgmt(bridge: NatsBridge, emit: Emit) -> None:

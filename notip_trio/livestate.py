@@ -41,8 +41,10 @@ statement queues it in `gateway_status_outbox` (one row per transition, in
 commit order per gateway), and the leader's dispatcher (`dispatch.py`) sends
 and deletes it; a leader that dies leaves it for the next. A queued report
 whose gateway has made a newer transition since that is *not* queued (a
-release without the outbox made and sent it) is `superseded`: sending it
-would put an older update after a newer one. Row locks are always taken in (tenant_id, gateway_id)
+release without the outbox made and sent it), or that was decommissioned, is
+`superseded`: sending it would put an older update after a newer one. It is
+judged by value (the gateway's current status and status_last_seen against
+the report's), not by time. Row locks are always taken in (tenant_id, gateway_id)
 order under the "C" collation, Python's own string order, so the leader and
 the ingest transactions of every replica never deadlock.
 """
@@ -154,9 +156,14 @@ WITH won AS (
 )
 SELECT last_seen FROM won
 """
+# Superseded: the gateway's current transition is not this report's, and no
+# newer report of it is queued, so a newer transition was reported without the
+# outbox (by a release before it). Compared by value, not by time: no clock.
 _PENDING_REPORTS: Final = """
 SELECT o.id, o.tenant_id, o.gateway_id, o.status, o.last_seen,
-       coalesce(g.status_at > o.transition_at, false) AND NOT EXISTS (
+       g.tenant_id IS NOT NULL
+       AND (g.status, g.status_last_seen) IS DISTINCT FROM (o.status, o.last_seen)
+       AND NOT EXISTS (
            SELECT 1 FROM gateway_status_outbox n
             WHERE n.tenant_id = o.tenant_id AND n.gateway_id = o.gateway_id AND n.id > o.id
        ) AS superseded,

@@ -35,7 +35,7 @@ class Metrics:
         )
         self.messages_written = Counter(
             _P + "messages_written",
-            "Telemetry messages committed to the database and acked",
+            "Telemetry messages committed (acked once their last-seen is stored too)",
             registry=r,
         )
         self.write_errors = Counter(_P + "write_errors", "Failed batch writes", registry=r)

@@ -222,7 +222,6 @@ class FakeStore:
         self.queued: list[QueuedUpdate] = []  # every report ever queued, in order
         self.outbox: dict[int, tuple[QueuedUpdate, datetime]] = {}  # pending, by id
         self._report_id = 0
-        self._now = 0  # a transition's "status_at": the store's own counter
         self.load_chunk_size = 1000
         self.retired: set[Key] = set()  # what purge_retired deletes
 
@@ -231,7 +230,6 @@ class FakeStore:
         self.queued.append(update)
         self._report_id += 1
         self.outbox[self._report_id] = (update, last_seen)
-        self.rows[key]["status_at"] = self._report_id
 
     def record(self, key: Key, last_seen: datetime) -> None:
         self._xid += 1
@@ -336,11 +334,8 @@ class FakeStore:
 
     def transition_unreported(self, key: Key, status: str, last_seen: datetime) -> None:
         """A transition made (and reported) by a release without the outbox."""
-        self._report_id += 1
         self._xid += 1
-        self.rows[key].update(
-            status=status, status_last_seen=last_seen, status_at=self._report_id, xid=self._xid
-        )
+        self.rows[key].update(status=status, status_last_seen=last_seen, xid=self._xid)
 
     async def pending_reports(self, limit: int) -> Reports:
         await self._enter("pending_reports")
@@ -353,8 +348,11 @@ class FakeStore:
                 for i, (u, _) in self.outbox.items()
                 if i > report_id
             )
-            status_at = self.rows.get(key, {}).get("status_at", 0)
-            superseded = status_at > report_id and not newer_queued
+            row = self.rows.get(key)
+            current = None if row is None else (row["status"], row["status_last_seen"])
+            superseded = (
+                row is not None and current != (update.status, last_seen) and not newer_queued
+            )
             out.append(Report(report_id, key, update.status, last_seen, superseded))  # type: ignore[arg-type]
         return Reports(out, len(self.outbox))
 

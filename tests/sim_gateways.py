@@ -2,8 +2,8 @@
 
 `Gateways(server, names, period_s)` publishes one envelope per gateway every
 `period_s` (core NATS publishes, flushed per round) until `stop()`; `silence(g)`
-makes one fall silent. It runs its own nats-py loop in a thread, so a Trio test
-goes on while it publishes.
+makes one fall silent, `resume(g)` brings it back. It runs its own nats-py loop
+in a thread, so a Trio test goes on while it publishes.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ TENANT = "t1"
 
 class Gateways:
     """Gateways publishing every `period_s` from a thread until `stop()`; `silence(g)`
-    stops one. `last[g]` is the wall time of its last publish, `sent` the total,
-    `bursts` how many rounds were published."""
+    stops one, `resume(g)` starts it again. `last[g]` is the wall time of its last
+    publish, `sent` the total, `bursts` how many rounds were published."""
 
     def __init__(self, server: NatsServer, names: list[str], period_s: float = 0.25) -> None:
         self.server = server
@@ -45,6 +45,11 @@ class Gateways:
         with self._lock:
             self.active.discard(name)
             return self.last[name]
+
+    def resume(self, name: str) -> None:
+        """`name` publishes again from the next round."""
+        with self._lock:
+            self.active.add(name)
 
     def stop(self) -> None:
         self._stop.set()

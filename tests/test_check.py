@@ -31,7 +31,14 @@ from devstack.js import run_nats
 from devstack.mgmt_standin import spawn_standin as spawn_mgmt_standin
 from devstack.natsd import NatsServer
 from notip_trio.__main__ import main
-from notip_trio.check import Result, nats_hint, schema_result, subject_matches, timescaledb_result
+from notip_trio.check import (
+    Result,
+    clock_result,
+    nats_hint,
+    schema_result,
+    subject_matches,
+    timescaledb_result,
+)
 from notip_trio.config import Settings
 from notip_trio.db.facts import DbFacts, TableFacts, pg_hint
 from notip_trio.db.schema import COLUMNS, INDEXES, TABLES, TimescaleProbe
@@ -107,6 +114,7 @@ def test_all_ok_on_an_empty_database_and_nothing_is_changed(
     for durable in DURABLES:
         assert "absent" in _line(lines, "info", f"durable {durable}")
     assert "answered with 0 alert config(s)" in _line(lines, "ok", "management API")
+    assert "TELEMETRY is empty" in _line(lines, "info", "clock")
     assert "TLS off" in _line(lines, "ok", "postgres")
     schema = _line(lines, "ok", "schema")
     assert all(name in schema for name in TABLES + INDEXES)
@@ -462,6 +470,22 @@ def _facts(**overrides: Any) -> DbFacts:
         "indexes": dict.fromkeys(INDEXES, True),
     }
     return DbFacts(**(base | overrides))
+
+
+@pytest.mark.parametrize(
+    ("age", "verdict", "says"),
+    [
+        (None, "info", "TELEMETRY is empty"),
+        (0.25, "info", "0.250 s old by this host's clock: this host runs at most that far ahead"),
+        (-2.0, "info", "2.000 s behind the NATS server's"),
+        (600.0, "info", "600 s old: no recent one to compare with"),
+    ],
+)
+def test_the_clock_line(age: float | None, verdict: str, says: str) -> None:
+    now = 1_800_000_000.0
+    result = clock_result(now, None if age is None else now - age)
+    assert (result.status, result.check) == (verdict, "clock")
+    assert says in result.detail
 
 
 def test_schema_judgement() -> None:

@@ -9,7 +9,7 @@ import datetime as dt
 import trio
 
 from notip_trio.db.writer import Storage
-from notip_trio.livestate import PgStateStore
+from notip_trio.livestate import PgStateStore, Reports
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 A, B = ("t1", "a"), ("t1", "b")
@@ -81,5 +81,52 @@ async def test_transitions_are_conditional_and_a_tombstone_keeps_its_time(pg_dat
             assert not await store.decommission(("t1", "c"), at(20))
             await store.record_seen({("t1", "c"): at(19)})
             assert await store.current_last_seen(("t1", "c")) is None
+        finally:
+            await storage.close()
+
+
+async def test_each_transition_queues_its_report_in_order_and_superseded_is_by_value(
+    pg_database,
+) -> None:
+    """The outbox on real SQL: only winning transitions queue a report, in commit
+    order; a report whose gateway made a newer transition that was not queued (a
+    release without the outbox) or was decommissioned is superseded, one with a
+    newer report queued behind it is not; delivered reports are cleared."""
+    with trio.fail_after(60):
+        storage, store = await _store(pg_database.conninfo)
+        try:
+            await store.record_seen({A: at(5), B: at(1)})
+            await store.mark_online([B, A])
+            assert await store.mark_online([A]) == []  # lost: queues nothing
+            await store.mark_offline(B, at(1))
+            pending = await store.pending_reports(10)
+            assert pending.pending == 3
+            assert [(r.key, r.status, r.last_seen, r.superseded) for r in pending.reports] == [
+                (A, "online", at(5), False),  # one statement: keys in lock order
+                (B, "online", at(1), False),  # B's offline is queued behind it
+                (B, "offline", at(1), False),
+            ]
+            assert (await store.pending_reports(1)).pending == 3  # the count is of all
+            await store.clear_reports([pending.reports[0].id])
+            # B comes back, reported by a release without the outbox (not queued).
+            await storage.run_in_transaction(
+                lambda conn: conn.execute(
+                    "UPDATE gateway_liveness SET status = 'online', status_last_seen = %s,"
+                    " last_seen = %s WHERE tenant_id = %s AND gateway_id = %s",
+                    (at(9), at(9), *B),
+                )
+            )
+            assert [
+                (r.status, r.superseded) for r in (await store.pending_reports(10)).reports
+            ] == [
+                ("online", False),  # a newer report of B is queued behind it
+                ("offline", True),  # B's latest queued report, not its current transition
+            ]
+            await store.record_seen({A: at(20)})
+            assert await store.decommission(A, at(21))
+            await store.mark_offline(A, at(20))  # decommissioned: loses, queues nothing
+            ids = [r.id for r in (await store.pending_reports(10)).reports]
+            await store.clear_reports(ids)
+            assert await store.pending_reports(10) == Reports([], 0)
         finally:
             await storage.close()

@@ -132,6 +132,16 @@ def test_manifest_runs_two_replicas_with_a_disruption_budget():
     assert selector in _document("PodDisruptionBudget")
 
 
+def test_manifest_rolls_out_an_old_and_a_new_replica_side_by_side():
+    """A rollout starts the new replica before it stops an old one: for a while an
+    old and a new release run together (docs/operations.md, "Rolling updates and
+    mixed versions"), and never fewer than `replicas` are up."""
+    strategy = _mapping(_block(_document("Deployment"), "strategy"))
+    assert strategy["type"] == "RollingUpdate"
+    rolling = _mapping(_block(_document("Deployment"), "rollingUpdate"))
+    assert rolling == {"maxUnavailable": "0", "maxSurge": "1"}
+
+
 def test_manifest_names_every_required_variable():
     config = _mapping(_block(_document("ConfigMap"), "data"))
     env = _container_env()
