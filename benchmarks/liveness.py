@@ -8,7 +8,12 @@
   with the 1% due (get-status, re-read, alert, conditional offline), then the
   median of 5 ticks with none due. Then a tick after 1% of the gateways were
   heard again (the incremental read: O(changed)).
-- `rss`: the takeover's memory per tracked gateway (RSS before and after).
+- `rss`: the takeover's memory per tracked gateway: RSS before and after, and
+  what tracemalloc counts as still allocated by it (the tracker's own objects).
+- `flush`: the last-seen flush after a database outage: a `SeenBuffer` holding
+  every gateway of a fleet of that size (one message each), a first flush that
+  fails (the outage: everything put back), then the time until `flush_seen`
+  has written all of it in `SEEN_CHUNK`-gateway transactions and acked.
 
 Needs the daemon's DB_* variables (a database of its own).
 
@@ -18,11 +23,14 @@ Usage: python -m benchmarks.liveness '{"mode": "tick", "sizes": [10000]}'
 from __future__ import annotations
 
 # trio_asyncio must be imported before psycopg (docs/pitfalls.md).
+import contextlib
 import datetime as dt
 import gc
 import statistics
 import sys
 import time
+import tracemalloc
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -32,7 +40,10 @@ from benchmarks.common import child_main, rss_bytes
 from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.config import load_settings
 from notip_trio.db.writer import Storage
+from notip_trio.errors import DatabaseError
 from notip_trio.horizon import Horizon
+from notip_trio.ingest import SeenBuffer, flush_seen
+from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
 from notip_trio.liveness import LivenessTracker
 from notip_trio.livestate import PgStateStore, record_seen
@@ -162,16 +173,98 @@ async def _rss_one(count: int) -> dict[str, Any]:
         after = rss_bytes()
         if len(tracker) != count:
             raise RuntimeError("tracker lost gateways")
+        del tracker
+        gc.collect()
+        tracemalloc.start()
+        tracker = _tracker(storage, _Instant())
+        await tracker.take_over()
+        gc.collect()
+        traced, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
     finally:
         await storage.close()
-    return {"count": count, "bytes_per_gateway": (after - base) / count}
+    return {
+        "count": count,
+        "bytes_per_gateway": (after - base) / count,
+        "traced_bytes_per_gateway": traced / count,
+    }
+
+
+class _Outage:
+    """A `SeenRecorder` down once (the outage), then the real store."""
+
+    def __init__(self, store: PgStateStore) -> None:
+        self.store = store
+        self.failed = False
+        self.writes = 0
+
+    async def record_seen(self, seen: Mapping[Key, dt.datetime]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise DatabaseError("OperationalError: the database is down (benchmark)")
+        self.writes += 1
+        await self.store.record_seen(seen)
+
+
+class _CountingAcker:
+    def __init__(self) -> None:
+        self.acked = 0
+
+    async def ack(self, msgs: Sequence[JsMsg]) -> None:
+        self.acked += len(msgs)
+
+    async def nak(self, msgs: Sequence[JsMsg], delay_s: float | None = None) -> None:
+        raise AssertionError("never nak'ed")
+
+    async def term(self, msgs: Sequence[JsMsg]) -> None:
+        raise AssertionError("never terminated")
+
+
+async def _flush_one(count: int) -> dict[str, Any]:
+    storage, conninfo = await _storage()
+    try:
+        keys = _keys(count)
+        await trio.to_thread.run_sync(_fill, conninfo, keys, 0)
+        heard = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)  # after the outage
+        buffer = SeenBuffer()
+        buffer.add(
+            dict.fromkeys(keys, heard),
+            [JsMsg(f"telemetry.data.{t}.{g}", b"", f"$JS.ACK.T.d.1.{i}.{i}.0.0")
+             for i, (t, g) in enumerate(keys, 1)],
+        )  # fmt: skip
+        recorder, acker = _Outage(PgStateStore(storage)), _CountingAcker()
+        with contextlib.suppress(DatabaseError):
+            await flush_seen(buffer, recorder, acker)
+        if len(buffer) != count or acker.acked:
+            raise RuntimeError("the failed flush must put everything back, acking nothing")
+        t0 = time.perf_counter()
+        written = await flush_seen(buffer, recorder, acker)
+        seconds = time.perf_counter() - t0
+        stored = await trio.to_thread.run_sync(_count_seen, conninfo, heard)
+        if written != count or acker.acked != count or stored != count:
+            raise RuntimeError(f"flushed {written}, acked {acker.acked}, stored {stored}")
+    finally:
+        await storage.close()
+    return {"count": count, "flush_s": seconds, "transactions": recorder.writes}
+
+
+def _count_seen(conninfo: str, heard: dt.datetime) -> int:
+    with psycopg.connect(conninfo) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM gateway_liveness WHERE last_seen = %s", (heard,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _flush(spec: dict[str, Any]) -> dict[str, Any]:
+    return trio.run(_flush_one, int(spec["count"]))
 
 
 def _rss(spec: dict[str, Any]) -> dict[str, Any]:
     return trio.run(_rss_one, int(spec["count"]))
 
 
-MODES = {"tick": _tick, "rss": _rss}
+MODES = {"tick": _tick, "rss": _rss, "flush": _flush}
 
 if __name__ == "__main__":
     sys.exit(child_main(sys.argv[1:], MODES))

@@ -78,6 +78,17 @@ class AlertConfigCache:
             return found
         return table.by_tenant.get(tenant_id, self.default_timeout_ms)
 
+    def with_timeouts(
+        self, items: Iterable[tuple[tuple[str, str], float]]
+    ) -> list[tuple[tuple[str, str], float, int]]:
+        """(key, seen) → (key, seen, `timeout_ms(*key)`): the bulk form (a takeover)."""
+        get, tenant = self.table.by_gateway.get, self.table.by_tenant.get
+        default = self.default_timeout_ms
+        return [
+            (key, seen, t if (t := get(key)) is not None else tenant(key[0], default))
+            for key, seen in items
+        ]
+
     def replace(self, configs: Iterable[AlertConfig]) -> bool:
         """Install a freshly fetched list; return True if any timeout changed."""
         by_gateway: dict[tuple[str, str], int] = {}

@@ -55,6 +55,7 @@ from .errors import DatabaseError, StartupError
 from .horizon import AckFloorHorizon, JsConsumerPosition, StreamClock
 from .http import run_http_server
 from .ingest import IngestState, SeenBuffer, flush_seen, run_ingest, run_seen_flusher
+from .janitor import run_janitor
 from .js.bridge import Acker, NatsBridge
 from .js.delivery import JsMsg
 from .js.specs import decommission_spec, telemetry_spec
@@ -185,10 +186,20 @@ class _Parts:
             grace_until=self.grace_until,
             concurrency=self.settings.liveness_query_concurrency,
         )
-        # The dispatcher sends reports only while this replica leads: it is
-        # cancelled with the ticks, before the lock is let go.
+        # The dispatcher sends reports, and the janitor purges, only while this
+        # replica leads: both are cancelled with the ticks, before the lock is let go.
         async with trio.open_nursery() as leading:
             await leading.start(self.dispatcher.run)
+            await leading.start(
+                functools.partial(
+                    run_janitor,
+                    self.store,
+                    self.metrics,
+                    liveness_retention_s=self.settings.liveness_retention_s,
+                    rejected_retention_s=self.settings.rejected_retention_s,
+                    forget=tracker.forget_retired,
+                )
+            )
             await lead_liveness(tracker, self.settings.heartbeat_tick_s, observer=self.watchdog)
 
 

@@ -67,9 +67,12 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "NATS_PING_INTERVAL_SECONDS": "5",
     "NATS_MAX_OUTSTANDING_PINGS": "2",
     "LIVEZ_STALL_MS": "120000",
-    # the telemetry lifecycle on TimescaleDB (README: Configuration), durations
+    # the data lifecycle (README: Configuration): durations `<n>` + s, m, h, d or w,
+    # or `off` / `0` (TimescaleDB policies: none; purges: keep for ever)
     "TELEMETRY_COMPRESS_AFTER": "7d",
     "TELEMETRY_RETENTION": "off",
+    "LIVENESS_RETENTION": "30d",
+    "REJECTED_RETENTION": "30d",
 }
 # Optional without a default: needed only for DB_SSL_MODE verify-ca / verify-full.
 OPTIONAL_VARIABLES: Final = ("DB_SSL_ROOT_CERT",)
@@ -124,9 +127,11 @@ class Settings:
     nats_ping_interval_s: int = 5
     nats_max_outstanding_pings: int = 2
     livez_stall_ms: int = 120000
-    # Hours (parse_duration_h); None: off (no policy).
+    # Hours (whole); None: off (no policy).
     telemetry_compress_after_h: int | None = 7 * 24
     telemetry_retention_h: int | None = None
+    liveness_retention_s: int = 30 * 86400  # 0: keep offline rows and tombstones for ever
+    rejected_retention_s: int = 30 * 86400  # 0: keep rejected messages for ever
 
     # ---- the *_MS settings in seconds (what Trio's clock and the timeouts take) ----
 
@@ -232,28 +237,50 @@ def _readable_file(name: str, value: str) -> Path:
     return path
 
 
-DURATION_UNITS_H: Final = {"h": 1, "d": 24, "w": 7 * 24}
+DURATION_UNITS_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 #: The lifecycle durations' lower bounds: an hour to compress (chunks are a day
-#: long; the newest one is still being written), a day to drop (one chunk).
-COMPRESS_AFTER_MIN_H: Final = 1
-RETENTION_MIN_H: Final = 24
+#: long; the newest one is still being written), a day to drop (one chunk); an
+#: hour for a purge (a tombstone must outlive every redelivery of the messages
+#: before it: ack_wait, a nak's delay after an outage).
+COMPRESS_AFTER_MIN_S: Final = 3600
+RETENTION_MIN_S: Final = 86400
+PURGE_MIN_S: Final = 3600
+
+
+def parse_duration_s(name: str, value: str, *, minimum_s: int) -> int | None:
+    """A duration in seconds: a whole number with a unit, `s`, `m`, `h`, `d` or `w`
+    (`30d`, `12h`); `off`, `0` or empty: None (off, or keep for ever)."""
+    text = value.strip().lower()
+    if text in ("", "off", "0"):
+        return None
+    number, unit = text[:-1], text[-1:]
+    if unit not in DURATION_UNITS_S or not number.isdigit():
+        raise ConfigError(
+            f"{name}: expected a duration such as 90m, 12h, 7d or 4w, or off, got {value!r}"
+        )
+    seconds = int(number) * DURATION_UNITS_S[unit]
+    if seconds < minimum_s:
+        raise ConfigError(
+            f"{name}: must be at least {_describe_s(minimum_s)} or off, got {value!r}"
+        )
+    return seconds
 
 
 def parse_duration_h(name: str, value: str, *, minimum_h: int) -> int | None:
-    """A lifecycle duration in whole hours: `<n>h`, `<n>d` or `<n>w` (`7d`), or
-    `off` (None: no policy). Empty counts as `off`."""
-    text = value.strip().lower()
-    if text in ("", "off"):
+    """`parse_duration_s` in whole hours (the TimescaleDB policies' unit)."""
+    seconds = parse_duration_s(name, value, minimum_s=minimum_h * 3600)
+    if seconds is None:
         return None
-    number, unit = text[:-1], text[-1:]
-    if unit not in DURATION_UNITS_H or not number.isdigit():
-        raise ConfigError(
-            f"{name}: expected a duration such as 12h, 7d or 4w, or off, got {value!r}"
-        )
-    hours = int(number) * DURATION_UNITS_H[unit]
-    if hours < minimum_h:
-        raise ConfigError(f"{name}: must be at least {minimum_h}h or off, got {value!r}")
-    return hours
+    if seconds % 3600:
+        raise ConfigError(f"{name}: must be whole hours (e.g. 36h, 7d), got {value!r}")
+    return seconds // 3600
+
+
+def _describe_s(seconds: int) -> str:
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def load_settings() -> Settings:
@@ -338,6 +365,9 @@ def _load(env: environs.Env) -> Settings:
     def duration_h(name: str, *, minimum_h: int) -> int | None:
         return parse_duration_h(name, env.str(name, DEFAULTS[name]), minimum_h=minimum_h)
 
+    def purge(name: str) -> int:
+        return parse_duration_s(name, opt_str(name), minimum_s=PURGE_MIN_S) or 0
+
     log_level = opt_str("LOG_LEVEL").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -385,7 +415,9 @@ def _load(env: environs.Env) -> Settings:
         nats_max_outstanding_pings=pos_int("NATS_MAX_OUTSTANDING_PINGS"),
         livez_stall_ms=pos_int("LIVEZ_STALL_MS", minimum=1000),
         telemetry_compress_after_h=duration_h(
-            "TELEMETRY_COMPRESS_AFTER", minimum_h=COMPRESS_AFTER_MIN_H
+            "TELEMETRY_COMPRESS_AFTER", minimum_h=COMPRESS_AFTER_MIN_S // 3600
         ),
-        telemetry_retention_h=duration_h("TELEMETRY_RETENTION", minimum_h=RETENTION_MIN_H),
+        telemetry_retention_h=duration_h("TELEMETRY_RETENTION", minimum_h=RETENTION_MIN_S // 3600),
+        liveness_retention_s=purge("LIVENESS_RETENTION"),
+        rejected_retention_s=purge("REJECTED_RETENTION"),
     )

@@ -8,9 +8,10 @@ current one is written:
 A message is acked only after its row *and* its gateway's last-seen are
 committed (docs/contract.md Behaviour 8): each committed batch hands its gateways'
 last-seen and its messages to a `SeenBuffer`; `run_seen_flusher` writes the
-last-seen of everything in hand in one upsert of its own (off the ingest path,
-as soon as there is something and at most every `SEEN_FLUSH_S`) and acks those
-messages only once that upsert commits. So an acknowledged heartbeat can never
+last-seen of everything in hand in upserts of its own (off the ingest path,
+as soon as there is something and at most every `SEEN_FLUSH_S`; at most
+`SEEN_CHUNK` gateways per transaction) and acks those messages only once
+every one of them committed. So an acknowledged heartbeat can never
 be lost with a replica, and the durable's ack floor tells the leader up to
 which stream time the state table is complete (`horizon.py`). Last-seen is the
 time each gateway's newest valid message reached the stream, read from the
@@ -42,7 +43,7 @@ from .horizon import StreamClock
 from .js.bridge import Acker
 from .js.delivery import Delivery, JsMsg
 from .lanes import Key
-from .livestate import SeenRecorder
+from .livestate import SEEN_CHUNK, SeenRecorder
 from .log import get_logger
 from .metrics import Metrics
 from .progress import IngestProgress
@@ -278,6 +279,9 @@ async def _write_stage(
 # How often, at most, the last-seen of committed batches is written (and their
 # messages acknowledged): the ack waits up to this long after the commit.
 SEEN_FLUSH_S: Final = 0.2
+# Chunks of one flush written at once (a backlog after an outage drains ~1.3x
+# faster with two on 2 cores; BENCHMARKS.md).
+SEEN_WRITERS: Final = 2
 
 
 class SeenBuffer:
@@ -319,17 +323,58 @@ class SeenBuffer:
         await self._filled.wait()
 
 
-async def flush_seen(buffer: SeenBuffer, recorder: SeenRecorder, acker: Acker) -> int:
-    """Write what `buffer` holds, then ack its messages. On a failed write put it
-    all back (newest wins) and raise DatabaseError: nothing is acked. Returns
-    how many gateways were written."""
+async def flush_seen(
+    buffer: SeenBuffer,
+    recorder: SeenRecorder,
+    acker: Acker,
+    *,
+    chunk: int = SEEN_CHUNK,
+    writers: int = SEEN_WRITERS,
+) -> int:
+    """Write what `buffer` holds, `chunk` gateways per transaction (in key
+    order, each under its own deadline, up to `writers` at once), then ack
+    its messages: only once every chunk committed. On a failed write put
+    back the gateways of every chunk not committed and every message (newest
+    last-seen wins) and raise DatabaseError: nothing is acked, and the chunks
+    already committed are not written again. Returns how many gateways were
+    written.
+
+    Bounded chunks are what lets a backlog drain: after an outage the buffer
+    holds about every gateway heard, more than one upsert could write within
+    its deadline. Chunks are disjoint and each locks its rows in key order,
+    so writing two at once cannot deadlock (livestate.py)."""
     seen, msgs = buffer.take()
-    if seen:
-        try:
-            await recorder.record_seen(seen)
-        except BaseException:
-            buffer.add(seen, msgs)
-            raise
+    keys = sorted(seen)  # lock order (livestate.py), and chunks in key order
+    parts = [keys[start : start + chunk] for start in range(0, len(keys), chunk)]
+    committed = [False] * len(parts)
+    failed: list[DatabaseError] = []
+    todo = iter(range(len(parts)))
+
+    async def write() -> None:
+        for i in todo:
+            if failed:
+                return
+            try:
+                await recorder.record_seen({key: seen[key] for key in parts[i]})
+            except DatabaseError as exc:
+                failed.append(exc)
+                return
+            committed[i] = True
+
+    def put_back() -> None:
+        left = [key for i, part in enumerate(parts) if not committed[i] for key in part]
+        buffer.add({key: seen[key] for key in left}, msgs)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(writers, len(parts))):
+                nursery.start_soon(write)
+    except BaseException:
+        put_back()
+        raise
+    if failed:
+        put_back()
+        raise failed[0]
     if msgs:
         await acker.ack(msgs)
     return len(seen)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 Key = tuple[str, str]  # (tenant_id, gateway_id)
 
@@ -99,8 +100,22 @@ class LaneIndex:
     def set_many(self, items: Iterable[tuple[Key, float, int]]) -> None:
         """`set` each (key, seen, timeout_ms), oldest last-seen first: the order of
         `items` clamps nobody."""
-        for key, seen, timeout_ms in sorted(items, key=lambda item: item[1]):
-            self.set(key, seen, timeout_ms)
+        self.set_sorted(sorted(items, key=itemgetter(1)))
+
+    def set_sorted(self, items: Iterable[tuple[Key, float, int]]) -> None:
+        """`set_many` for items already sorted by last-seen (a takeover sorts a
+        million once, then adds them in slices between checkpoints)."""
+        entries, lanes = self._entries, self._lanes
+        for key, seen, timeout_ms in items:
+            if key in entries:
+                self.set(key, seen, timeout_ms)
+                continue
+            # `set` inlined for a new key: a takeover adds every gateway here.
+            lane = lanes.get(timeout_ms) or self._new_lane(timeout_ms)
+            tail = lane.tail
+            order_key = seen if seen > tail else tail
+            lane.tail = order_key
+            entries[key] = lane.order[key] = _Entry(seen, order_key, lane)
 
     def discard(self, key: Key) -> bool:
         entry = self._entries.pop(key, None)

@@ -52,6 +52,12 @@ LOCK_TCP_KEEPALIVES_IDLE_S: Final = 5
 LOCK_TCP_KEEPALIVES_INTERVAL_S: Final = 2
 LOCK_TCP_KEEPALIVES_COUNT: Final = 3
 LOCK_TCP_USER_TIMEOUT_MS: Final = 10_000
+# Worker threads of the lock's own: its calls never wait for a thread behind
+# the database writes on Trio's default limiter (a check that waits 3 s for a
+# thread drops leadership). Two: a call abandoned to a hung thread still holds
+# its token until the socket fails, and the next call, or the close that ends
+# the hang, must still get one.
+LOCK_THREADS: Final = 2
 
 
 def lock_session_settings(idle_timeout_s: float = LOCK_IDLE_TIMEOUT_S) -> dict[str, str]:
@@ -102,7 +108,9 @@ class AdvisoryLock:
     """`Lock` on a dedicated psycopg connection (sync, in worker threads).
 
     A call that hangs is abandoned to its thread (`abandon_on_cancel`); the
-    connection is then closed and a fresh one made for the next try.
+    connection is then closed and a fresh one made for the next try. Its calls
+    run on threads of their own (`LOCK_THREADS`), never behind the database
+    writes on Trio's default thread limiter.
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class AdvisoryLock:
         self._settings = lock_session_settings(idle_timeout_s)
         self._warned_unavailable = False
         self._conn: psycopg.Connection[TupleRow] | None = None
+        self._threads = trio.CapacityLimiter(LOCK_THREADS)
 
     async def try_acquire(self) -> bool:
         def acquire() -> bool:
@@ -132,7 +141,9 @@ class AdvisoryLock:
             return bool(row and row[0])
 
         try:
-            return await trio.to_thread.run_sync(acquire, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(
+                acquire, abandon_on_cancel=True, limiter=self._threads
+            )
         except psycopg.Error as exc:
             log.warning("liveness_lock_unavailable", error=str(exc)[:300])
             await self.release()
@@ -155,7 +166,7 @@ class AdvisoryLock:
                     "and PostgreSQL, or the lock was released"
                 )
 
-        await trio.to_thread.run_sync(check, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(check, abandon_on_cancel=True, limiter=self._threads)
 
     def _set_up(self, conn: psycopg.Connection[TupleRow]) -> None:
         """Blocking: give the new session its server settings (LOCK_IDLE_TIMEOUT_S)."""
@@ -176,12 +187,12 @@ class AdvisoryLock:
         conn, self._conn = self._conn, None
         if conn is not None:
             # Closing ends the session, which releases the lock on the server.
-            trio.lowlevel.spawn_system_task(_close_quietly, conn)
+            trio.lowlevel.spawn_system_task(_close_quietly, conn, self._threads)
 
 
-async def _close_quietly(conn: psycopg.Connection[TupleRow]) -> None:
+async def _close_quietly(conn: psycopg.Connection[TupleRow], limiter: trio.CapacityLimiter) -> None:
     try:
-        await trio.to_thread.run_sync(conn.close, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(conn.close, abandon_on_cancel=True, limiter=limiter)
     except Exception as exc:  # best effort: the session ends with the socket anyway
         log.debug("liveness_lock_close_failed", error=str(exc)[:200])
 

@@ -38,8 +38,11 @@ forgets the gateway at its next read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import gc
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Final, NoReturn, Protocol
 
 import trio
@@ -49,7 +52,7 @@ from .errors import DatabaseError, MgmtError, NatsRequestError
 from .horizon import Horizon, HorizonError
 from .js.bridge import AlertPublisher
 from .lanes import Due, Key, LaneIndex
-from .livestate import GatewayRow, StateStore
+from .livestate import GatewayRow, LoadChunk, StateStore
 from .log import get_logger
 from .metrics import Metrics
 from .mgmt import GatewayState, ReportedStatus
@@ -60,6 +63,8 @@ log = get_logger(__name__)
 # The publisher waits for the PubAck itself; this only keeps a stuck publish
 # from holding the tick forever.
 PUBLISH_TIMEOUT_S: Final = 10.0
+# Gateways put into the index between two checkpoints at a takeover (~20 ms).
+_INDEX_SLICE: Final = 50_000
 
 
 class StatusQuery(Protocol):
@@ -142,18 +147,81 @@ class LivenessTracker:
     # --- reading the state ---
 
     async def take_over(self) -> None:
-        """Load the whole state (once, when this replica becomes the leader)."""
+        """Load the whole state (once, when this replica becomes the leader).
+
+        Chunk by chunk (`StateStore.load_chunk`, each round trip under its own
+        deadline), the next chunk read while this one is taken in; the online
+        gateways go into the index together at the end, oldest first, in slices
+        with a checkpoint between (the lock check must not starve). A
+        DatabaseError leaves the tracker as it was, ready for another try.
+        """
         t0 = trio.current_time()
-        snapshot = await self._store.load()
-        await self._apply(snapshot.rows)
-        self._cursor = snapshot.cursor
+        online: list[tuple[Key, float, int]] = []
+        others: list[GatewayRow] = []
+        cursor: int | None = None
+        chunks = 0
+        failed: DatabaseError | None = None
+        send, receive = trio.open_memory_channel[LoadChunk | DatabaseError](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_chunks, send)
+            async with receive:
+                async for chunk in receive:
+                    if isinstance(chunk, DatabaseError):
+                        failed = chunk
+                        break
+                    chunks += 1
+                    if chunk.cursor is not None:
+                        cursor = chunk.cursor
+                    online += self._configs.with_timeouts(chunk.online)
+                    others += chunk.rows
+        if failed is not None:
+            raise failed
+        assert cursor is not None
+        online.sort(key=itemgetter(1))
+        with _gc_paused():
+            for start in range(0, len(online), _INDEX_SLICE):
+                self._index.set_sorted(online[start : start + _INDEX_SLICE])
+                await trio.lowlevel.checkpoint()
+        await self._apply(others)
+        self._cursor = cursor
         log.info(
             "liveness_state_loaded",
-            gateways=len(snapshot.rows),
+            gateways=len(online) + len(others),
             online=len(self._index),
             offline=len(self._offline),
+            chunks=chunks,
             seconds=round(trio.current_time() - t0, 3),
         )
+
+    async def _read_chunks(self, send: trio.MemorySendChannel[LoadChunk | DatabaseError]) -> None:
+        """Every chunk of the state in order, then the end of `send`; a
+        DatabaseError is sent as the last item (not raised: it must reach
+        `take_over` as itself, not inside an ExceptionGroup)."""
+        async with send:
+            after: Key | None = None
+            while True:
+                try:
+                    chunk = await self._store.load_chunk(after)
+                except DatabaseError as exc:
+                    await send.send(exc)
+                    return
+                await send.send(chunk)
+                if chunk.last is None:
+                    return
+                after = chunk.last
+
+    def forget_retired(self, keys: Iterable[Key]) -> int:
+        """Drop offline gateways whose rows the janitor purged (`janitor.py`);
+        returns how many were tracked. Online ones are not touched: a purge
+        deletes only rows that are offline or tombstones."""
+        dropped = 0
+        for key in keys:
+            if key in self._offline:
+                self._offline.discard(key)
+                dropped += 1
+        if dropped:
+            self._update_gauges()
+        return dropped
 
     async def _sync(self) -> None:
         if self._cursor is None:
@@ -393,6 +461,21 @@ class LivenessTracker:
         m.heartbeat_map_size.set(len(self))
         m.gateways_online.set(len(self._index))
         m.gateways_offline.set(len(self._offline))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a takeover fills the index: a
+    million new long-lived objects set off full collections again and again
+    (measured: 2.3 s against 0.8 s for 1,000,000 gateways). Nothing it creates
+    is garbage, and the collector runs again right after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class TickObserver(Protocol):

@@ -5,10 +5,11 @@ One row per gateway in `gateway_liveness`, beside `telemetry`:
 - `last_seen`: when the gateway's newest message reached the stream (the
   timestamp of its ack subject): the same on every replica and every
   redelivery. Every replica collects it from the batches it commits
-  (`ingest.SeenBuffer`, newest per gateway) and writes it in one upsert of
-  its own, at most every 200 ms (`run_seen_flusher`, `record_seen`): off the
-  ingest path, and a gateway heard many times meanwhile is written once; the
-  messages are acknowledged only after that upsert commits. It never moves
+  (`ingest.SeenBuffer`, newest per gateway) and writes it in upserts of its
+  own (`SEEN_CHUNK` gateways each), at most every 200 ms (`run_seen_flusher`,
+  `record_seen`): off the ingest path, and a gateway heard many times
+  meanwhile is written once; the messages are acknowledged only after those
+  upserts commit. It never moves
   backwards. (Measured: the same upsert inside each batch's COPY transaction
   cost 62% of the write path's throughput with 1,000 gateways per batch.)
 - `status`: `new` (never reported), `online`, `offline`, or `decommissioned`
@@ -21,6 +22,17 @@ One row per gateway in `gateway_liveness`, beside `telemetry`:
   being the oldest transaction still running when it last looked
   (`pg_snapshot_xmin`), so a change committed late is never skipped. A row may
   be read twice; applying it is idempotent. Cost: O(changed), never O(tracked).
+
+Every read and write is bounded per round trip, each under its own deadline
+(`db/pool.py`), so none grows with the fleet: the takeover load reads in key
+order, `LOAD_CHUNK` rows per round trip (keyset on the primary key); a change
+read pages by (changed_xid, key), `CHANGES_CHUNK` rows per round trip, up to
+the first read's snapshot (its `xmax`): a transaction that started later has
+an id at or above the new cursor, so the next read has it, and a busy table
+cannot keep one read going for ever; the last-seen flush writes
+`SEEN_CHUNK` gateways per transaction (`ingest.flush_seen`). Between round
+trips rows may change again: such a row is read at its newer state or, its
+new transaction id being above the new cursor, at the next read.
 
 Transitions are conditional updates (`mark_online`, `mark_offline`): only the
 caller whose update wins reports the transition, so an old and a new leader
@@ -42,7 +54,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, TypeVar
+from sys import intern
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from .db.pool import Conn
 from .lanes import Key
@@ -50,19 +63,58 @@ from .lanes import Key
 RowStatus = Literal["new", "online", "offline", "decommissioned"]
 T = TypeVar("T")
 
+# Rows per round trip (see the module docstring). Measured on 2 cores
+# (BENCHMARKS.md): a 50,000-row chunk of the load takes ~60 ms, a 10,000-gateway
+# last-seen upsert ~100 ms: far inside the 15 s deadline, few enough round trips.
+LOAD_CHUNK: Final = 50_000
+CHANGES_CHUNK: Final = 20_000
+SEEN_CHUNK: Final = 10_000
+# Retired rows (offline, decommissioned) and old rejects purged per statement
+# (`janitor.py`): small, so a purge never holds many row locks or a long transaction.
+PURGE_BATCH: Final = 1_000
+
+# Binary parameters: measured 25% faster for 10,000 gateways than text.
 _RECORD_SEEN: Final = """
 INSERT INTO gateway_liveness AS g (tenant_id, gateway_id, last_seen)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::timestamptz[])
 ON CONFLICT (tenant_id, gateway_id) DO UPDATE
    SET last_seen = EXCLUDED.last_seen,
        status = CASE WHEN g.status = 'decommissioned' THEN 'new' ELSE g.status END,
        changed_xid = pg_current_xact_id()
  WHERE g.last_seen < EXCLUDED.last_seen
 """
-_CURSOR: Final = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+# The cursor for the next change read, and the bound of this one.
+_SNAPSHOT: Final = (
+    "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text FROM pg_current_snapshot() s"
+)
 _COLUMNS: Final = "tenant_id, gateway_id, last_seen, status, status_last_seen"
-_LOAD: Final = f"SELECT {_COLUMNS} FROM gateway_liveness WHERE status <> 'decommissioned'"
-_CHANGES: Final = f"SELECT {_COLUMNS} FROM gateway_liveness WHERE changed_xid >= %s::text::xid8"
+# Online rows (nearly all of them) come as (key, last-seen in epoch seconds): no
+# datetime and no row object for each, which is most of a takeover's cost
+# (date_part: float8 at once; extract's numeric cast doubled the server's time).
+_LOAD_CHUNK: Final = """
+SELECT tenant_id, gateway_id, date_part('epoch', last_seen),
+       nullif(status, 'online'),
+       CASE WHEN status <> 'online' THEN last_seen END,
+       CASE WHEN status <> 'online' THEN status_last_seen END
+  FROM gateway_liveness
+ WHERE (tenant_id, gateway_id) > (%s, %s) AND status <> 'decommissioned'
+ ORDER BY tenant_id, gateway_id
+ LIMIT %s
+"""
+_LOAD_FIRST: Final = _LOAD_CHUNK.replace("(tenant_id, gateway_id) > (%s, %s) AND ", "")
+_CHANGES: Final = f"""
+SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
+ WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < %(upto)s::text::xid8
+   AND (changed_xid, tenant_id, gateway_id) > (%(from)s::text::xid8, %(tenant)s, %(gateway)s)
+ ORDER BY changed_xid, tenant_id, gateway_id
+ LIMIT %(limit)s
+"""
+_CHANGES_FIRST: Final = f"""
+SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
+ WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < %(upto)s::text::xid8
+ ORDER BY changed_xid, tenant_id, gateway_id
+ LIMIT %(limit)s
+"""
 _CURRENT: Final = (
     "SELECT last_seen FROM gateway_liveness"
     " WHERE tenant_id = %s AND gateway_id = %s AND status <> 'decommissioned'"
@@ -133,6 +185,37 @@ ON CONFLICT (tenant_id, gateway_id) DO UPDATE
        last_seen = greatest(g.last_seen, EXCLUDED.last_seen),
        changed_xid = pg_current_xact_id()
 """
+# Retired rows whose last transition (and last message) is older than the
+# retention: offline ones and tombstones. The re-check in the DELETE sees a row
+# that changed meanwhile (a message made it new again); SKIP LOCKED never waits
+# for ingest's row locks. The outbox keeps its reports: the dispatcher sends a
+# report without its row as it is.
+_PURGE_RETIRED: Final = """
+WITH old AS (
+    SELECT tenant_id, gateway_id FROM gateway_liveness
+     WHERE status IN ('offline', 'decommissioned')
+       AND status_at < now() - make_interval(secs => %(age)s)
+       AND last_seen < now() - make_interval(secs => %(age)s)
+     ORDER BY tenant_id COLLATE "C", gateway_id COLLATE "C"
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM gateway_liveness g USING old
+ WHERE g.tenant_id = old.tenant_id AND g.gateway_id = old.gateway_id
+   AND g.status IN ('offline', 'decommissioned')
+   AND g.status_at < now() - make_interval(secs => %(age)s)
+   AND g.last_seen < now() - make_interval(secs => %(age)s)
+RETURNING g.tenant_id, g.gateway_id, g.status
+"""
+_PURGE_REJECTED: Final = """
+DELETE FROM telemetry_rejected WHERE id IN (
+    SELECT id FROM telemetry_rejected
+     WHERE received_at < now() - make_interval(secs => %(age)s)
+     ORDER BY received_at
+     LIMIT %(limit)s
+)
+"""
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,16 +249,44 @@ class Changes:
     cursor: int  # pass to the next `changes` call
 
 
-class StateStore(Protocol):
+@dataclass(frozen=True, slots=True)
+class LoadChunk:
+    """One round trip of the takeover load, in key order."""
+
+    online: list[tuple[Key, float]]  # online gateways, last-seen in epoch seconds
+    rows: list[GatewayRow]  # every other tracked one (new, offline)
+    last: Key | None  # pass as `after` for the next chunk; None: this was the last
+    cursor: int | None  # for `changes`, from the first chunk (read before it)
+
+    def __len__(self) -> int:
+        return len(self.online) + len(self.rows)
+
+
+class Purger(Protocol):
+    """What the leader's janitor deletes (`janitor.py`); errors are `DatabaseError`."""
+
+    async def purge_retired(self, older_than_s: float, limit: int) -> list[tuple[Key, RowStatus]]:
+        """Delete up to `limit` offline rows and tombstones whose transition and
+        last message are older than `older_than_s`; returns them."""
+        ...
+
+    async def purge_rejected(self, older_than_s: float, limit: int) -> int:
+        """Delete up to `limit` rejected messages received more than
+        `older_than_s` ago; returns how many."""
+        ...
+
+
+class StateStore(Purger, Protocol):
     """The liveness state as every replica's ingest writes it and the leader sees
-    it; errors are `DatabaseError`."""
+    it (and purges); errors are `DatabaseError`."""
 
     async def record_seen(self, seen: Mapping[Key, dt.datetime]) -> None:
         """Write gateways' last-seen (never backwards; a tombstone becomes new)."""
         ...
 
-    async def load(self) -> Changes:
-        """Every tracked gateway (not decommissioned), and the cursor for `changes`."""
+    async def load_chunk(self, after: Key | None) -> LoadChunk:
+        """The next tracked gateways (not decommissioned) in key order, after
+        `after` (from the start, with the cursor for `changes`, when None)."""
         ...
 
     async def changes(self, cursor: int) -> Changes:
@@ -233,24 +344,72 @@ def record_seen(conn: Conn, seen: Mapping[Key, dt.datetime]) -> None:
 
 
 class PgStateStore:
-    """`StateStore` on the daemon's pool (`Storage.run_in_transaction`)."""
+    """`StateStore` and `Purger` on the daemon's pool (`Storage.run_in_transaction`).
 
-    def __init__(self, runner: Runner) -> None:
+    `load_chunk`, `changes` and `purge_*` take at most `load_chunk`,
+    `changes_chunk` and the given limit rows per round trip."""
+
+    def __init__(
+        self, runner: Runner, *, load_chunk: int = LOAD_CHUNK, changes_chunk: int = CHANGES_CHUNK
+    ) -> None:
         self._runner = runner
+        self._load_chunk = load_chunk
+        self._changes_chunk = changes_chunk
 
-    async def load(self) -> Changes:
-        def load(conn: Conn) -> Changes:
-            cursor = _cursor(conn)
-            return Changes(_rows(conn.execute(_LOAD).fetchall()), cursor)
+    async def load_chunk(self, after: Key | None) -> LoadChunk:
+        limit = self._load_chunk
+
+        def load(conn: Conn) -> LoadChunk:
+            cursor = None
+            # Binary: a float8 and text parse faster (measured: 0.9 s against 2.0 s
+            # for a million rows).
+            cur = conn.cursor(binary=True)
+            if after is None:
+                cursor = _snapshot(conn)[0]  # before the read: a conservative cursor
+                rows = cur.execute(_LOAD_FIRST, (limit,)).fetchall()
+            else:
+                rows = cur.execute(_LOAD_CHUNK, (*after, limit)).fetchall()
+            return _load_chunk(rows, limit, cursor)
 
         return await self._runner.run_in_transaction(load)
 
-    async def changes(self, cursor: int) -> Changes:
-        def changes(conn: Conn) -> Changes:
-            new_cursor = _cursor(conn)  # before the read: a conservative cursor
-            return Changes(_rows(conn.execute(_CHANGES, (str(cursor),)).fetchall()), new_cursor)
+    async def load(self) -> Changes:
+        """The whole state at once, as `GatewayRow`s (tests, tools; the leader
+        uses `load_chunk`)."""
+        first = chunk = await self.load_chunk(None)
+        rows: list[GatewayRow] = []
+        while True:
+            rows += [
+                GatewayRow(key, dt.datetime.fromtimestamp(seen, dt.UTC), "online", None)
+                for key, seen in chunk.online
+            ]
+            rows += chunk.rows
+            if chunk.last is None:
+                break
+            chunk = await self.load_chunk(chunk.last)
+        assert first.cursor is not None
+        return Changes(sorted(rows, key=lambda row: row.key), first.cursor)
 
-        return await self._runner.run_in_transaction(changes)
+    async def changes(self, cursor: int) -> Changes:
+        limit = self._changes_chunk
+        params: dict[str, object] = {"from": str(cursor), "limit": limit}
+
+        def first(conn: Conn) -> tuple[int, list[tuple[object, ...]]]:
+            # The new cursor before the read (conservative), and this read's bound.
+            new_cursor, params["upto"] = _snapshot(conn)
+            return new_cursor, conn.execute(_CHANGES_FIRST, params).fetchall()
+
+        def more(conn: Conn) -> list[tuple[object, ...]]:
+            return conn.execute(_CHANGES, params).fetchall()
+
+        new_cursor, page = await self._runner.run_in_transaction(first)
+        rows = _rows([r[:5] for r in page])
+        while len(page) >= limit:
+            t, g, *_, xid = page[-1]
+            params.update({"from": xid, "tenant": t, "gateway": g})
+            page = await self._runner.run_in_transaction(more)
+            rows += _rows([r[:5] for r in page])
+        return Changes(rows, new_cursor)
 
     async def current_last_seen(self, key: Key) -> dt.datetime | None:
         def current(conn: Conn) -> dt.datetime | None:
@@ -309,11 +468,39 @@ class PgStateStore:
 
         return await self._runner.run_in_transaction(forget)
 
+    async def purge_retired(self, older_than_s: float, limit: int) -> list[tuple[Key, RowStatus]]:
+        params = {"age": older_than_s, "limit": limit}
 
-def _cursor(conn: Conn) -> int:
-    row = conn.execute(_CURSOR).fetchone()
+        def purge(conn: Conn) -> list[tuple[Key, RowStatus]]:
+            rows = conn.execute(_PURGE_RETIRED, params).fetchall()
+            return [((str(t), str(g)), status) for t, g, status in rows]  # type: ignore[misc]
+
+        return await self._runner.run_in_transaction(purge)
+
+    async def purge_rejected(self, older_than_s: float, limit: int) -> int:
+        params = {"age": older_than_s, "limit": limit}
+        return await self._runner.run_in_transaction(
+            lambda conn: conn.execute(_PURGE_REJECTED, params).rowcount
+        )
+
+
+def _snapshot(conn: Conn) -> tuple[int, str]:
+    """(xmin as the next change read's cursor, xmax as this read's bound)."""
+    row = conn.execute(_SNAPSHOT).fetchone()
     assert row is not None
-    return int(str(row[0]))
+    return int(str(row[0])), str(row[1])
+
+
+def _load_chunk(rows: list[tuple[Any, ...]], limit: int, cursor: int | None) -> LoadChunk:
+    # One str object per tenant (interned), not one per row: the leader keeps these keys.
+    online = [((intern(t), g), seen) for t, g, seen, status, _, _ in rows if status is None]
+    others = [
+        GatewayRow((intern(t), g), last_seen, status, status_seen)
+        for t, g, _, status, last_seen, status_seen in rows
+        if status is not None
+    ]
+    last = (str(rows[-1][0]), str(rows[-1][1])) if len(rows) >= limit else None
+    return LoadChunk(online, others, last, cursor)
 
 
 def _rows(rows: list[tuple[object, ...]]) -> list[GatewayRow]:

@@ -170,6 +170,18 @@ class Metrics:
             " yet acknowledged) trails stream-now",
             registry=r,
         )
+        self.purged_rows = Counter(
+            _P + "purged_rows",
+            "Rows the leader's janitor deleted after their retention, by table"
+            " (gateway_liveness: offline rows and tombstones; telemetry_rejected)",
+            ["table"],
+            registry=r,
+        )
+        self.janitor_errors = Counter(
+            _P + "janitor_errors",
+            "Janitor runs ended by a database error (the next run starts over)",
+            registry=r,
+        )
         self.status_updates_sent = Counter(
             _P + "status_updates_sent",
             "Status updates delivered to the management API (update-status succeeded)",

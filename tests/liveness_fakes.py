@@ -19,7 +19,7 @@ from notip_trio.errors import DatabaseError, NatsRequestError
 from notip_trio.horizon import AckFloor, Horizon
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.livestate import Changes, GatewayRow, Report, Reports
+from notip_trio.livestate import Changes, GatewayRow, LoadChunk, Report, Reports, RowStatus
 from notip_trio.metrics import Metrics
 
 # Wall time that corresponds to Trio time 0 in tests (see `wall_at`).
@@ -222,6 +222,8 @@ class FakeStore:
         self.queued: list[QueuedUpdate] = []  # every report ever queued, in order
         self.outbox: dict[int, tuple[QueuedUpdate, datetime]] = {}  # pending, by id
         self._report_id = 0
+        self.load_chunk_size = 1000
+        self.retired: set[Key] = set()  # what purge_retired deletes
 
     def _queue(self, key: Key, status: str, last_seen: datetime) -> None:
         update = QueuedUpdate(key[0], key[1], status, last_seen)
@@ -263,6 +265,35 @@ class FakeStore:
         await self._enter("load")
         rows = [self._row(k, r) for k, r in self.rows.items() if r["status"] != "decommissioned"]
         return Changes(rows, self._xid + 1)
+
+    async def load_chunk(self, after: Key | None) -> LoadChunk:
+        """`load_chunk_size` tracked rows in key order after `after`."""
+        await self._enter("load_chunk")
+        keys = sorted(
+            k
+            for k, r in self.rows.items()
+            if r["status"] != "decommissioned" and (after is None or k > after)
+        )[: self.load_chunk_size]
+        online = [
+            (k, self.rows[k]["last_seen"].timestamp())
+            for k in keys
+            if self.rows[k]["status"] == "online"
+        ]
+        rows = [self._row(k, self.rows[k]) for k in keys if self.rows[k]["status"] != "online"]
+        last = keys[-1] if len(keys) >= self.load_chunk_size else None
+        return LoadChunk(online, rows, last, self._xid + 1 if after is None else None)
+
+    async def purge_retired(self, older_than_s: float, limit: int) -> list[tuple[Key, RowStatus]]:
+        """Purges those in `retired` (the fake keeps no times), `limit` at a time."""
+        await self._enter("purge_retired")
+        gone = [k for k in sorted(self.retired) if k in self.rows][:limit]
+        for key in gone:
+            self.retired.discard(key)
+        return [(key, self.rows.pop(key)["status"]) for key in gone]
+
+    async def purge_rejected(self, older_than_s: float, limit: int) -> int:
+        await self._enter("purge_rejected")
+        return 0
 
     async def changes(self, cursor: int) -> Changes:
         await self._enter("changes")
@@ -313,7 +344,8 @@ class FakeStore:
             update, last_seen = self.outbox[report_id]
             key = (update.tenant_id, update.gateway_id)
             newer_queued = any(
-                (u.tenant_id, u.gateway_id) == key for i, (u, _) in self.outbox.items()
+                (u.tenant_id, u.gateway_id) == key
+                for i, (u, _) in self.outbox.items()
                 if i > report_id
             )
             row = self.rows.get(key)

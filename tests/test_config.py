@@ -56,6 +56,20 @@ def test_defaults_match_the_spec(env: dict[str, str]) -> None:
     assert (s.db_write_timeout_ms, s.db_migrate_timeout_ms) == (15000, 600000)
     assert (s.nats_ping_interval_s, s.nats_max_outstanding_pings) == (5, 2)
     assert s.livez_stall_ms == 120000
+    assert (s.liveness_retention_s, s.rejected_retention_s) == (30 * 86400, 30 * 86400)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("30d", 2592000), ("12h", 43200), ("90m", 5400), ("3600s", 3600),
+                           ("0", 0), ("off", 0), (" 7D ", 604800), ("1w", 604800)]
+)  # fmt: skip
+def test_retention_durations(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, value: str, seconds: int
+) -> None:
+    monkeypatch.setenv("LIVENESS_RETENTION", value)
+    monkeypatch.setenv("REJECTED_RETENTION", value)
+    s = load_settings()
+    assert (s.liveness_retention_s, s.rejected_retention_s) == (seconds, seconds)
 
 
 def test_conninfo_sets_keepalives_and_tcp_user_timeout(
@@ -114,17 +128,25 @@ def test_each_missing_required_variable_is_named(
         ("NATS_PING_INTERVAL_SECONDS", "0", ">= 1"),
         ("NATS_MAX_OUTSTANDING_PINGS", "0", ">= 1"),
         ("LIVEZ_STALL_MS", "999", ">= 1000"),
+        ("LIVENESS_RETENTION", "30", "expected a duration such as 90m, 12h, 7d or 4w, or off"),
+        ("LIVENESS_RETENTION", "-1d", "expected a duration"),
+        ("LIVENESS_RETENTION", "1.5d", "expected a duration"),
+        ("LIVENESS_RETENTION", "59m", "at least 1h or off"),
+        ("REJECTED_RETENTION", "30x", "expected a duration"),
+        ("REJECTED_RETENTION", "", "must not be empty"),
         ("TELEMETRY_BATCH_MIN", "0", ">= 1"),
         ("TELEMETRY_BATCH_MIN", "20000", "exceeds TELEMETRY_BATCH_SIZE 10000"),
-        ("TELEMETRY_COMPRESS_AFTER", "7", "expected a duration such as 12h, 7d or 4w, or off"),
+        ("TELEMETRY_COMPRESS_AFTER", "7", "expected a duration such as 90m, 12h, 7d or 4w, or off"),
         ("TELEMETRY_COMPRESS_AFTER", "7 days", "expected a duration"),
         ("TELEMETRY_COMPRESS_AFTER", "604800000", "expected a duration"),
         ("TELEMETRY_COMPRESS_AFTER", "-1d", "expected a duration"),
         ("TELEMETRY_COMPRESS_AFTER", "1.5d", "expected a duration"),
         ("TELEMETRY_COMPRESS_AFTER", "0h", "at least 1h or off"),
         ("TELEMETRY_COMPRESS_AFTER", "never", "expected a duration"),
-        ("TELEMETRY_RETENTION", "12h", "at least 24h or off"),
-        ("TELEMETRY_RETENTION", "3m", "expected a duration"),
+        ("TELEMETRY_RETENTION", "12h", "at least 1d or off"),
+        ("TELEMETRY_RETENTION", "3m", "at least 1d or off"),
+        ("TELEMETRY_RETENTION", "36h30m", "expected a duration"),
+        ("TELEMETRY_COMPRESS_AFTER", "90m", "whole hours"),
     ],
 )
 def test_invalid_values_are_named(

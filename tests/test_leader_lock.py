@@ -87,6 +87,37 @@ async def test_a_check_finds_the_lock_gone_from_its_session(pg_database: PgDatab
             await lock.release()
 
 
+async def test_the_lock_gets_a_thread_while_the_default_limiter_is_exhausted(
+    pg_database: PgDatabase,
+) -> None:
+    """Database writes fill Trio's default thread limiter (a pool waiting for
+    connections, threads abandoned to a dead path): the lock's calls run on
+    threads of their own, so its check still answers (issue: a check that
+    waited 3 s for a thread dropped leadership)."""
+    key = _key()
+    lock = AdvisoryLock(pg_database.conninfo, key)
+    default = trio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(default.total_tokens))]
+    with trio.fail_after(GUARD_S):
+        try:
+            for holder in holders:
+                await default.acquire_on_behalf_of(holder)
+            assert default.available_tokens == 0
+            # Guard: a call on the default limiter now waits (it would be the check).
+            with trio.move_on_after(0.5) as waited:
+                await trio.to_thread.run_sync(lambda: None)
+            assert waited.cancelled_caught
+            with trio.fail_after(5):
+                assert await lock.try_acquire()
+                await lock.check()
+                await lock.check()
+        finally:
+            for holder in holders:
+                default.release_on_behalf_of(holder)
+            await lock.release()
+        await until(lambda: _free(pg_database.conninfo, key), 10, "the lock free after release")
+
+
 async def test_the_server_ends_a_silent_lock_session_and_frees_the_lock(
     pg_database: PgDatabase,
 ) -> None:

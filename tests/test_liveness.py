@@ -564,10 +564,10 @@ async def test_the_state_is_loaded_again_until_the_database_answers(
         rig.store.down = True
         async with rig.running():
             await trio.sleep_until(25)
-            assert rig.store.calls["load"] == 3  # at 0, 10, 20
+            assert rig.store.calls["load_chunk"] == 3  # at 0, 10, 20 (each at its first chunk)
             rig.store.down = False
             await trio.sleep_until(31)
-            assert rig.store.calls["load"] == 4
+            assert rig.store.calls["load_chunk"] == 4
             assert rig.sink.brief() == [("gw1", "online", wall_at(0))]
             await trio.sleep_until(75)
         # Ticks count from the load at 30: the alert at the first one after 30 s.

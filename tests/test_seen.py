@@ -4,7 +4,8 @@ hang guard per test)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime as dt
+from collections.abc import Mapping, Sequence
 
 import pytest
 import trio
@@ -13,6 +14,7 @@ import trio.testing
 from notip_trio.errors import DatabaseError
 from notip_trio.ingest import SeenBuffer, flush_seen, run_seen_flusher
 from notip_trio.js.delivery import JsMsg
+from notip_trio.lanes import Key
 from notip_trio.metrics import Metrics
 from tests.liveness_fakes import FakeStore, sample, wall_at
 
@@ -64,6 +66,46 @@ async def test_a_failed_flush_acks_nothing_and_puts_it_all_back() -> None:
     assert await flush_seen(buffer, store, acks) == 0  # nothing left: no round trip
     assert store.calls["record_seen"] == 2
     assert len(acks.acked) == 1
+
+
+class FailingAt(FakeStore):
+    """Fails the `fail_at`-th record_seen call (1-based) once; records each call's keys."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.written: list[list[Key]] = []
+
+    async def record_seen(self, seen: Mapping[Key, dt.datetime]) -> None:
+        if len(self.written) + 1 == self.fail_at:
+            self.fail_at = 0
+            self.written.append([])
+            raise DatabaseError("OperationalError: server closed the connection (fake)")
+        self.written.append(list(seen))
+        await super().record_seen(seen)
+
+
+async def test_a_flush_in_chunks_acks_only_when_every_chunk_committed() -> None:
+    """Ten gateways, three per transaction, the third transaction fails: the two
+    chunks before it stay written, nothing is acked, the rest is put back and
+    written (not the first six again) by the next flush, which acks everything."""
+    keys = [("t1", f"gw-{i}") for i in range(10)]
+    store, buffer, acks = FailingAt(3), SeenBuffer(), Acks()
+    buffer.add({key: wall_at(i) for i, key in enumerate(keys)}, [msg(1), msg(2)])
+    with pytest.raises(DatabaseError):
+        await flush_seen(buffer, store, acks, chunk=3)
+    assert store.written == [keys[0:3], keys[3:6], []]
+    assert acks.acked == []
+    assert sorted(store.rows) == keys[0:6]
+    assert (len(buffer), buffer.messages) == (4, 2)
+    buffer.add({keys[0]: wall_at(20), keys[9]: wall_at(1)}, [msg(3)])  # newer, older
+    assert await flush_seen(buffer, store, acks, chunk=3) == 5
+    assert store.written[3:] == [[keys[0], keys[6], keys[7]], [keys[8], keys[9]]]
+    assert [seqs for _, seqs in acks.acked] == [[1, 2, 3]]
+    assert {k: r["last_seen"] for k, r in store.rows.items()} == {
+        **{key: wall_at(i) for i, key in enumerate(keys)},
+        keys[0]: wall_at(20),
+    }
 
 
 async def test_the_flusher_writes_at_most_every_200_ms_and_rides_out_an_outage(
