@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -897,3 +897,125 @@ async def test_a_takeover_judges_every_gateway_on_its_own_last_seen(
             (35, "alert.t1.gw_offline", "gw1"),
             (35, "alert.t1.gw_offline", "gw2"),
         ]
+
+
+# --- bulk transitions -----------------------------------------------------------
+
+
+class _RacingLeader(FakeStore):
+    """Another leader marks `race` offline just before this one's statement."""
+
+    race: Key | None = None
+
+    async def mark_offline_many(self, alerted: Mapping[Key, datetime]) -> dict[Key, datetime]:
+        if self.race in alerted:
+            assert self.race is not None
+            await super().mark_offline_many({self.race: alerted[self.race]})
+        return await super().mark_offline_many(alerted)
+
+
+async def test_a_chunk_is_marked_in_one_statement_and_only_the_winners_report(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """gw_c, gw_a, gw_b, gw_d fall silent in that order; gw_d is decommissioned
+    while get-status is asked, and another leader marks gw_b offline first. One
+    re-read and one transition statement for the chunk; alerts go out in the
+    order the gateways became due; the outbox holds one report per transition,
+    this leader's in key order."""
+    gw_a, gw_b, gw_c, gw_d = (("t1", g) for g in ("a", "b", "c", "d"))
+    with trio.fail_after(GUARD_S):
+        store = _RacingLeader()
+        store.race = gw_b
+        rig = Rig(store=store, status_delay_s=2)
+        async with rig.running():
+            await rig.beat_at(1, gw_c)
+            await rig.beat_at(2, gw_a)
+            await rig.beat_at(3, gw_b)
+            await rig.beat_at(4, gw_d)
+            await trio.sleep_until(41)
+            await rig.store.decommission(gw_d)
+            await trio.sleep_until(45)
+            assert sample(rig.metrics, "gateways_offline") == 2
+        assert rig.published() == [
+            (42, "alert.t1.gw_offline", "c"),
+            (42, "alert.t1.gw_offline", "a"),
+            (42, "alert.t1.gw_offline", "b"),
+        ]
+        assert rig.sink.brief()[4:] == [
+            ("b", "offline", wall_at(3)),  # the other leader's
+            ("a", "offline", wall_at(2)),
+            ("c", "offline", wall_at(1)),
+        ]
+        assert store.bulk_sizes == [
+            ("current_last_seen_many", 4),
+            ("mark_offline_many", 1),  # the other leader
+            ("mark_offline_many", 3),
+        ]
+        assert rig.tracker.status(*gw_a) == rig.tracker.status(*gw_c) == "offline"
+
+
+# --- the management API in an outage: the circuit breaker -------------------------
+
+
+async def _never_answers(payload: bytes) -> bytes:
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def test_a_management_api_that_never_answers_costs_one_attempt_then_fails_open(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """50 gateways silent at once, get-status never answers: 32 first attempts
+    (LIVENESS_QUERY_CONCURRENCY) time out at 45, the breaker opens at the 10th
+    failure, and every candidate is alerted then, without more queries. At the
+    next tick with candidates one probe is asked (and times out: open again);
+    once the API answers, the probe closes the breaker and every candidate is
+    asked again."""
+    caplog.set_level(logging.INFO)
+    first = [("t1", f"a{i:02d}") for i in range(50)]
+    second = [("t1", f"b{i:02d}") for i in range(20)]
+    third = [("t1", f"c{i:02d}") for i in range(5)]
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.requester.handlers[SUBJECT_GET_STATUS] = _never_answers
+        async with rig.running():
+            await rig.beat_at(1, *first, *second, *third)
+            await rig.beat_at(25, *second, *third)  # due at 55
+            await rig.beat_at(45.5, *third)  # due at 75.5
+            await trio.sleep_until(46)
+            assert rig.status_query_times() == [40] * 32
+            assert [t for t, _, _ in rig.published()] == [45] * 50
+            assert sample(rig.metrics, "lifecycle_breaker_open") == 1
+            await trio.sleep_until(66)
+            # 50: no candidates; 60: one probe, 5 s, then the rest fail open.
+            assert rig.status_query_times() == [40] * 32 + [60]
+            assert [t for t, _, _ in rig.published()] == [45] * 50 + [65] * 20
+            rig.requester.handlers[SUBJECT_GET_STATUS] = status_handler(rig.states)
+            await trio.sleep_until(85)
+        assert rig.status_query_times() == [40] * 32 + [60] + [80] * 5
+        assert [t for t, _, _ in rig.published()] == [45] * 50 + [65] * 20 + [80] * 5
+        assert sample(rig.metrics, "lifecycle_breaker_trips_total") == 1
+        assert sample(rig.metrics, "lifecycle_breaker_open") == 0
+        assert sample(rig.metrics, "lifecycle_queries_skipped_total") == 50 + 20
+        assert sample(rig.metrics, "lifecycle_query_errors_total") == 0
+        events = [r.getMessage() for r in caplog.records]
+        assert events.count("lifecycle_breaker_opened_failing_open") == 1
+        assert events.count("lifecycle_breaker_closed") == 1
+        assert "lifecycle_query_failed_alerting_anyway" not in events
+
+
+async def test_no_responders_opens_the_breaker_after_ten_queries(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """get-status fails at once: ten failed attempts, then the breaker is open and
+    every candidate is alerted in the same instant (no retry waits)."""
+    gateways = [("t1", f"gw{i:03d}") for i in range(100)]
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.requester.handlers[SUBJECT_GET_STATUS] = _no_responders
+        async with rig.running():
+            await rig.beat_at(1, *gateways)
+            await trio.sleep_until(45)
+        assert rig.status_query_times() == [40] * 10
+        assert [t for t, _, _ in rig.published()] == [40] * 100
+        assert sample(rig.metrics, "lifecycle_queries_skipped_total") == 100
