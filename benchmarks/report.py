@@ -90,6 +90,20 @@ def render(r: dict[str, Any]) -> str:
                 f"fakes) {_ms(t['one_pct_due_ms'])}; 1% changed {_ms(t['one_pct_changed_ms'])}",
             )
         )
+    outage = r.get("outage", {})
+    for api, label in (("1ms", "stand-ins answering in 1 ms"), ("never", "get-status never answers")):
+        if api in outage:
+            o = outage[api]
+            rows.append(
+                (
+                    f"6. Mass outage: {_n(o['silent'])} of {_n(outage['size'])} gateways due at "
+                    f"once, {label}",
+                    f"tick {_ms(o['tick_ms'])}",
+                    f"every one alerted (PubAck) and marked offline with its report queued; "
+                    f"{_n(o['get_status_requests'])} get-status requests; then none due "
+                    f"{_ms(o['none_due_ms'])}",
+                )
+            )
     if "rss" in r:
         m = r["rss"]
         rows.append(
@@ -158,6 +172,23 @@ def _ratios(r: dict[str, Any], ours: float | None) -> list[str]:
     if "100000" in tick:
         v = tick["100000"]["none_due_ms"]
         out.append(f"- tick 100k none due {_ms(v)} (goal <= 10 ms: {_check(v <= 10)})")
+    outage = r.get("outage", {})
+    tick_s = outage.get("tick_interval_ms", 0) / 1000
+    if "1ms" in outage:
+        v = tick_s + outage["1ms"]["tick_ms"] / 1000
+        out.append(
+            f"- {_n(outage['size'])} gateways, 10% due at once: all offline within {v:.1f} s of "
+            f"becoming due (one tick interval + the tick) (goal <= 15 s: {_check(v <= 15)})"
+        )
+        v = outage["1ms"]["none_due_ms"]
+        out.append(f"- tick none due after it {_ms(v)} (goal <= 1 ms: {_check(v <= 1)})")
+    if "never" in outage:
+        v = tick_s + outage["never"]["tick_ms"] / 1000
+        goal = 2 * tick_s + 30
+        out.append(
+            f"- the same, get-status never answers: all alerted within timeout + {v:.1f} s "
+            f"(goal <= timeout + 2 ticks + 30 s = timeout + {goal:.0f} s: {_check(v <= goal)})"
+        )
     if "rss" in r:
         v = r["rss"]["bytes_per_gateway"]
         out.append(f"- RSS per gateway {v:.0f} B (goal <= 1024 B: {_check(v <= 1024)})")
