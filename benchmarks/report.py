@@ -91,7 +91,8 @@ def render(r: dict[str, Any]) -> str:
             )
         )
     outage = r.get("outage", {})
-    for api, label in (("1ms", "stand-ins answering in 1 ms"), ("never", "get-status never answers")):
+    labels = {"1ms": "stand-ins answering in 1 ms", "never": "get-status never answers"}
+    for api, label in labels.items():
         if api in outage:
             o = outage[api]
             rows.append(
