@@ -78,25 +78,38 @@ class _Instant:
 
 class _Standins:
     """The management API (a `Requester` for the real `MgmtClient`) and JetStream
-    (an `AlertPublisher`), answering after `delay_s`; `never`: get-status never
-    answers."""
+    (an `AlertPublisher`), answering 1 to 2 ms after each request (the second
+    beat of a shared 1 ms clock: one timer for every request in flight, so the
+    stand-ins' own cost stays small beside the leader's); `never`: get-status
+    never answers. `run` drives the clock."""
 
     def __init__(self, delay_s: float, *, never: bool) -> None:
         self.delay_s = delay_s
         self.never = never
         self.requests = 0
         self.alerts = 0
+        self._beats = [trio.Event(), trio.Event()]
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.delay_s)
+            beat = self._beats.pop(0)
+            self._beats.append(trio.Event())
+            beat.set()
+
+    async def _answer(self) -> None:
+        await self._beats[1].wait()  # at least one full period from now
 
     async def request(self, subject: str, payload: bytes) -> bytes:
         self.requests += 1
         if self.never:
             await trio.sleep_forever()
-        await trio.sleep(self.delay_s)
+        await self._answer()
         gateway = json.loads(payload)["gateway_id"]
         return json.dumps({"gateway_id": gateway, "state": "online"}).encode()
 
     async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
-        await trio.sleep(self.delay_s)
+        await self._answer()
         self.alerts += 1
 
 
@@ -215,7 +228,10 @@ async def _outage_one(size: int, api: str) -> dict[str, Any]:
         standins = _Standins(STANDIN_DELAY_S, never=api == "never")
         tracker = _tracker(storage, _Instant(), MgmtClient(standins), standins)
         await tracker.take_over()
-        tick_ms = await _timed(tracker.tick)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(standins.run)
+            tick_ms = await _timed(tracker.tick)
+            nursery.cancel_scope.cancel()
         offline, queued = await trio.to_thread.run_sync(_offline_counts, conninfo)
         if not standins.alerts == offline == queued == silent:
             raise RuntimeError(

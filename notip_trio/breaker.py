@@ -19,8 +19,6 @@ Not thread-safe; one Trio run.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Final
 
 import trio
@@ -68,20 +66,19 @@ class Breaker:
                 self._probing = True
                 return True
             await self._settled.wait()
-        await trio.lowlevel.checkpoint()
+        # No checkpoint of its own: the attempt that follows is one.
         return self.state is State.CLOSED
 
-    @contextmanager
-    def attempt(self) -> Iterator[trio.CancelScope]:
-        """Around one attempt: cancelled if the breaker opens meanwhile (check
-        `cancelled_caught`)."""
-        scope = trio.CancelScope()
+    @property
+    def is_open(self) -> bool:
+        return self.state is State.OPEN
+
+    def track(self, scope: trio.CancelScope) -> None:
+        """An attempt in flight: cancelled if the breaker opens meanwhile."""
         self._in_flight.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._in_flight.discard(scope)
+
+    def untrack(self, scope: trio.CancelScope) -> None:
+        self._in_flight.discard(scope)
 
     async def wait(self, delay_s: float) -> None:
         """A retry's wait: ends early when the breaker opens."""

@@ -70,6 +70,8 @@ SETTLE_WORKERS: Final = 2
 # A silent paused gateway is asked again after this, then after twice as long
 # each time, up to ALERT_CONFIG_REFRESH_MS.
 PAUSED_RECHECK_FIRST_S: Final = 60.0
+# Gateways named in a chunk's `offline_alerts_published` line (the first ones).
+LOG_GATEWAYS: Final = 10
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -402,6 +404,14 @@ class LivenessTracker:
             # the next tick reads the newer last-seen and reports `online` after this.
             self._index.discard(key)
             self._offline.add(key)
+        # One line per chunk (a mass outage must not flood the log; each alert
+        # is on the ALERTS stream, and in the log at DEBUG).
+        log.info(
+            "offline_alerts_published",
+            count=len(alerted),
+            marked_offline=len(won),
+            gateways=[f"{t}/{g}" for t, g in list(alerted)[:LOG_GATEWAYS]],
+        )
         if won:
             self._sink.wake()  # their reports were queued with the transitions
             self._update_gauges()
@@ -413,10 +423,13 @@ class LivenessTracker:
         try:
             subject = alert_subject(tenant_id)
             body = offline_alert_body(gateway_id, last_seen, c.timeout_ms, self._wall_clock())
-            with trio.fail_after(PUBLISH_TIMEOUT_S):
+            # A bare scope (cheaper than fail_after, and this runs per alert).
+            with trio.CancelScope(deadline=trio.current_time() + PUBLISH_TIMEOUT_S) as scope:
                 await self._publisher.publish(
                     subject, body, msg_id=offline_alert_msg_id(tenant_id, gateway_id, last_seen)
                 )
+            if scope.cancelled_caught:
+                raise trio.TooSlowError(f"no PubAck within {PUBLISH_TIMEOUT_S:g} s")
         except (NatsRequestError, trio.TooSlowError, ValueError) as exc:
             self._metrics.alert_publish_errors.inc()
             log.warning(
@@ -427,7 +440,7 @@ class LivenessTracker:
             )
             return False
         self._metrics.alerts_published.inc()
-        log.info(
+        log.debug(
             "offline_alert_published",
             tenant_id=tenant_id,
             gateway_id=gateway_id,

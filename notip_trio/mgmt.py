@@ -22,7 +22,6 @@ Replies are validated strictly:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Annotated, Final, Literal, Protocol, TypeVar
 
@@ -165,24 +164,35 @@ class MgmtClient:
                     await trio.sleep(delay_s)
             if gate is not None and not await gate.admit():
                 raise MgmtError(f"{subject}: not asked (circuit open)", skipped=True)
-            with gate.attempt() if gate is not None else trio.CancelScope() as cut:
-                try:
-                    with trio.fail_after(self._attempt_timeout_s):
-                        raw = await self._requester.request(subject, payload)
-                    result = parse(raw)
-                except trio.TooSlowError:
-                    reason, refused = f"no reply within {self._attempt_timeout_s:g} s", False
-                except NatsRequestError as exc:
-                    reason, refused = f"{type(exc).__name__}: {exc}", False
-                except (msgspec.DecodeError, _InvalidReply) as exc:
-                    # msgspec.ValidationError is a DecodeError: wrong types, missing fields.
-                    reason, refused = f"{type(exc).__name__}: {exc}", True
-                else:
-                    if gate is not None:
-                        gate.succeeded()
-                    return result
-            if cut.cancelled_caught:  # the gate opened meanwhile
-                raise MgmtError(f"{subject}: given up (circuit open)", skipped=True)
+            # One scope per attempt: its deadline is the attempt's timeout, and
+            # the gate may cancel it (a bare scope: cheaper than fail_after).
+            attempt_scope = trio.CancelScope(
+                deadline=trio.current_time() + self._attempt_timeout_s
+            )
+            if gate is not None:
+                gate.track(attempt_scope)
+            try:
+                with attempt_scope:
+                    raw = await self._requester.request(subject, payload)
+                if attempt_scope.cancelled_caught:
+                    if gate is not None and gate.is_open:
+                        raise MgmtError(f"{subject}: given up (circuit open)", skipped=True)
+                    raise trio.TooSlowError
+                result = parse(raw)
+            except trio.TooSlowError:
+                reason, refused = f"no reply within {self._attempt_timeout_s:g} s", False
+            except NatsRequestError as exc:
+                reason, refused = f"{type(exc).__name__}: {exc}", False
+            except (msgspec.DecodeError, _InvalidReply) as exc:
+                # msgspec.ValidationError is a DecodeError: wrong types, missing fields.
+                reason, refused = f"{type(exc).__name__}: {exc}", True
+            else:
+                if gate is not None:
+                    gate.succeeded()
+                return result
+            finally:
+                if gate is not None:
+                    gate.untrack(attempt_scope)
             if gate is not None:
                 gate.failed()
             log.debug("mgmt_attempt_failed", subject=subject, attempt=attempt + 1, reason=reason)
@@ -198,9 +208,16 @@ class CallGate(Protocol):
         """May the next attempt go? False ends the call (MgmtError, skipped)."""
         ...
 
-    def attempt(self) -> AbstractContextManager[trio.CancelScope]:
-        """Around one attempt; the gate may cancel the scope to end the call."""
+    @property
+    def is_open(self) -> bool:
+        """True once the gate ended the calls in flight (and fails new ones)."""
         ...
+
+    def track(self, scope: trio.CancelScope) -> None:
+        """An attempt in flight: the gate may cancel `scope` to end the call."""
+        ...
+
+    def untrack(self, scope: trio.CancelScope) -> None: ...
 
     async def wait(self, delay_s: float) -> None:
         """The wait before a retry (may end early)."""

@@ -966,7 +966,7 @@ async def test_a_management_api_that_never_answers_costs_one_attempt_then_fails_
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """50 gateways silent at once, get-status never answers: 32 first attempts
-    (LIVENESS_QUERY_CONCURRENCY) time out at 45, the breaker opens at the 10th
+    (the Rig's concurrency) time out at 45, the breaker opens at the 10th
     failure, and every candidate is alerted then, without more queries. At the
     next tick with candidates one probe is asked (and times out: open again);
     once the API answers, the probe closes the breaker and every candidate is
