@@ -14,15 +14,20 @@ each gateway's last-seen there before it acknowledges the gateway's messages
   update that wins reports `online` (last_seen_at = its last-seen);
 - an online gateway whose last-seen + timeout (strictly) lies before the alert
   horizon is a candidate, once the grace period after start is over.
-  Candidates are checked concurrently (at most `concurrency` at a time) with
-  get-status: `paused` skips it silently (counted); any other state, or a
-  failed/invalid query (counted, fail open), goes on. Its last-seen is read
-  again (a message that arrived meanwhile cancels the alert), the offline alert
-  is published with a `Nats-Msg-Id` from (tenant, gateway, last-seen), so an
-  old and a new leader publishing it store it once, and only after the PubAck
-  is it marked offline, conditionally, with its report queued; the winner
-  reports `offline` (last_seen_at = last-seen). A failed publish is counted
-  and leaves it online: the next tick retries with the same msg id.
+  Candidates are handled in chunks of `BULK_ROWS`. A chunk's get-status
+  queries run concurrently (at most `concurrency` in flight, through a circuit
+  breaker, `breaker.py`, that fails the rest of the tick open once the API
+  keeps failing): `paused` skips it silently (counted; asked again only after
+  a back-off, 1 min doubling to `paused_recheck_max_s`); any other state, or a
+  failed/invalid query (counted, fail open), goes on. Then, while the next
+  chunk is asked, the chunk's last-seen is read again in one statement (a
+  message that arrived meanwhile cancels the alert), the offline alerts are
+  published concurrently with a `Nats-Msg-Id` from (tenant, gateway,
+  last-seen), so an old and a new leader publishing one store it once, and
+  only the acknowledged ones are marked offline, conditionally, with their
+  reports queued, in one statement; only the winners report `offline`
+  (last_seen_at = last-seen). A failed publish is counted and leaves the
+  gateway online: the next tick retries with the same msg id.
 - the alert horizon (`horizon.py`) is read at the start of each tick, before
   the changes: the stream time of the first message the durable has not had
   acknowledged (everything before it is stored), in stream time, so a
@@ -55,7 +60,7 @@ from .livestate import BULK_ROWS, GatewayRow, StateStore
 from .log import get_logger
 from .metrics import Metrics
 from .mgmt import CallGate, GatewayState, ReportedStatus
-from .wire import alert_subject, format_rfc3339, offline_alert_body, offline_alert_msg_id
+from .wire import alert_subject, format_rfc3339, offline_alert_body_of, offline_alert_msg_id_of
 
 log = get_logger(__name__)
 
@@ -390,8 +395,12 @@ class LivenessTracker:
             silent.append((c, state, seen))
         if not silent:
             return
-        acked = await _each(silent, PUBLISH_CONCURRENCY, self._publish)
+        detected_at = format_rfc3339(self._wall_clock())  # once for the chunk
+        acked = await _each(
+            silent, PUBLISH_CONCURRENCY, lambda item: self._publish(item, detected_at)
+        )
         alerted = {c.key: seen for (c, _, seen), ok in zip(silent, acked, strict=True) if ok}
+        self._metrics.alerts_published.inc(len(alerted))
         if not alerted:
             return
         won = await self._store.mark_offline_many(alerted)
@@ -416,18 +425,20 @@ class LivenessTracker:
             self._sink.wake()  # their reports were queued with the transitions
             self._update_gauges()
 
-    async def _publish(self, item: tuple[Due, GatewayState | None, datetime]) -> bool:
+    async def _publish(
+        self, item: tuple[Due, GatewayState | None, datetime], detected_at: str
+    ) -> bool:
         """The offline alert; True once JetStream acknowledged it."""
         c, state, last_seen = item
         tenant_id, gateway_id = c.key
         try:
             subject = alert_subject(tenant_id)
-            body = offline_alert_body(gateway_id, last_seen, c.timeout_ms, self._wall_clock())
+            seen = format_rfc3339(last_seen)
+            body = offline_alert_body_of(gateway_id, seen, c.timeout_ms, detected_at)
+            msg_id = offline_alert_msg_id_of(tenant_id, gateway_id, seen)
             # A bare scope (cheaper than fail_after, and this runs per alert).
             with trio.CancelScope(deadline=trio.current_time() + PUBLISH_TIMEOUT_S) as scope:
-                await self._publisher.publish(
-                    subject, body, msg_id=offline_alert_msg_id(tenant_id, gateway_id, last_seen)
-                )
+                await self._publisher.publish(subject, body, msg_id=msg_id)
             if scope.cancelled_caught:
                 raise trio.TooSlowError(f"no PubAck within {PUBLISH_TIMEOUT_S:g} s")
         except (NatsRequestError, trio.TooSlowError, ValueError) as exc:
@@ -439,12 +450,11 @@ class LivenessTracker:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False
-        self._metrics.alerts_published.inc()
         log.debug(
             "offline_alert_published",
             tenant_id=tenant_id,
             gateway_id=gateway_id,
-            last_seen=format_rfc3339(last_seen),
+            last_seen=seen,
             timeout_ms=c.timeout_ms,
             state=state,
         )
