@@ -246,6 +246,7 @@ async def _outage_one(size: int, api: str) -> dict[str, Any]:
         "tick_ms": tick_ms,
         "get_status_requests": standins.requests,
         "none_due_ms": statistics.median(none_due),
+        "none_due_all_ms": none_due,
     }
 
 

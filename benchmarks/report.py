@@ -101,8 +101,9 @@ def render(r: dict[str, Any]) -> str:
                     f"once, {label}",
                     f"tick {_ms(o['tick_ms'])}",
                     f"every one alerted (PubAck) and marked offline with its report queued; "
-                    f"{_n(o['get_status_requests'])} get-status requests; then none due "
-                    f"{_ms(o['none_due_ms'])}",
+                    f"{_n(o['get_status_requests'])} get-status requests; the 5 ticks after it "
+                    f"(none due; the first reads the 100k transitions back) "
+                    + ", ".join(_ms(v) for v in o.get("none_due_all_ms", [o["none_due_ms"]])),
                 )
             )
     if "rss" in r:
@@ -182,8 +183,9 @@ def _ratios(r: dict[str, Any], ours: float | None) -> list[str]:
             f"after the tick began (goal <= 15 s: {_check(v <= 15)}); from becoming due at "
             f"worst one tick interval more: {tick_s + v:.1f} s"
         )
-        v = outage["1ms"]["none_due_ms"]
-        out.append(f"- tick none due after it {_ms(v)} (goal <= 1 ms: {_check(v <= 1)})")
+        if "1000000" in tick:
+            v = tick["1000000"]["none_due_ms"]
+            out.append(f"- tick 1M none due {_ms(v)} (issue 20 goal <= 1 ms: {_check(v <= 1)})")
     if "never" in outage:
         v = tick_s + outage["never"]["tick_ms"] / 1000
         goal = 2 * tick_s + 30
