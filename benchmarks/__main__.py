@@ -204,6 +204,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["flush"] = run_child(
                         "benchmarks.liveness", {"mode": "flush", "count": sizes[-1]}, env=env
                     )
+                    results["outage"] = run_child(
+                        "benchmarks.liveness", {"mode": "outage", "size": sizes[-1]}, env=env
+                    )
             except BenchError as exc:  # the table still shows what was measured
                 _failed(results, "liveness", exc)
         if "decisions" in only:

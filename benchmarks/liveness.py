@@ -8,6 +8,14 @@
   with the 1% due (get-status, re-read, alert, conditional offline), then the
   median of 5 ticks with none due. Then a tick after 1% of the gateways were
   heard again (the incremental read: O(changed)).
+- `outage`: issue 20's mass outage: a table of `size` online gateways, 10% of
+  them silent long enough to be due at once; the leader (the real
+  `MgmtClient` with its retry policy and the breaker, logging at INFO to a
+  pipe like the daemon) ticks once. Twice: with a management API and
+  JetStream stand-ins that answer in 1 ms, and with a management API that
+  never answers. Timed: the tick (every one alerted and marked offline: counted
+  in the table and the outbox afterwards), then the median of 5 ticks with none
+  due.
 - `rss`: the takeover's memory per tracked gateway: RSS before and after, and
   what tracemalloc counts as still allocated by it (the tracker's own objects).
 - `flush`: the last-seen flush after a database outage: a `SeenBuffer` holding
@@ -26,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import json
 import statistics
 import sys
 import time
@@ -38,19 +47,22 @@ import trio
 
 from benchmarks.common import child_main, rss_bytes
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.config import load_settings
+from notip_trio.config import DEFAULTS, load_settings
 from notip_trio.db.writer import Storage
 from notip_trio.errors import DatabaseError
 from notip_trio.horizon import Horizon
 from notip_trio.ingest import SeenBuffer, flush_seen
+from notip_trio.js.bridge import AlertPublisher
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.liveness import LivenessTracker
+from notip_trio.liveness import LivenessTracker, StatusQuery
 from notip_trio.livestate import PgStateStore, record_seen
+from notip_trio.log import setup_logging
 from notip_trio.metrics import Metrics
-from notip_trio.mgmt import GatewayState
+from notip_trio.mgmt import CallGate, GatewayState, MgmtClient
 
 TIMEOUT_MS = 60_000
+STANDIN_DELAY_S = 0.001
 
 
 class _Instant:
@@ -59,7 +71,9 @@ class _Instant:
     def __init__(self) -> None:
         self.alerts = 0
 
-    async def get_status(self, tenant_id: str, gateway_id: str) -> GatewayState:
+    async def get_status(
+        self, tenant_id: str, gateway_id: str, *, gate: CallGate | None = None
+    ) -> GatewayState:
         return "online"
 
     async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
@@ -71,6 +85,43 @@ class _Instant:
     async def read(self) -> Horizon:
         now = time.time()
         return Horizon(at=now, now=now, bounded=False)
+
+
+class _Standins:
+    """The management API (a `Requester` for the real `MgmtClient`) and JetStream
+    (an `AlertPublisher`), answering 1 to 2 ms after each request (the second
+    beat of a shared 1 ms clock: one timer for every request in flight, so the
+    stand-ins' own cost stays small beside the leader's); `never`: get-status
+    never answers. `run` drives the clock."""
+
+    def __init__(self, delay_s: float, *, never: bool) -> None:
+        self.delay_s = delay_s
+        self.never = never
+        self.requests = 0
+        self.alerts = 0
+        self._beats = [trio.Event(), trio.Event()]
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.delay_s)
+            beat = self._beats.pop(0)
+            self._beats.append(trio.Event())
+            beat.set()
+
+    async def _answer(self) -> None:
+        await self._beats[1].wait()  # at least one full period from now
+
+    async def request(self, subject: str, payload: bytes) -> bytes:
+        self.requests += 1
+        if self.never:
+            await trio.sleep_forever()
+        await self._answer()
+        gateway = json.loads(payload)["gateway_id"]
+        return json.dumps({"gateway_id": gateway, "state": "online"}).encode()
+
+    async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
+        await self._answer()
+        self.alerts += 1
 
 
 def _keys(count: int) -> list[Key]:
@@ -107,17 +158,22 @@ async def _storage() -> tuple[Storage, str]:
     return storage, settings.db_conninfo()
 
 
-def _tracker(storage: Storage, fake: _Instant) -> LivenessTracker:
+def _tracker(
+    storage: Storage,
+    fake: _Instant,
+    status: StatusQuery | None = None,
+    publisher: AlertPublisher | None = None,
+) -> LivenessTracker:
     return LivenessTracker(
         PgStateStore(storage),
         AlertConfigCache(TIMEOUT_MS),
-        fake,
-        fake,
+        status or fake,
+        publisher or fake,
         fake,
         Metrics(),
         fake,
         grace_until=0.0,
-        concurrency=32,
+        concurrency=int(DEFAULTS["LIVENESS_QUERY_CONCURRENCY"]),
     )
 
 
@@ -159,6 +215,58 @@ def _tick(spec: dict[str, Any]) -> dict[str, Any]:
         out[str(size)] = trio.run(_tick_one, int(size))
         gc.collect()
     return out
+
+
+def _offline_counts(conninfo: str) -> tuple[int, int]:
+    with psycopg.connect(conninfo) as conn:
+        offline = conn.execute(
+            "SELECT count(*) FROM gateway_liveness WHERE status = 'offline'"
+        ).fetchone()
+        queued = conn.execute(
+            "SELECT count(*) FROM gateway_status_outbox WHERE status = 'offline'"
+        ).fetchone()
+    assert offline is not None
+    assert queued is not None
+    return int(offline[0]), int(queued[0])
+
+
+async def _outage_one(size: int, api: str) -> dict[str, Any]:
+    storage, conninfo = await _storage()
+    try:
+        keys = _keys(size)
+        silent = size // 10
+        await trio.to_thread.run_sync(_fill, conninfo, keys, silent)
+        standins = _Standins(STANDIN_DELAY_S, never=api == "never")
+        tracker = _tracker(storage, _Instant(), MgmtClient(standins), standins)
+        await tracker.take_over()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(standins.run)
+            tick_ms = await _timed(tracker.tick)
+            nursery.cancel_scope.cancel()
+        offline, queued = await trio.to_thread.run_sync(_offline_counts, conninfo)
+        if not standins.alerts == offline == queued == silent:
+            raise RuntimeError(
+                f"{silent} silent: {standins.alerts} alerts, {offline} offline, {queued} queued"
+            )
+        none_due = [await _timed(tracker.tick) for _ in range(5)]
+    finally:
+        await storage.close()
+    return {
+        "api": api,
+        "silent": silent,
+        "tick_ms": tick_ms,
+        "get_status_requests": standins.requests,
+        "none_due_ms": statistics.median(none_due),
+        "none_due_all_ms": none_due,
+    }
+
+
+def _outage(spec: dict[str, Any]) -> dict[str, Any]:
+    # Logged like the daemon (one line per alert), into a pipe the parent drains.
+    setup_logging("INFO")
+    size = int(spec["size"])
+    out = {api: trio.run(_outage_one, size, api) for api in spec.get("apis", ["1ms", "never"])}
+    return {"size": size, "tick_interval_ms": int(DEFAULTS["HEARTBEAT_TICK_MS"]), **out}
 
 
 async def _rss_one(count: int) -> dict[str, Any]:
@@ -264,7 +372,7 @@ def _rss(spec: dict[str, Any]) -> dict[str, Any]:
     return trio.run(_rss_one, int(spec["count"]))
 
 
-MODES = {"tick": _tick, "rss": _rss, "flush": _flush}
+MODES = {"tick": _tick, "rss": _rss, "flush": _flush, "outage": _outage}
 
 if __name__ == "__main__":
     sys.exit(child_main(sys.argv[1:], MODES))

@@ -185,6 +185,7 @@ class _Parts:
             self.horizon,
             grace_until=self.grace_until,
             concurrency=self.settings.liveness_query_concurrency,
+            paused_recheck_max_s=self.settings.alert_config_refresh_ms / 1000,
         )
         # The dispatcher sends reports, and the janitor purges, only while this
         # replica leads: both are cancelled with the ticks, before the lock is let go.

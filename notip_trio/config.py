@@ -56,7 +56,7 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "TELEMETRY_MAX_BODY_BYTES": "16384",
     "TELEMETRY_PIPELINE_DEPTH": "2",
     "REJECTED_BODY_MAX_BYTES": "16384",
-    "LIVENESS_QUERY_CONCURRENCY": "32",
+    "LIVENESS_QUERY_CONCURRENCY": "256",
     "LIVENESS_CATCHUP_MAX_MS": "300000",
     "SHUTDOWN_DRAIN_MS": "8000",
     "LOG_LEVEL": "INFO",
@@ -117,7 +117,7 @@ class Settings:
     telemetry_max_body_bytes: int = 16384
     telemetry_pipeline_depth: int = 2
     rejected_body_max_bytes: int = 16384
-    liveness_query_concurrency: int = 32
+    liveness_query_concurrency: int = 256
     liveness_catchup_max_ms: int = 300000
     shutdown_drain_ms: int = 8000
     log_level: str = "INFO"

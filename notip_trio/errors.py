@@ -43,9 +43,11 @@ class MgmtError(NotipError):
 
     `refused`: the last attempt was answered, but with a refusal or a reply
     that breaks the contract (the API is up and said no), not a timeout or
-    no responders.
+    no responders. `skipped`: not asked, or given up early, because a circuit
+    breaker is open (`breaker.py`).
     """
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, skipped: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.skipped = skipped

@@ -34,7 +34,8 @@ cannot keep one read going for ever; the last-seen flush writes
 trips rows may change again: such a row is read at its newer state or, its
 new transaction id being above the new cursor, at the next read.
 
-Transitions are conditional updates (`mark_online`, `mark_offline`): only the
+Transitions are conditional updates (`mark_online`, `mark_offline`, and
+`mark_offline_many` for a tick's many candidates, `BULK_ROWS` a statement): only the
 caller whose update wins reports the transition, so an old and a new leader
 cannot both report it. The report is durable with the transition: the same
 statement queues it in `gateway_status_outbox` (one row per transition, in
@@ -52,7 +53,7 @@ the ingest transactions of every replica never deadlock.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from sys import intern
 from typing import Any, Final, Literal, Protocol, TypeVar
@@ -156,6 +157,33 @@ WITH won AS (
 )
 SELECT last_seen FROM won
 """
+# The same for many gateways at once (`BULK_ROWS` a statement): the re-read of
+# last-seen (no locks) and the transitions, after their rows are locked in
+# order (`_LOCK_ROWS`); only the rows that change report, queued in key order.
+_CURRENT_MANY: Final = """
+SELECT g.tenant_id, g.gateway_id, g.last_seen FROM gateway_liveness g
+  JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
+ WHERE g.status <> 'decommissioned'
+"""
+_MARK_OFFLINE_MANY: Final = """
+WITH won AS (
+    UPDATE gateway_liveness g
+       SET status = 'offline', status_last_seen = k.alerted, status_at = now(),
+           changed_xid = pg_current_xact_id()
+      FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS k(tenant_id, gateway_id, alerted)
+     WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
+       AND g.status = 'online' AND g.last_seen >= k.alerted
+    RETURNING g.tenant_id, g.gateway_id, g.last_seen, k.alerted
+), queued AS (
+    INSERT INTO gateway_status_outbox (tenant_id, gateway_id, status, last_seen)
+    SELECT tenant_id, gateway_id, 'offline', alerted FROM won
+     ORDER BY tenant_id COLLATE "C", gateway_id COLLATE "C"
+)
+SELECT tenant_id, gateway_id, last_seen FROM won
+"""
+# Rows per bulk statement: a few thousand keep each round trip well inside the
+# write deadline and its locks short.
+BULK_ROWS: Final = 2000
 # Superseded: the gateway's current transition is not this report's, and no
 # newer report of it is queued, so a newer transition was reported without the
 # outbox (by a release before it). Compared by value, not by time: no clock.
@@ -309,6 +337,19 @@ class StateStore(Purger, Protocol):
         change, else None."""
         ...
 
+    async def current_last_seen_many(self, keys: Sequence[Key]) -> dict[Key, dt.datetime]:
+        """`current_last_seen` for many gateways (those gone are left out)."""
+        ...
+
+    async def mark_offline_many(
+        self, alerted: Mapping[Key, dt.datetime]
+    ) -> dict[Key, dt.datetime]:
+        """`mark_offline` for many gateways (key: the last-seen its alert was for),
+        in key order; returns those this call changed, with their current last-seen.
+        Each `BULK_ROWS` commit on their own: on DatabaseError the ones before stay
+        changed (and their reports queued)."""
+        ...
+
     async def pending_reports(self, limit: int) -> Reports:
         """The oldest `limit` queued reports (outbox order) and the pending count."""
         ...
@@ -440,6 +481,36 @@ class PgStateStore:
 
         return await self._runner.run_in_transaction(mark)
 
+    async def current_last_seen_many(self, keys: Sequence[Key]) -> dict[Key, dt.datetime]:
+        out: dict[Key, dt.datetime] = {}
+        for chunk in _chunks(sorted(set(keys))):
+            args = ([k[0] for k in chunk], [k[1] for k in chunk])
+
+            def current(conn: Conn, args: tuple[list[str], list[str]] = args) -> list[Any]:
+                return conn.execute(_CURRENT_MANY, args).fetchall()
+
+            for t, g, seen in await self._runner.run_in_transaction(current):
+                out[(str(t), str(g))] = seen
+        return out
+
+    async def mark_offline_many(
+        self, alerted: Mapping[Key, dt.datetime]
+    ) -> dict[Key, dt.datetime]:
+        won: dict[Key, dt.datetime] = {}
+        for chunk in _chunks(sorted(alerted)):  # lock order: see the module docstring
+            keys = ([k[0] for k in chunk], [k[1] for k in chunk])
+            args = (*keys, [alerted[k] for k in chunk])
+
+            def mark(
+                conn: Conn, keys: tuple[list[str], list[str]] = keys, args: tuple[Any, ...] = args
+            ) -> list[Any]:
+                conn.execute(_LOCK_ROWS, keys)
+                return conn.execute(_MARK_OFFLINE_MANY, args).fetchall()
+
+            for t, g, seen in await self._runner.run_in_transaction(mark):
+                won[(str(t), str(g))] = seen
+        return won
+
     async def pending_reports(self, limit: int) -> Reports:
         def pending(conn: Conn) -> Reports:
             rows = conn.execute(_PENDING_REPORTS, (limit,)).fetchall()
@@ -482,6 +553,11 @@ class PgStateStore:
         return await self._runner.run_in_transaction(
             lambda conn: conn.execute(_PURGE_REJECTED, params).rowcount
         )
+
+
+def _chunks(items: list[T]) -> Iterator[list[T]]:
+    for i in range(0, len(items), BULK_ROWS):
+        yield items[i : i + BULK_ROWS]
 
 
 def _snapshot(conn: Conn) -> tuple[int, str]:

@@ -118,6 +118,21 @@ class Metrics:
         self.gateways_offline = Gauge(
             _P + "gateways_offline", "Tracked gateways currently offline", registry=r
         )
+        self.lifecycle_breaker_trips = Counter(
+            _P + "lifecycle_breaker_trips",
+            "Times get-status failed often enough in a row to fail open without asking",
+            registry=r,
+        )
+        self.lifecycle_breaker_open = Gauge(
+            _P + "lifecycle_breaker_open",
+            "1 while get-status is not asked (the management API is failing)",
+            registry=r,
+        )
+        self.lifecycle_queries_skipped = Counter(
+            _P + "lifecycle_queries_skipped",
+            "Offline candidates alerted without asking get-status (breaker open)",
+            registry=r,
+        )
         self.alerts_suppressed_paused = Counter(
             _P + "alerts_suppressed_paused", "Offline candidates skipped as paused", registry=r
         )

@@ -5,7 +5,9 @@ a failed attempt (transport error, timeout, undecodable or invalid reply) is
 retried up to three times after waiting 1 s, 2 s and 4 s. The waits are plain
 `trio.sleep`s, so cancelling the caller (shutdown) ends them at once. When every
 attempt failed the call raises `MgmtError` (from None: the cause is in the
-message). Cancellation is never turned into `MgmtError`.
+message). Cancellation is never turned into `MgmtError`. The liveness check's
+get-status calls go through a circuit breaker (`breaker.py`) that ends them
+early while the API is failing.
 
 Replies are validated strictly:
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Annotated, Final, Literal, TypeVar
+from typing import Annotated, Final, Literal, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -105,8 +107,14 @@ class MgmtClient:
 
         return await self._call(SUBJECT_LIST_CONFIGS, b"", parse)
 
-    async def get_status(self, tenant_id: str, gateway_id: str) -> GatewayState:
-        """The gateway's lifecycle state; raises MgmtError (also for invalid replies)."""
+    async def get_status(
+        self, tenant_id: str, gateway_id: str, *, gate: CallGate | None = None
+    ) -> GatewayState:
+        """The gateway's lifecycle state; raises MgmtError (also for invalid replies).
+
+        `gate` (a circuit breaker, `breaker.py`) sees every attempt and may end
+        the call before or during any of them: MgmtError with `skipped`.
+        """
         payload = _encoder.encode({"gateway_id": gateway_id, "tenant_id": tenant_id})
 
         def parse(raw: bytes) -> GatewayState:
@@ -117,7 +125,7 @@ class MgmtClient:
                 )
             return reply.state
 
-        return await self._call(SUBJECT_GET_STATUS, payload, parse)
+        return await self._call(SUBJECT_GET_STATUS, payload, parse, gate)
 
     async def update_status(
         self, gateway_id: str, status: ReportedStatus, last_seen_at: datetime
@@ -138,16 +146,39 @@ class MgmtClient:
 
         await self._call(SUBJECT_UPDATE_STATUS, payload, parse)
 
-    async def _call(self, subject: str, payload: bytes, parse: Callable[[bytes], _T]) -> _T:
+    async def _call(
+        self,
+        subject: str,
+        payload: bytes,
+        parse: Callable[[bytes], _T],
+        gate: CallGate | None = None,
+    ) -> _T:
         attempts = len(self._retry_delays_s) + 1
         refused = False
         for attempt in range(attempts):
             if attempt:
-                await trio.sleep(self._retry_delays_s[attempt - 1])
+                delay_s = self._retry_delays_s[attempt - 1]
+                if gate is not None:
+                    await gate.wait(delay_s)  # ends early when the gate opens
+                else:
+                    await trio.sleep(delay_s)
+            if gate is not None and not await gate.admit():
+                raise MgmtError(f"{subject}: not asked (circuit open)", skipped=True)
+            # One scope per attempt: its deadline is the attempt's timeout, and
+            # the gate may cancel it (a bare scope: cheaper than fail_after).
+            attempt_scope = trio.CancelScope(
+                deadline=trio.current_time() + self._attempt_timeout_s
+            )
+            if gate is not None:
+                gate.track(attempt_scope)
             try:
-                with trio.fail_after(self._attempt_timeout_s):
+                with attempt_scope:
                     raw = await self._requester.request(subject, payload)
-                return parse(raw)
+                if attempt_scope.cancelled_caught:
+                    if gate is not None and gate.is_open:
+                        raise MgmtError(f"{subject}: given up (circuit open)", skipped=True)
+                    raise trio.TooSlowError
+                result = parse(raw)
             except trio.TooSlowError:
                 reason, refused = f"no reply within {self._attempt_timeout_s:g} s", False
             except NatsRequestError as exc:
@@ -155,7 +186,43 @@ class MgmtClient:
             except (msgspec.DecodeError, _InvalidReply) as exc:
                 # msgspec.ValidationError is a DecodeError: wrong types, missing fields.
                 reason, refused = f"{type(exc).__name__}: {exc}", True
+            else:
+                if gate is not None:
+                    gate.succeeded()
+                return result
+            finally:
+                if gate is not None:
+                    gate.untrack(attempt_scope)
+            if gate is not None:
+                gate.failed()
             log.debug("mgmt_attempt_failed", subject=subject, attempt=attempt + 1, reason=reason)
         raise MgmtError(
             f"{subject}: {attempts} attempts failed, last: {reason}", refused=refused
         ) from None
+
+
+class CallGate(Protocol):
+    """Sees each attempt of a call and may end it early (`breaker.Breaker`)."""
+
+    async def admit(self) -> bool:
+        """May the next attempt go? False ends the call (MgmtError, skipped)."""
+        ...
+
+    @property
+    def is_open(self) -> bool:
+        """True once the gate ended the calls in flight (and fails new ones)."""
+        ...
+
+    def track(self, scope: trio.CancelScope) -> None:
+        """An attempt in flight: the gate may cancel `scope` to end the call."""
+        ...
+
+    def untrack(self, scope: trio.CancelScope) -> None: ...
+
+    async def wait(self, delay_s: float) -> None:
+        """The wait before a retry (may end early)."""
+        ...
+
+    def succeeded(self) -> None: ...
+
+    def failed(self) -> None: ...

@@ -110,10 +110,17 @@ def offline_alert_body(
     gateway_id: str, last_seen: datetime, timeout_ms: int, detected_at: datetime
 ) -> bytes:
     """The JSON body of an offline alert; ValueError for a naive datetime."""
-    alert = OfflineAlert(
+    return offline_alert_body_of(
         gateway_id, format_rfc3339(last_seen), timeout_ms, format_rfc3339(detected_at)
     )
-    return _encoder.encode(alert)
+
+
+def offline_alert_body_of(
+    gateway_id: str, last_seen: str, timeout_ms: int, detected_at: str
+) -> bytes:
+    """`offline_alert_body` from times already formatted (`format_rfc3339`): a
+    mass outage formats each time once."""
+    return _encoder.encode(OfflineAlert(gateway_id, last_seen, timeout_ms, detected_at))
 
 
 def offline_alert_msg_id(tenant_id: str, gateway_id: str, last_seen: datetime) -> str:
@@ -123,4 +130,9 @@ def offline_alert_msg_id(tenant_id: str, gateway_id: str, last_seen: datetime) -
     alert, from this process or another replica, is deduplicated by JetStream,
     while the next silence (a later last-seen) gets a new id.
     """
-    return f"gw_offline.{tenant_id}.{gateway_id}.{format_rfc3339(last_seen)}"
+    return offline_alert_msg_id_of(tenant_id, gateway_id, format_rfc3339(last_seen))
+
+
+def offline_alert_msg_id_of(tenant_id: str, gateway_id: str, last_seen: str) -> str:
+    """`offline_alert_msg_id` from a last-seen already formatted."""
+    return f"gw_offline.{tenant_id}.{gateway_id}.{last_seen}"

@@ -219,6 +219,7 @@ class FakeStore:
         self.delay_s = 0.0
         self.down = False
         self.calls: dict[str, int] = {}
+        self.bulk_sizes: list[tuple[str, int]] = []  # (bulk call, keys passed)
         self.queued: list[QueuedUpdate] = []  # every report ever queued, in order
         self.outbox: dict[int, tuple[QueuedUpdate, datetime]] = {}  # pending, by id
         self._report_id = 0
@@ -331,6 +332,31 @@ class FakeStore:
         row.update(status="offline", status_last_seen=last_seen, xid=self._xid)
         self._queue(key, "offline", last_seen)
         return row["last_seen"]  # type: ignore[no-any-return]
+
+    async def current_last_seen_many(self, keys: Sequence[Key]) -> dict[Key, datetime]:
+        await self._enter("current_last_seen_many")
+        self.bulk_sizes.append(("current_last_seen_many", len(keys)))
+        return {
+            key: row["last_seen"]
+            for key in keys
+            if (row := self.rows.get(key)) is not None and row["status"] != "decommissioned"
+        }
+
+    async def mark_offline_many(self, alerted: Mapping[Key, datetime]) -> dict[Key, datetime]:
+        """In key order, like the statement; only the rows that change report."""
+        await self._enter("mark_offline_many")
+        self.bulk_sizes.append(("mark_offline_many", len(alerted)))
+        won = {}
+        for key in sorted(alerted):
+            row = self.rows.get(key)
+            last_seen = alerted[key]
+            if row is None or row["status"] != "online" or row["last_seen"] < last_seen:
+                continue
+            self._xid += 1
+            row.update(status="offline", status_last_seen=last_seen, xid=self._xid)
+            self._queue(key, "offline", last_seen)
+            won[key] = row["last_seen"]
+        return won
 
     def transition_unreported(self, key: Key, status: str, last_seen: datetime) -> None:
         """A transition made (and reported) by a release without the outbox."""

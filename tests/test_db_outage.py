@@ -39,7 +39,8 @@ OUTAGE_S = 20.0
 # The daemon's pool connections: its application name, and not the session
 # that holds the liveness lock (terminating that one is another fault).
 _POOL_BACKENDS = """
-SELECT pid, wait_event_type = 'Lock' AND query LIKE 'SELECT last_seen FROM gateway_liveness%%'
+SELECT pid, wait_event_type = 'Lock'
+       AND query LIKE '%%SELECT g.tenant_id, g.gateway_id, g.last_seen FROM gateway_liveness g%%'
   FROM pg_stat_activity
  WHERE datname = %(db)s AND application_name = 'notip-trio' AND pid <> pg_backend_pid()
    AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)
@@ -85,9 +86,10 @@ async def test_pool_backends_terminated_during_a_tick_end_the_tick_not_the_proce
 ) -> None:
     """Six gateways fall silent (2 s timeout) while two keep sending (60 s
     timeout). get-status takes 2 s; while the tick waits for it, the test takes
-    an exclusive lock on the liveness table, so each check's re-read of last-seen
-    then waits inside a database round trip; there every pool backend of the
-    daemon is terminated (a failover), and the lock let go. The tick ends with a
+    an exclusive lock on the liveness table, so the tick's re-read of last-seen
+    (one statement for the chunk) then waits inside a database round trip;
+    there every pool backend of the daemon is terminated (a failover), and the
+    lock let go. The tick ends with a
     database error; the process stays up and the next tick alerts each silent
     gateway exactly once."""
     nats, db = private_nats_server, pg_database
@@ -131,7 +133,7 @@ async def test_pool_backends_terminated_during_a_tick_end_the_tick_not_the_proce
                             30,
                             "a check re-reading last-seen, inside a database round trip",
                         )
-                        await trio.sleep(0.5)  # the other checks get there too
+                        await trio.sleep(0.5)  # any other round trip gets there too
                         rereading = sum(r for _, r in _pool_backends(db))
                         pids = [pid for pid, _ in _pool_backends(db)]
                         ended = await trio.to_thread.run_sync(_terminate, db, pids)

@@ -14,7 +14,8 @@ coincide with a tick. Every test has a hang guard.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -28,6 +29,7 @@ from notip_trio.errors import DatabaseError
 from notip_trio.horizon import AckFloorHorizon, Horizon, StreamClock
 from notip_trio.lanes import Key
 from notip_trio.liveness import AlertHorizon, LivenessTracker, lead_liveness
+from notip_trio.livestate import BULK_ROWS
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, AlertConfig, MgmtClient
 from tests.liveness_fakes import (
@@ -225,22 +227,44 @@ async def test_config_change_applies_to_tracked_gateways(
         assert {(t, gw) for t, _, gw in rig.published()} == expected
 
 
-async def test_paused_gives_no_alert_and_no_update(autojump_clock: trio.abc.Clock) -> None:
+async def test_paused_gives_no_alert_and_no_update_and_is_asked_with_back_off(
+    autojump_clock: trio.abc.Clock,
+) -> None:
     with trio.fail_after(GUARD_S):
         rig = Rig(status_delay_s=3)
         rig.states[GW1] = "paused"
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await trio.sleep_until(75)
-            # Asked every tick, on the fixed schedule despite the 3 s queries.
-            assert rig.status_query_times() == [40, 50, 60, 70]
+            await trio.sleep_until(335)
+            # Due at 31; asked at 40, then after 60 s, then after 120 s (the
+            # ALERT_CONFIG_REFRESH_MS cap), not at every tick.
+            assert rig.status_query_times() == [40, 100, 220]
             assert rig.publisher.published == []
             assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
             assert rig.tracker.status(*GW1) == "online"
-            rig.states[GW1] = "online"  # resumed, still silent
-            await trio.sleep_until(85)
-        assert rig.published() == [(83, "alert.t1.gw_offline", "gw1")]
-        assert sample(rig.metrics, "alerts_suppressed_paused_total") == 4
+            rig.states[GW1] = "online"  # resumed at 225, still silent
+            await trio.sleep_until(355)
+        # Alerted at its next check (340, the answer 3 s later).
+        assert rig.status_query_times() == [40, 100, 220, 340]
+        assert rig.published() == [(343, "alert.t1.gw_offline", "gw1")]
+        assert sample(rig.metrics, "alerts_suppressed_paused_total") == 3
+
+
+async def test_a_paused_gateway_heard_again_starts_its_back_off_afresh(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        rig = Rig(configs=[AlertConfig("t1", 30_000)])
+        rig.states[GW1] = "paused"
+        rig.states[GW2] = "paused"
+        async with rig.running():
+            await rig.beat_at(1, GW1, GW2)
+            await rig.beat_at(150.5, GW1)  # gw1 sends again; due again at 180.5
+            await trio.sleep_until(505)
+        queries = [(t, p["gateway_id"]) for t, _, p in rig.requester.calls]
+        assert [t for t, gw in queries if gw == "gw2"] == [40, 100, 220, 340, 460]
+        assert [t for t, gw in queries if gw == "gw1"] == [40, 100, 190, 250, 370, 490]
+        assert rig.publisher.published == []
 
 
 @pytest.mark.parametrize("state", ["online", "offline", "provisioning"])
@@ -389,8 +413,11 @@ async def test_concurrency_is_bounded(autojump_clock: trio.abc.Clock) -> None:
             await rig.beat_at(1, *[("t1", f"gw{i}") for i in range(100)])
             await trio.sleep_until(75)
         assert peak == 10
-        assert sorted({t for t, _, _ in rig.published()}) == [43 + 3 * k for k in range(10)]
-        assert len(rig.published()) == 100
+        assert sorted(set(rig.status_query_times())) == [40 + 3 * k for k in range(10)]
+        # One chunk: settled once its last answer is in (70), in one re-read and
+        # one transition statement.
+        assert [t for t, _, _ in rig.published()] == [70] * 100
+        assert rig.store.bulk_sizes == [("current_last_seen_many", 100), ("mark_offline_many", 100)]
 
 
 async def test_heartbeat_during_status_query_cancels_the_alert(
@@ -469,14 +496,14 @@ async def test_a_tick_that_overruns_skips_the_slots_it_missed(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     with trio.fail_after(GUARD_S):
-        # Six candidates one at a time, 4 s each: the tick at 40 runs until 64.
+        # Six candidates asked one at a time, 4 s each: the tick at 40 runs until 64.
         rig = Rig(status_delay_s=4, concurrency=1)
         async with rig.running():
             await rig.beat_at(1, *[("t1", f"gw{i}") for i in range(6)])
             await trio.sleep_until(95)
         # 50 and 60 are skipped; the schedule keeps its phase (70, 80, 90).
         assert rig.status_query_times() == [40, 44, 48, 52, 56, 60]
-        assert [t for t, _, _ in rig.published()] == [44, 48, 52, 56, 60, 64]
+        assert [t for t, _, _ in rig.published()] == [64] * 6
         ticks = sample(rig.metrics, "heartbeat_tick_duration_seconds_count")
         assert ticks == 7  # 10, 20, 30, 40 (until 64), 70, 80, 90
 
@@ -639,9 +666,10 @@ async def test_no_alert_while_a_heartbeat_is_held_unacknowledged(
             (60, "alert.t1.gw_offline", "gw2"),
             (60, "alert.t1.gw_offline", "gw1"),
         ]
+        # Both transitions in one statement: reported in key order.
         assert rig.sink.brief()[-2:] == [
-            ("gw2", "offline", wall_at(1)),
             ("gw1", "offline", wall_at(20)),
+            ("gw2", "offline", wall_at(1)),
         ]
 
 
@@ -731,10 +759,10 @@ async def test_a_late_old_message_does_not_bring_an_offline_gateway_back(
 async def test_the_store_going_down_during_a_check_ends_the_tick_not_the_leader(
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """get-status takes 2 s; the store goes down meanwhile, so the re-read of
-    last-seen fails. The tick ends at once (the other candidates are not checked
-    one deadline after another), logged once; the leader keeps ticking and alerts
-    each gateway once when the store answers again."""
+    """get-status takes 2 s and is asked one at a time; the store goes down
+    meanwhile, so the chunk's re-read of last-seen fails. The tick ends, logged
+    once; the leader keeps ticking and alerts each gateway once when the store
+    answers again."""
     caplog.set_level(logging.WARNING)
     gw3 = ("t1", "gw3")
     with trio.fail_after(GUARD_S):
@@ -744,16 +772,48 @@ async def test_the_store_going_down_during_a_check_ends_the_tick_not_the_leader(
             await rig.beat_at(2)  # nothing heard after 1 s
             await trio.sleep_until(41)
             rig.store.down = True
+            await trio.sleep_until(47)
+            rig.store.down = False
+            await trio.sleep_until(65)
+        # The tick at 40 asked until 46, then its re-read failed.
+        assert rig.status_query_times() == [40, 42, 44, 50, 52, 54]
+        assert rig.published() == [
+            (56, "alert.t1.gw_offline", "gw1"),
+            (56, "alert.t1.gw_offline", "gw2"),
+            (56, "alert.t1.gw_offline", "gw3"),
+        ]
+        errors = [r for r in caplog.records if r.getMessage() == "liveness_tick_database_error"]
+        assert len(errors) == 1
+
+
+class _SlowReread(FakeStore):
+    async def current_last_seen_many(self, keys: Sequence[Key]) -> dict[Key, datetime]:
+        await trio.sleep(0.5)
+        return await super().current_last_seen_many(keys)
+
+
+async def test_a_database_error_in_one_chunk_ends_the_tick_while_the_next_is_asked(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More candidates than one chunk: the first chunk's re-read (0.5 s) fails
+    while the second chunk is being asked; the tick ends at once (the second
+    chunk's queries are abandoned), and the next tick alerts every gateway once."""
+    caplog.set_level(logging.WARNING)
+    count = BULK_ROWS + 500
+    gateways = [("t1", f"gw{i:05d}") for i in range(count)]
+    with trio.fail_after(GUARD_S):
+        rig = Rig(status_delay_s=2, concurrency=count, store=_SlowReread())
+        async with rig.running():
+            await rig.beat_at(1, *gateways)
+            await trio.sleep_until(41)
+            rig.store.down = True
             await trio.sleep_until(45)
             rig.store.down = False
             await trio.sleep_until(65)
-        # The tick at 40 asked about gw1 only, then ended at 42.
-        assert rig.status_query_times() == [40, 50, 52, 54]
-        assert rig.published() == [
-            (52, "alert.t1.gw_offline", "gw1"),
-            (54, "alert.t1.gw_offline", "gw2"),
-            (56, "alert.t1.gw_offline", "gw3"),
-        ]
+        asked = Counter(rig.status_query_times())
+        assert asked == {40: BULK_ROWS, 42: 500, 50: BULK_ROWS, 52: 500}
+        assert Counter(t for t, _, _ in rig.published()) == {52.5: BULK_ROWS, 54.5: 500}
+        assert sorted(g for _, _, g in rig.published()) == [g for _, g in gateways]
         errors = [r for r in caplog.records if r.getMessage() == "liveness_tick_database_error"]
         assert len(errors) == 1
 
@@ -837,3 +897,125 @@ async def test_a_takeover_judges_every_gateway_on_its_own_last_seen(
             (35, "alert.t1.gw_offline", "gw1"),
             (35, "alert.t1.gw_offline", "gw2"),
         ]
+
+
+# --- bulk transitions -----------------------------------------------------------
+
+
+class _RacingLeader(FakeStore):
+    """Another leader marks `race` offline just before this one's statement."""
+
+    race: Key | None = None
+
+    async def mark_offline_many(self, alerted: Mapping[Key, datetime]) -> dict[Key, datetime]:
+        if self.race in alerted:
+            assert self.race is not None
+            await super().mark_offline_many({self.race: alerted[self.race]})
+        return await super().mark_offline_many(alerted)
+
+
+async def test_a_chunk_is_marked_in_one_statement_and_only_the_winners_report(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """gw_c, gw_a, gw_b, gw_d fall silent in that order; gw_d is decommissioned
+    while get-status is asked, and another leader marks gw_b offline first. One
+    re-read and one transition statement for the chunk; alerts go out in the
+    order the gateways became due; the outbox holds one report per transition,
+    this leader's in key order."""
+    gw_a, gw_b, gw_c, gw_d = (("t1", g) for g in ("a", "b", "c", "d"))
+    with trio.fail_after(GUARD_S):
+        store = _RacingLeader()
+        store.race = gw_b
+        rig = Rig(store=store, status_delay_s=2)
+        async with rig.running():
+            await rig.beat_at(1, gw_c)
+            await rig.beat_at(2, gw_a)
+            await rig.beat_at(3, gw_b)
+            await rig.beat_at(4, gw_d)
+            await trio.sleep_until(41)
+            await rig.store.decommission(gw_d)
+            await trio.sleep_until(45)
+            assert sample(rig.metrics, "gateways_offline") == 2
+        assert rig.published() == [
+            (42, "alert.t1.gw_offline", "c"),
+            (42, "alert.t1.gw_offline", "a"),
+            (42, "alert.t1.gw_offline", "b"),
+        ]
+        assert rig.sink.brief()[4:] == [
+            ("b", "offline", wall_at(3)),  # the other leader's
+            ("a", "offline", wall_at(2)),
+            ("c", "offline", wall_at(1)),
+        ]
+        assert store.bulk_sizes == [
+            ("current_last_seen_many", 4),
+            ("mark_offline_many", 1),  # the other leader
+            ("mark_offline_many", 3),
+        ]
+        assert rig.tracker.status(*gw_a) == rig.tracker.status(*gw_c) == "offline"
+
+
+# --- the management API in an outage: the circuit breaker -------------------------
+
+
+async def _never_answers(payload: bytes) -> bytes:
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def test_a_management_api_that_never_answers_costs_one_attempt_then_fails_open(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """50 gateways silent at once, get-status never answers: 32 first attempts
+    (the Rig's concurrency) time out at 45, the breaker opens at the 10th
+    failure, and every candidate is alerted then, without more queries. At the
+    next tick with candidates one probe is asked (and times out: open again);
+    once the API answers, the probe closes the breaker and every candidate is
+    asked again."""
+    caplog.set_level(logging.INFO)
+    first = [("t1", f"a{i:02d}") for i in range(50)]
+    second = [("t1", f"b{i:02d}") for i in range(20)]
+    third = [("t1", f"c{i:02d}") for i in range(5)]
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.requester.handlers[SUBJECT_GET_STATUS] = _never_answers
+        async with rig.running():
+            await rig.beat_at(1, *first, *second, *third)
+            await rig.beat_at(25, *second, *third)  # due at 55
+            await rig.beat_at(45.5, *third)  # due at 75.5
+            await trio.sleep_until(46)
+            assert rig.status_query_times() == [40] * 32
+            assert [t for t, _, _ in rig.published()] == [45] * 50
+            assert sample(rig.metrics, "lifecycle_breaker_open") == 1
+            await trio.sleep_until(66)
+            # 50: no candidates; 60: one probe, 5 s, then the rest fail open.
+            assert rig.status_query_times() == [40] * 32 + [60]
+            assert [t for t, _, _ in rig.published()] == [45] * 50 + [65] * 20
+            rig.requester.handlers[SUBJECT_GET_STATUS] = status_handler(rig.states)
+            await trio.sleep_until(85)
+        assert rig.status_query_times() == [40] * 32 + [60] + [80] * 5
+        assert [t for t, _, _ in rig.published()] == [45] * 50 + [65] * 20 + [80] * 5
+        assert sample(rig.metrics, "lifecycle_breaker_trips_total") == 1
+        assert sample(rig.metrics, "lifecycle_breaker_open") == 0
+        assert sample(rig.metrics, "lifecycle_queries_skipped_total") == 50 + 20
+        assert sample(rig.metrics, "lifecycle_query_errors_total") == 0
+        events = [r.getMessage() for r in caplog.records]
+        assert events.count("lifecycle_breaker_opened_failing_open") == 1
+        assert events.count("lifecycle_breaker_closed") == 1
+        assert "lifecycle_query_failed_alerting_anyway" not in events
+
+
+async def test_no_responders_opens_the_breaker_after_ten_queries(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """get-status fails at once: ten failed attempts, then the breaker is open and
+    every candidate is alerted in the same instant (no retry waits)."""
+    gateways = [("t1", f"gw{i:03d}") for i in range(100)]
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.requester.handlers[SUBJECT_GET_STATUS] = _no_responders
+        async with rig.running():
+            await rig.beat_at(1, *gateways)
+            await trio.sleep_until(45)
+        assert rig.status_query_times() == [40] * 10
+        assert [t for t, _, _ in rig.published()] == [40] * 100
+        assert sample(rig.metrics, "lifecycle_queries_skipped_total") == 100

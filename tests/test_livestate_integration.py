@@ -9,7 +9,7 @@ import datetime as dt
 import trio
 
 from notip_trio.db.writer import Storage
-from notip_trio.livestate import PgStateStore, Reports
+from notip_trio.livestate import BULK_ROWS, PgStateStore, Reports
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 A, B = ("t1", "a"), ("t1", "b")
@@ -128,5 +128,53 @@ async def test_each_transition_queues_its_report_in_order_and_superseded_is_by_v
             ids = [r.id for r in (await store.pending_reports(10)).reports]
             await store.clear_reports(ids)
             assert await store.pending_reports(10) == Reports([], 0)
+        finally:
+            await storage.close()
+
+
+async def test_bulk_re_read_and_offline_transitions(pg_database) -> None:
+    """The tick's bulk statements: the re-read leaves out what is gone; the
+    transition wins only for online rows not heard since the alert's last-seen,
+    reports only the winners, in key order, and spans several statements."""
+    c, d, e = ("t1", "c"), ("t2", "a"), ("t1", "e")
+    with trio.fail_after(120):
+        storage, store = await _store(pg_database.conninfo)
+        try:
+            await store.record_seen({A: at(1), B: at(2), c: at(3), d: at(4), e: at(5)})
+            await store.mark_online([A, B, c, d])  # e stays new
+            await store.decommission(c, at(6))
+            assert await store.current_last_seen_many([d, A, B, c, e, ("t9", "x")]) == {
+                A: at(1),
+                B: at(2),
+                d: at(4),
+                e: at(5),
+            }
+            await store.record_seen({B: at(7)})  # heard during the alert: still wins
+            before = await store.pending_reports(100)
+            won = await store.mark_offline_many(
+                {d: at(4), B: at(2), A: at(0.5), c: at(3), e: at(5)}
+            )
+            # A's stored last-seen (1 s) is not older than its alert's (0.5 s): it wins.
+            assert won == {A: at(1), B: at(7), d: at(4)}
+            assert await store.mark_offline_many({A: at(1), B: at(2), d: at(4)}) == {}
+            reports = (await store.pending_reports(100)).reports[len(before.reports) :]
+            assert [(r.key, r.status, r.last_seen) for r in reports] == [
+                (A, "offline", at(0.5)),
+                (B, "offline", at(2)),
+                (d, "offline", at(4)),
+            ]
+            # A gateway heard after the silence the alert was for does not go offline.
+            await store.record_seen({e: at(9)})
+            await store.mark_online([e])
+            assert await store.mark_offline_many({e: at(10)}) == {}
+            # More than one statement's worth, in one call.
+            many = {("t3", f"g{i:05d}"): at(20) for i in range(BULK_ROWS + 7)}
+            await store.record_seen(many)
+            await store.mark_online(list(many))
+            assert len(await store.current_last_seen_many(list(many))) == len(many)
+            assert await store.mark_offline_many(many) == many
+            assert {r.status for r in (await store.changes(0)).rows if r.key in many} == {
+                "offline"
+            }
         finally:
             await storage.close()
