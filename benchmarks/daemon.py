@@ -4,8 +4,9 @@ Throughput: the stream already holds the message file; the daemon (and the
 management-API stand-in, each its own process) starts against a fresh server
 and an empty database. Consumption starts at the daemon's `started` log line
 (its pull tasks run from then on; start-up is not counted) and ends at the
-first poll of the daemon's messages_written counter (incremented after
-the ack is sent) that shows every message; the server's consumer state
+first poll of the daemon's own metrics that shows every message committed
+(messages_written) and none still waiting for its ack (consumer_ack_pending:
+the daemon acks once a message's last-seen is stored too); the server's consumer state
 (num_pending == 0 == num_ack_pending, ack floor at the last message) and the
 row count are then checked. Polls come at half the predicted remaining
 time, down to 20 ms (each scrape costs the daemon's loop ~2.5 ms); the error
@@ -53,6 +54,7 @@ SELECT count(*),
           FROM telemetry WHERE time >= %s) s
 """
 _WRITTEN = "notip_consumer_messages_written_total "
+_ACK_PENDING = "notip_consumer_consumer_ack_pending_messages "
 
 
 def _check_alive(daemon: Child) -> None:
@@ -74,12 +76,18 @@ def _started_at(daemon: Child, timeout_s: float) -> float:
 
 
 def _written(metrics_url: str) -> int:
+    """Messages committed and acked: the committed count, held at 0 below the
+    total while any delivered message still waits for its ack (a release that
+    acks after last-seen is stored increments the counter at the commit)."""
+    written = ack_pending = 0
     with urllib.request.urlopen(metrics_url, timeout=5) as resp:
         for raw in resp:
             line = raw.decode()
             if line.startswith(_WRITTEN):
-                return int(float(line[len(_WRITTEN) :]))
-    return 0
+                written = int(float(line[len(_WRITTEN) :]))
+            elif line.startswith(_ACK_PENDING):
+                ack_pending = int(float(line[len(_ACK_PENDING) :]))
+    return written - ack_pending
 
 
 def _wait_written(
@@ -87,8 +95,8 @@ def _wait_written(
 ) -> float:
     """Wall time of the first poll where the daemon has committed and acked `total`.
 
-    Polls the daemon's own counter (incremented after the ack is sent), then
-    confirms with the server (/jsz) that nothing is pending or unacked.
+    Polls the daemon's own metrics (committed, less what still awaits its ack),
+    then confirms with the server (/jsz) that nothing is pending or unacked.
     """
     deadline = time.monotonic() + timeout_s
     first = (time.time(), _written(metrics_url))
