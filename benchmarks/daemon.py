@@ -27,11 +27,13 @@ are left out. Exact per row, no polling error, no extra column.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -199,6 +201,50 @@ def run_daemon_bench(
         return result
 
 
+class _AckLagSampler:
+    """How old the oldest unacknowledged message is, sampled every `every_s` from
+    the server (consumer info, then the message get of ack floor + 1): what the
+    liveness horizon trails now by. Runs in a thread during the live phase."""
+
+    def __init__(self, server: NatsServer, every_s: float = 0.1) -> None:
+        self.server, self.every_s = server, every_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _AckLagSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        async def sample(nc: Any) -> None:
+            info_subject = f"$JS.API.CONSUMER.INFO.TELEMETRY.{DURABLE}"
+            while not self._stop.is_set():
+                now = time.time()
+                info = json.loads((await nc.request(info_subject, b"", timeout=5)).data)
+                if info.get("num_ack_pending", 0) or info.get("num_pending", 0):
+                    get = json.dumps(
+                        {"seq": info["ack_floor"]["stream_seq"] + 1, "next_by_subj": ">"}
+                    ).encode()
+                    reply = json.loads(
+                        (await nc.request("$JS.API.STREAM.MSG.GET.TELEMETRY", get, timeout=5)).data
+                    )
+                    if "message" in reply:
+                        stamp = reply["message"]["time"].rstrip("Z")
+                        head, _, frac = stamp.partition(".")
+                        sent = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
+                        self.samples.append(max(0.0, now - sent - float("0." + (frac or "0"))))
+                else:
+                    self.samples.append(0.0)
+                await asyncio.sleep(self.every_s)
+
+        js.run_nats(self.server, sample, "bench-sampler", timeout_s=3600)
+
+
 def _latency(
     server: NatsServer,
     daemon: Child,
@@ -211,12 +257,14 @@ def _latency(
 ) -> dict[str, Any]:
     client = server.client("gateway-sim")
     started = dt.datetime.now(dt.UTC)
-    pub = run_child(
-        "benchmarks.publisher",
-        {"url": server.url, "ca": str(client.ca), "cert": str(client.cert),
-         "key": str(client.key), "rate": rate, "seconds": seconds},
-    )  # fmt: skip
+    with _AckLagSampler(server) as lag:
+        pub = run_child(
+            "benchmarks.publisher",
+            {"url": server.url, "ca": str(client.ca), "cert": str(client.cert),
+             "key": str(client.key), "rate": rate, "seconds": seconds},
+        )  # fmt: skip
     _wait_written(server, daemon, metrics_url, already + int(pub["sent"]), timeout_s=120)
+    lags = sorted(lag.samples[int(len(lag.samples) * warmup_s / max(seconds, 1e-3)) :])
     count, p50, p99, worst = _query(
         conninfo, _LATENCY_SQL, started + dt.timedelta(seconds=warmup_s)
     )
@@ -228,4 +276,8 @@ def _latency(
         "p50_ms": float(p50) * 1000,
         "p99_ms": float(p99) * 1000,
         "max_ms": float(worst) * 1000,
+        # The oldest unacknowledged message's age, sampled every 100 ms.
+        "ack_lag_p50_ms": lags[len(lags) // 2] * 1000 if lags else None,
+        "ack_lag_p99_ms": lags[min(len(lags) - 1, int(0.99 * len(lags)))] * 1000 if lags else None,
+        "ack_lag_max_ms": lags[-1] * 1000 if lags else None,
     }

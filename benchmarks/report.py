@@ -71,6 +71,16 @@ def render(r: dict[str, Any]) -> str:
                         f"(target rate {_n(lat['target_rate'])})",
                     )
                 )
+                if lat.get("ack_lag_p50_ms") is not None:
+                    rows.append(
+                        (
+                            f"5. Oldest unacked message's age at {what} (sampled every 100 ms)",
+                            f"p50 {lat['ack_lag_p50_ms']:.0f} ms",
+                            f"p99 {lat['ack_lag_p99_ms']:.0f} ms, "
+                            f"max {lat['ack_lag_max_ms']:.0f} ms: how far the liveness horizon "
+                            "trails",
+                        )
+                    )
     for run in r.get("replicas", []):
         rows.append(
             (
