@@ -242,7 +242,7 @@ class _AckLagSampler:
                     self.samples.append(0.0)
                 await asyncio.sleep(self.every_s)
 
-        js.run_nats(self.server, sample, "bench-sampler", timeout_s=3600)
+        js.run_nats(self.server, sample, "test-client", timeout_s=3600)
 
 
 def _latency(

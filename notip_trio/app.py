@@ -9,7 +9,7 @@ Start order (each `nursery.start` returns only when its task is truly ready):
 Channels (all bounded):
 
     telemetry pull ──list[JsMsg] (pipeline depth)──▶ ingest ──▶ COPY
-    ingest ──committed batch──▶ SeenBuffer ──(at most every 200 ms)──▶ last-seen ──▶ ack
+    ingest ──committed batch──▶ SeenBuffer ──(at most every 100 ms)──▶ last-seen ──▶ ack
     leader (liveness) ──transition + its report (one txn)──▶ outbox table ──▶ dispatcher
     decommission pull ──list[JsMsg] (1)──▶ decommission ──▶ tombstone in the state table
 

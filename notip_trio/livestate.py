@@ -6,7 +6,7 @@ One row per gateway in `gateway_liveness`, beside `telemetry`:
   timestamp of its ack subject): the same on every replica and every
   redelivery. Every replica collects it from the batches it commits
   (`ingest.SeenBuffer`, newest per gateway) and writes it in upserts of its
-  own (`SEEN_CHUNK` gateways each), at most every 200 ms (`run_seen_flusher`,
+  own (`SEEN_CHUNK` gateways each), at most every 100 ms (`run_seen_flusher`,
   `record_seen`): off the ingest path, and a gateway heard many times
   meanwhile is written once; the messages are acknowledged only after those
   upserts commit. It never moves

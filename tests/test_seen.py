@@ -5,6 +5,7 @@ hang guard per test)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping, Sequence
 
 import pytest
@@ -114,7 +115,9 @@ async def test_the_flusher_writes_at_most_every_200_ms_and_rides_out_an_outage(
     with trio.fail_after(GUARD_S):
         store, buffer, acks, metrics = FakeStore(), SeenBuffer(), Acks(), Metrics()
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_seen_flusher, buffer, store, acks, metrics)
+            await nursery.start(
+                functools.partial(run_seen_flusher, interval_s=0.2), buffer, store, acks, metrics
+            )
             await trio.sleep(1)
             assert "record_seen" not in store.calls  # nothing to write: no round trip
             buffer.add({A: wall_at(1)}, [msg(1)])
