@@ -31,10 +31,10 @@ import trio
 
 from benchmarks.common import child_main, chunks, read_messages
 from notip_trio.config import load_settings
+from notip_trio.db.liveness import PgStateStore
 from notip_trio.db.schema import COLUMNS
 from notip_trio.db.writer import Storage
 from notip_trio.envelope import Row, decode
-from notip_trio.livestate import PgStateStore
 
 _COPY = f"COPY telemetry ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _TYPES = ("timestamptz", "text", "text", "text", "text", "text", "text", "text", "int4")

@@ -48,6 +48,7 @@ from . import wire
 from .alertconfig import AlertConfigCache, FetchPolicy, run_alert_configs
 from .config import Settings
 from .db.lifecycle import Lifecycle
+from .db.liveness import PgStateStore
 from .db.writer import Storage
 from .decommission import run_decommission
 from .dispatch import Dispatcher
@@ -61,7 +62,7 @@ from .js.delivery import JsMsg
 from .js.specs import decommission_spec, telemetry_spec
 from .leader import AdvisoryLock, Lock, run_leadership
 from .liveness import LivenessTracker, lead_liveness
-from .livestate import PgStateStore, StateStore
+from .livestate import StateStore
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient

@@ -15,11 +15,11 @@ import psycopg
 import trio
 
 from devstack.postgres import PgDatabase
+from notip_trio.db.liveness import PgStateStore, record_seen
 from notip_trio.db.pool import Conn
 from notip_trio.db.writer import Storage
 from notip_trio.janitor import purge_once
 from notip_trio.lanes import Key
-from notip_trio.livestate import PgStateStore, record_seen
 from notip_trio.metrics import Metrics
 
 from .fix_servers import scalar

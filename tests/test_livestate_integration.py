@@ -8,8 +8,9 @@ import datetime as dt
 
 import trio
 
+from notip_trio.db.liveness import PgStateStore
 from notip_trio.db.writer import Storage
-from notip_trio.livestate import BULK_ROWS, PgStateStore, Reports
+from notip_trio.livestate import BULK_ROWS, Reports
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 A, B = ("t1", "a"), ("t1", "b")

@@ -3,7 +3,7 @@
 Tables: `telemetry` (docs/contract.md), `telemetry_rejected` (messages that broke
 the contract), `gateway_liveness` (one row per gateway) and
 `gateway_status_outbox` (status reports not yet delivered); the statements of
-the last two live in livestate.py.
+the last two live in db/liveness.py.
 
 Effectively once: a unique index on (tenant_id, gateway_id, sensor_id, time)
 lets the writer (writer.py) make a redelivered message never make a second row.
@@ -121,7 +121,7 @@ CREATE INDEX IF NOT EXISTS gateway_liveness_changed ON gateway_liveness (changed
 CREATE INDEX IF NOT EXISTS gateway_liveness_retired ON gateway_liveness (status_at)
     WHERE status IN ('offline', 'decommissioned');
 -- A transition's status report, queued in the transition's own transaction
--- (livestate.py, dispatch.py). Added in 0.2.0: additive, so 0.1.0 runs beside it.
+-- (db/liveness.py, dispatch.py). Added in 0.2.0: additive, so 0.1.0 runs beside it.
 CREATE TABLE IF NOT EXISTS gateway_status_outbox (
     id            BIGSERIAL   PRIMARY KEY,
     tenant_id     TEXT        NOT NULL,

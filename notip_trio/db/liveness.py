@@ -1,0 +1,408 @@
+"""The liveness state's statements on PostgreSQL, and `PgStateStore`.
+
+What the rows mean, the cursor and the lock order: `livestate.py` (the types
+and protocols this implements).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping, Sequence
+from sys import intern
+from typing import Any, Final, TypeVar
+
+from ..lanes import Key
+from ..livestate import (
+    BULK_ROWS,
+    CHANGES_CHUNK,
+    LOAD_CHUNK,
+    Changes,
+    GatewayRow,
+    LoadChunk,
+    Report,
+    Reports,
+    RowStatus,
+    Runner,
+)
+from .pool import Conn
+
+T = TypeVar("T")
+
+# Binary parameters: measured 25% faster for 10,000 gateways than text.
+_RECORD_SEEN: Final = """
+INSERT INTO gateway_liveness AS g (tenant_id, gateway_id, last_seen)
+SELECT * FROM unnest(%b::text[], %b::text[], %b::timestamptz[])
+ON CONFLICT (tenant_id, gateway_id) DO UPDATE
+   SET last_seen = EXCLUDED.last_seen,
+       status = CASE WHEN g.status = 'decommissioned' THEN 'new' ELSE g.status END,
+       changed_xid = pg_current_xact_id()
+ WHERE g.last_seen < EXCLUDED.last_seen
+"""
+# The cursor for the next change read, and the bound of this one.
+_SNAPSHOT: Final = (
+    "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text FROM pg_current_snapshot() s"
+)
+_COLUMNS: Final = "tenant_id, gateway_id, last_seen, status, status_last_seen"
+# Online rows (nearly all of them) come as (key, last-seen in epoch seconds): no
+# datetime and no row object for each, which is most of a takeover's cost
+# (date_part: float8 at once; extract's numeric cast doubled the server's time).
+_LOAD_CHUNK: Final = """
+SELECT tenant_id, gateway_id, date_part('epoch', last_seen),
+       nullif(status, 'online'),
+       CASE WHEN status <> 'online' THEN last_seen END,
+       CASE WHEN status <> 'online' THEN status_last_seen END
+  FROM gateway_liveness
+ WHERE (tenant_id, gateway_id) > (%s, %s) AND status <> 'decommissioned'
+ ORDER BY tenant_id, gateway_id
+ LIMIT %s
+"""
+_LOAD_FIRST: Final = _LOAD_CHUNK.replace("(tenant_id, gateway_id) > (%s, %s) AND ", "")
+_CHANGES: Final = f"""
+SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
+ WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < %(upto)s::text::xid8
+   AND (changed_xid, tenant_id, gateway_id) > (%(from)s::text::xid8, %(tenant)s, %(gateway)s)
+ ORDER BY changed_xid, tenant_id, gateway_id
+ LIMIT %(limit)s
+"""
+_CHANGES_FIRST: Final = f"""
+SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
+ WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < %(upto)s::text::xid8
+ ORDER BY changed_xid, tenant_id, gateway_id
+ LIMIT %(limit)s
+"""
+_CURRENT: Final = (
+    "SELECT last_seen FROM gateway_liveness"
+    " WHERE tenant_id = %s AND gateway_id = %s AND status <> 'decommissioned'"
+)
+_LOCK_ROWS: Final = """
+SELECT 1 FROM gateway_liveness g
+  JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
+ ORDER BY g.tenant_id COLLATE "C", g.gateway_id COLLATE "C"
+   FOR UPDATE OF g
+"""
+# A transition and its report, in one statement (so in one transaction).
+_MARK_ONLINE: Final = """
+WITH won AS (
+    UPDATE gateway_liveness g
+       SET status = 'online', status_last_seen = g.last_seen, status_at = now(),
+           changed_xid = pg_current_xact_id()
+      FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id)
+     WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
+       AND (g.status = 'new' OR (g.status = 'offline' AND g.last_seen > g.status_last_seen))
+    RETURNING g.tenant_id, g.gateway_id, g.last_seen
+), queued AS (
+    INSERT INTO gateway_status_outbox (tenant_id, gateway_id, status, last_seen)
+    SELECT tenant_id, gateway_id, 'online', last_seen FROM won
+     ORDER BY tenant_id COLLATE "C", gateway_id COLLATE "C"
+)
+SELECT tenant_id, gateway_id, last_seen FROM won
+"""
+_MARK_OFFLINE: Final = """
+WITH won AS (
+    UPDATE gateway_liveness
+       SET status = 'offline', status_last_seen = %(alerted)s, status_at = now(),
+           changed_xid = pg_current_xact_id()
+     WHERE tenant_id = %(tenant)s AND gateway_id = %(gateway)s
+       AND status = 'online' AND last_seen >= %(alerted)s
+    RETURNING tenant_id, gateway_id, last_seen
+), queued AS (
+    INSERT INTO gateway_status_outbox (tenant_id, gateway_id, status, last_seen)
+    SELECT tenant_id, gateway_id, 'offline', %(alerted)s FROM won
+)
+SELECT last_seen FROM won
+"""
+# The same for many gateways at once (`BULK_ROWS` a statement): the re-read of
+# last-seen (no locks) and the transitions, after their rows are locked in
+# order (`_LOCK_ROWS`); only the rows that change report, queued in key order.
+_CURRENT_MANY: Final = """
+SELECT g.tenant_id, g.gateway_id, g.last_seen FROM gateway_liveness g
+  JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
+ WHERE g.status <> 'decommissioned'
+"""
+_MARK_OFFLINE_MANY: Final = """
+WITH won AS (
+    UPDATE gateway_liveness g
+       SET status = 'offline', status_last_seen = k.alerted, status_at = now(),
+           changed_xid = pg_current_xact_id()
+      FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS k(tenant_id, gateway_id, alerted)
+     WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
+       AND g.status = 'online' AND g.last_seen >= k.alerted
+    RETURNING g.tenant_id, g.gateway_id, g.last_seen, k.alerted
+), queued AS (
+    INSERT INTO gateway_status_outbox (tenant_id, gateway_id, status, last_seen)
+    SELECT tenant_id, gateway_id, 'offline', alerted FROM won
+     ORDER BY tenant_id COLLATE "C", gateway_id COLLATE "C"
+)
+SELECT tenant_id, gateway_id, last_seen FROM won
+"""
+# Superseded: the gateway's current transition is not this report's, and no
+# newer report of it is queued, so a newer transition was reported without the
+# outbox (by a release before it). Compared by value, not by time: no clock.
+_PENDING_REPORTS: Final = """
+SELECT o.id, o.tenant_id, o.gateway_id, o.status, o.last_seen,
+       g.tenant_id IS NOT NULL
+       AND (g.status, g.status_last_seen) IS DISTINCT FROM (o.status, o.last_seen)
+       AND NOT EXISTS (
+           SELECT 1 FROM gateway_status_outbox n
+            WHERE n.tenant_id = o.tenant_id AND n.gateway_id = o.gateway_id AND n.id > o.id
+       ) AS superseded,
+       count(*) OVER () AS pending
+  FROM gateway_status_outbox o
+  LEFT JOIN gateway_liveness g USING (tenant_id, gateway_id)
+ ORDER BY o.id
+ LIMIT %s
+"""
+_CLEAR_REPORTS: Final = "DELETE FROM gateway_status_outbox WHERE id = ANY(%s::bigint[])"
+# A tombstone as of the decommission message's stream time: a last-seen from
+# before it (still buffered on some replica, or redelivered) cannot bring the
+# gateway back; one from after it makes it first seen again.
+_DECOMMISSION: Final = """
+INSERT INTO gateway_liveness AS g (tenant_id, gateway_id, last_seen, status, status_at)
+VALUES (%s, %s, %s, 'decommissioned', now())
+ON CONFLICT (tenant_id, gateway_id) DO UPDATE
+   SET status = 'decommissioned', status_at = now(),
+       last_seen = greatest(g.last_seen, EXCLUDED.last_seen),
+       changed_xid = pg_current_xact_id()
+"""
+# Retired rows whose last transition (and last message) is older than the
+# retention: offline ones and tombstones. The re-check in the DELETE sees a row
+# that changed meanwhile (a message made it new again); SKIP LOCKED never waits
+# for ingest's row locks. The outbox keeps its reports: the dispatcher sends a
+# report without its row as it is.
+_PURGE_RETIRED: Final = """
+WITH old AS (
+    SELECT tenant_id, gateway_id FROM gateway_liveness
+     WHERE status IN ('offline', 'decommissioned')
+       AND status_at < now() - make_interval(secs => %(age)s)
+       AND last_seen < now() - make_interval(secs => %(age)s)
+     ORDER BY tenant_id COLLATE "C", gateway_id COLLATE "C"
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM gateway_liveness g USING old
+ WHERE g.tenant_id = old.tenant_id AND g.gateway_id = old.gateway_id
+   AND g.status IN ('offline', 'decommissioned')
+   AND g.status_at < now() - make_interval(secs => %(age)s)
+   AND g.last_seen < now() - make_interval(secs => %(age)s)
+RETURNING g.tenant_id, g.gateway_id, g.status
+"""
+_PURGE_REJECTED: Final = """
+DELETE FROM telemetry_rejected WHERE id IN (
+    SELECT id FROM telemetry_rejected
+     WHERE received_at < now() - make_interval(secs => %(age)s)
+     ORDER BY received_at
+     LIMIT %(limit)s
+)
+"""
+
+
+def record_seen(conn: Conn, seen: Mapping[Key, dt.datetime]) -> None:
+    """Upsert each gateway's last-seen, in the caller's transaction."""
+    if not seen:
+        return
+    keys = sorted(seen)  # lock order: see the module docstring
+    conn.execute(
+        _RECORD_SEEN, ([k[0] for k in keys], [k[1] for k in keys], [seen[k] for k in keys])
+    )
+
+
+class PgStateStore:
+    """`StateStore` and `Purger` on the daemon's pool (`Storage.run_in_transaction`).
+
+    `load_chunk`, `changes` and `purge_*` take at most `load_chunk`,
+    `changes_chunk` and the given limit rows per round trip."""
+
+    def __init__(
+        self, runner: Runner, *, load_chunk: int = LOAD_CHUNK, changes_chunk: int = CHANGES_CHUNK
+    ) -> None:
+        self._runner = runner
+        self._load_chunk = load_chunk
+        self._changes_chunk = changes_chunk
+
+    async def load_chunk(self, after: Key | None) -> LoadChunk:
+        limit = self._load_chunk
+
+        def load(conn: Conn) -> LoadChunk:
+            cursor = None
+            # Binary: a float8 and text parse faster (measured: 0.9 s against 2.0 s
+            # for a million rows).
+            cur = conn.cursor(binary=True)
+            if after is None:
+                cursor = _snapshot(conn)[0]  # before the read: a conservative cursor
+                rows = cur.execute(_LOAD_FIRST, (limit,)).fetchall()
+            else:
+                rows = cur.execute(_LOAD_CHUNK, (*after, limit)).fetchall()
+            return _load_chunk(rows, limit, cursor)
+
+        return await self._runner.run_in_transaction(load)
+
+    async def load(self) -> Changes:
+        """The whole state at once, as `GatewayRow`s (tests, tools; the leader
+        uses `load_chunk`)."""
+        first = chunk = await self.load_chunk(None)
+        rows: list[GatewayRow] = []
+        while True:
+            rows += [
+                GatewayRow(key, dt.datetime.fromtimestamp(seen, dt.UTC), "online", None)
+                for key, seen in chunk.online
+            ]
+            rows += chunk.rows
+            if chunk.last is None:
+                break
+            chunk = await self.load_chunk(chunk.last)
+        assert first.cursor is not None
+        return Changes(sorted(rows, key=lambda row: row.key), first.cursor)
+
+    async def changes(self, cursor: int) -> Changes:
+        limit = self._changes_chunk
+        params: dict[str, object] = {"from": str(cursor), "limit": limit}
+
+        def first(conn: Conn) -> tuple[int, list[tuple[object, ...]]]:
+            # The new cursor before the read (conservative), and this read's bound.
+            new_cursor, params["upto"] = _snapshot(conn)
+            return new_cursor, conn.execute(_CHANGES_FIRST, params).fetchall()
+
+        def more(conn: Conn) -> list[tuple[object, ...]]:
+            return conn.execute(_CHANGES, params).fetchall()
+
+        new_cursor, page = await self._runner.run_in_transaction(first)
+        rows = _rows([r[:5] for r in page])
+        while len(page) >= limit:
+            t, g, *_, xid = page[-1]
+            params.update({"from": xid, "tenant": t, "gateway": g})
+            page = await self._runner.run_in_transaction(more)
+            rows += _rows([r[:5] for r in page])
+        return Changes(rows, new_cursor)
+
+    async def current_last_seen(self, key: Key) -> dt.datetime | None:
+        def current(conn: Conn) -> dt.datetime | None:
+            row = conn.execute(_CURRENT, key).fetchone()
+            return row[0] if row else None  # type: ignore[return-value]
+
+        return await self._runner.run_in_transaction(current)
+
+    async def mark_online(self, keys: Sequence[Key]) -> list[tuple[Key, dt.datetime]]:
+        if not keys:
+            return []
+        ordered = sorted(set(keys))
+        args = ([k[0] for k in ordered], [k[1] for k in ordered])
+
+        def mark(conn: Conn) -> list[tuple[Key, dt.datetime]]:
+            conn.execute(_LOCK_ROWS, args)
+            rows = conn.execute(_MARK_ONLINE, args).fetchall()
+            return [((str(t), str(g)), seen) for t, g, seen in rows]  # type: ignore[misc]
+
+        return await self._runner.run_in_transaction(mark)
+
+    async def mark_offline(self, key: Key, last_seen: dt.datetime) -> dt.datetime | None:
+        params = {"alerted": last_seen, "tenant": key[0], "gateway": key[1]}
+
+        def mark(conn: Conn) -> dt.datetime | None:
+            row = conn.execute(_MARK_OFFLINE, params).fetchone()
+            return row[0] if row else None  # type: ignore[return-value]
+
+        return await self._runner.run_in_transaction(mark)
+
+    async def current_last_seen_many(self, keys: Sequence[Key]) -> dict[Key, dt.datetime]:
+        out: dict[Key, dt.datetime] = {}
+        for chunk in _chunks(sorted(set(keys))):
+            args = ([k[0] for k in chunk], [k[1] for k in chunk])
+
+            def current(conn: Conn, args: tuple[list[str], list[str]] = args) -> list[Any]:
+                return conn.execute(_CURRENT_MANY, args).fetchall()
+
+            for t, g, seen in await self._runner.run_in_transaction(current):
+                out[(str(t), str(g))] = seen
+        return out
+
+    async def mark_offline_many(
+        self, alerted: Mapping[Key, dt.datetime]
+    ) -> dict[Key, dt.datetime]:
+        won: dict[Key, dt.datetime] = {}
+        for chunk in _chunks(sorted(alerted)):  # lock order: see the module docstring
+            keys = ([k[0] for k in chunk], [k[1] for k in chunk])
+            args = (*keys, [alerted[k] for k in chunk])
+
+            def mark(
+                conn: Conn, keys: tuple[list[str], list[str]] = keys, args: tuple[Any, ...] = args
+            ) -> list[Any]:
+                conn.execute(_LOCK_ROWS, keys)
+                return conn.execute(_MARK_OFFLINE_MANY, args).fetchall()
+
+            for t, g, seen in await self._runner.run_in_transaction(mark):
+                won[(str(t), str(g))] = seen
+        return won
+
+    async def pending_reports(self, limit: int) -> Reports:
+        def pending(conn: Conn) -> Reports:
+            rows = conn.execute(_PENDING_REPORTS, (limit,)).fetchall()
+            reports = [
+                Report(int(i), (str(t), str(g)), status, seen, bool(sup))  # type: ignore[arg-type, call-overload]
+                for i, t, g, status, seen, sup, _ in rows
+            ]
+            return Reports(reports, int(rows[0][6]) if rows else 0)  # type: ignore[call-overload]
+
+        return await self._runner.run_in_transaction(pending)
+
+    async def clear_reports(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self._runner.run_in_transaction(
+                lambda conn: conn.execute(_CLEAR_REPORTS, (list(ids),))
+            )
+
+    async def record_seen(self, seen: Mapping[Key, dt.datetime]) -> None:
+        await self._runner.run_in_transaction(lambda conn: record_seen(conn, seen))
+
+    async def decommission(self, key: Key, at: dt.datetime) -> bool:
+        def forget(conn: Conn) -> bool:
+            tracked = conn.execute(_CURRENT, key).fetchone() is not None
+            conn.execute(_DECOMMISSION, (*key, at))
+            return tracked
+
+        return await self._runner.run_in_transaction(forget)
+
+    async def purge_retired(self, older_than_s: float, limit: int) -> list[tuple[Key, RowStatus]]:
+        params = {"age": older_than_s, "limit": limit}
+
+        def purge(conn: Conn) -> list[tuple[Key, RowStatus]]:
+            rows = conn.execute(_PURGE_RETIRED, params).fetchall()
+            return [((str(t), str(g)), status) for t, g, status in rows]  # type: ignore[misc]
+
+        return await self._runner.run_in_transaction(purge)
+
+    async def purge_rejected(self, older_than_s: float, limit: int) -> int:
+        params = {"age": older_than_s, "limit": limit}
+        return await self._runner.run_in_transaction(
+            lambda conn: conn.execute(_PURGE_REJECTED, params).rowcount
+        )
+
+
+def _chunks(items: list[T]) -> Iterator[list[T]]:
+    for i in range(0, len(items), BULK_ROWS):
+        yield items[i : i + BULK_ROWS]
+
+
+def _snapshot(conn: Conn) -> tuple[int, str]:
+    """(xmin as the next change read's cursor, xmax as this read's bound)."""
+    row = conn.execute(_SNAPSHOT).fetchone()
+    assert row is not None
+    return int(str(row[0])), str(row[1])
+
+
+def _load_chunk(rows: list[tuple[Any, ...]], limit: int, cursor: int | None) -> LoadChunk:
+    # One str object per tenant (interned), not one per row: the leader keeps these keys.
+    online = [((intern(t), g), seen) for t, g, seen, status, _, _ in rows if status is None]
+    others = [
+        GatewayRow((intern(t), g), last_seen, status, status_seen)
+        for t, g, _, status, last_seen, status_seen in rows
+        if status is not None
+    ]
+    last = (str(rows[-1][0]), str(rows[-1][1])) if len(rows) >= limit else None
+    return LoadChunk(online, others, last, cursor)
+
+
+def _rows(rows: list[tuple[object, ...]]) -> list[GatewayRow]:
+    return [
+        GatewayRow((str(t), str(g)), seen, status, status_seen)  # type: ignore[arg-type]
+        for t, g, seen, status, status_seen in rows
+    ]
