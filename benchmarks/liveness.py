@@ -47,6 +47,7 @@ import trio
 
 from benchmarks.common import child_main, rss_bytes
 from notip_trio.alertconfig import AlertConfigCache
+from notip_trio.alerting import StatusQuery
 from notip_trio.config import DEFAULTS, load_settings
 from notip_trio.db.liveness import PgStateStore, record_seen
 from notip_trio.db.writer import Storage
@@ -56,7 +57,7 @@ from notip_trio.ingest import SeenBuffer, flush_seen
 from notip_trio.js.bridge import AlertPublisher
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.liveness import LivenessTracker, StatusQuery
+from notip_trio.liveness import LivenessTracker
 from notip_trio.log import setup_logging
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import CallGate, GatewayState, MgmtClient
