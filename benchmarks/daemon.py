@@ -45,6 +45,7 @@ from devstack import js
 from devstack.mgmt_standin import spawn_standin
 from devstack.natsd import NatsServer
 from devstack.proc import Child, python_module
+from notip_trio.horizon import parse_stream_time
 
 POLL_S = 0.02
 _LATENCY_SQL = """
@@ -234,10 +235,8 @@ class _AckLagSampler:
                         (await nc.request("$JS.API.STREAM.MSG.GET.TELEMETRY", get, timeout=5)).data
                     )
                     if "message" in reply:
-                        stamp = reply["message"]["time"].rstrip("Z")
-                        head, _, frac = stamp.partition(".")
-                        sent = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
-                        self.samples.append(max(0.0, now - sent - float("0." + (frac or "0"))))
+                        sent = parse_stream_time(reply["message"]["time"])
+                        self.samples.append(max(0.0, now - sent))
                 else:
                     self.samples.append(0.0)
                 await asyncio.sleep(self.every_s)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from .js.bridge import Requester
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -42,12 +43,6 @@ log = get_logger(__name__)
 # How long one skew sample counts: the estimate is the minimum over the last
 # one to two windows (a clock stepped by NTP is followed within two windows).
 SKEW_WINDOW_S: Final = 60.0
-
-
-class Requester(Protocol):
-    async def request(self, subject: str, payload: bytes) -> bytes:
-        """One request-reply round trip; raises NatsRequestError."""
-        ...
 
 
 class HorizonError(Exception):

@@ -25,6 +25,14 @@ Key = tuple[str, str]
 STANDIN_READY_S = 30.0
 
 
+def fold_repeats(statuses: list[str]) -> list[str]:
+    """Consecutive repeats folded: online, online, offline → online, offline."""
+    out: list[str] = []
+    for status in statuses:
+        if not out or out[-1] != status:
+            out.append(status)
+    return out
+
 
 @dataclass(frozen=True)
 class Standin:
@@ -51,6 +59,11 @@ class Standin:
 
     def statuses(self, gateway_id: str) -> list[str]:
         return [status for _, status, _ in self.updates(gateway_id)]
+
+    def transitions(self, gateway_id: str) -> list[str]:
+        """`statuses` with back-to-back repeats folded: an update is sent at least
+        once, so one a new leader sent again shows twice."""
+        return fold_repeats(self.statuses(gateway_id))
 
     def status_queries(self, gateway_id: str) -> int:
         return sum(r["gateway_id"] == gateway_id for r in self.requests(SUBJECT_GET_STATUS))
@@ -87,5 +100,3 @@ async def running_standin(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(child.stop, 5.0)
-
-

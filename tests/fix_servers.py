@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
@@ -90,6 +90,30 @@ def telemetry_rows(conninfo: str) -> int:
 def drained(server: natsd.NatsServer, durable: str = DURABLE) -> bool:
     """The TELEMETRY durable has nothing left to deliver and nothing awaiting an ack."""
     return js.consumer_state(server, "TELEMETRY", durable).drained
+
+
+def create_durable(
+    server: natsd.NatsServer, *, ack_wait_s: float, max_ack_pending: int, durable: str = DURABLE
+) -> None:
+    """Create the TELEMETRY durable before the daemon does, with the given ack wait
+    and MaxAckPending (a short ack wait brings a killed replica's deliveries back
+    within seconds; a small MaxAckPending is what an older migration guide made)."""
+
+    async def create(nc: Any) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        await nc.jetstream().add_consumer(
+            "TELEMETRY",
+            config=ConsumerConfig(
+                durable_name=durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ack_wait_s,
+                max_ack_pending=max_ack_pending,
+                max_waiting=512,
+            ),
+        )
+
+    js.run_nats(server, create)
 
 
 # --- PKI and NATS ------------------------------------------------------------

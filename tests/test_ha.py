@@ -16,7 +16,6 @@ import datetime as dt
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -26,7 +25,7 @@ from devstack.relay import Relay
 
 from ._standin import running_standin
 from .fix_daemon import liveness_env, spawn_daemon, until
-from .fix_servers import DURABLE, drained, telemetry_rows
+from .fix_servers import create_durable, drained, telemetry_rows
 from .sim_gateways import TENANT, Gateways, alerted_gateways
 
 # Daemons as their own processes, SIGKILLed and restarted.
@@ -89,22 +88,10 @@ async def test_two_replicas_one_leader_no_false_alert_and_a_takeover(
 ) -> None:
     nats = private_nats_server
 
-    async def short_ack_wait(nc: Any) -> None:
-        # So the killed replica's unacked deliveries come back within seconds.
-        from nats.js.api import AckPolicy, ConsumerConfig
-
-        await nc.jetstream().add_consumer(
-            "TELEMETRY",
-            config=ConsumerConfig(
-                durable_name=DURABLE,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=3.0,
-                max_ack_pending=20_000,
-                max_waiting=512,
-            ),
-        )
-
-    await trio.to_thread.run_sync(_js.run_nats, nats, short_ack_wait)
+    # So the killed replica's unacked deliveries come back within seconds.
+    await trio.to_thread.run_sync(
+        lambda: create_durable(nats, ack_wait_s=3.0, max_ack_pending=20_000)
+    )
     names = [f"g{i:02d}" for i in range(24)]
     gateways = Gateways(nats, names)
     configs = [{"tenant_id": TENANT, "timeout_ms": TIMEOUT_MS}]

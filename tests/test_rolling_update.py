@@ -57,7 +57,7 @@ from devstack.postgres import PgDatabase, PgServer
 from devstack.proc import Child
 from notip_trio import config as new_config
 
-from ._standin import Standin, running_standin
+from ._standin import Standin, fold_repeats, running_standin
 from .fix_daemon import DaemonProcess, liveness_env, spawn_daemon, until
 from .fix_servers import drained, in_ci, require, scalar, telemetry_rows
 from .sim_gateways import TENANT, Gateways
@@ -221,15 +221,6 @@ async def _falls_silent(gateways: Gateways, standin: Standin, name: str) -> floa
     return time.monotonic() - silenced_at
 
 
-def _collapsed(statuses: list[str]) -> list[str]:
-    """Consecutive repeats (an update sent again by the next leader) folded."""
-    out: list[str] = []
-    for status in statuses:
-        if not out or out[-1] != status:
-            out.append(status)
-    return out
-
-
 def _acquired(daemon: DaemonProcess) -> int:
     return [e["event"] for e in daemon.json_logs()].count("liveness_leader_acquired")
 
@@ -345,7 +336,7 @@ async def test_old_and_new_replicas_hand_the_lock_over_both_ways(
     for name in names:
         updates = standin.updates(name)
         expected = ["online", "offline"] if name in silent.values() else ["online"]
-        assert _collapsed([status for _, status, _ in updates]) == expected, (name, updates)
+        assert fold_repeats([status for _, status, _ in updates]) == expected, (name, updates)
         seen = [dt.datetime.fromisoformat(at) for _, _, at in updates]
         assert seen == sorted(seen), (name, updates)
     assert pending == 0  # no report left behind in the outbox
@@ -452,7 +443,7 @@ async def test_reports_a_new_leader_left_wait_for_the_next_new_leader(
     assert sorted(body["gatewayId"] for _, body, _ in alerts) == silent
     assert standin.statuses(back) == ["online", "online"]  # its offline was superseded
     for name in gone:
-        assert _collapsed(standin.statuses(name)) == ["online", "offline"], name
+        assert standin.transitions(name) == ["online", "offline"], name
     for name in live:
         assert standin.statuses(name) == ["online"], name
     for name in silent + live:

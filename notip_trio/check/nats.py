@@ -209,8 +209,9 @@ async def _check_clock(bridge: NatsBridge, emit: Emit) -> None:
     try:
         with trio.fail_after(STEP_TIMEOUT_S):
             raw = await bridge.request(f"$JS.API.STREAM.INFO.{wire.TELEMETRY_STREAM}", b"")
-        newest = parse_stream_time(json.loads(raw)["state"]["last_ts"])
-        messages = int(json.loads(raw)["state"]["messages"])
+        state = json.loads(raw)["state"]
+        newest = parse_stream_time(state["last_ts"])
+        messages = int(state["messages"])
     except (trio.TooSlowError, NatsRequestError, KeyError, TypeError, ValueError) as exc:
         emit(Result("skip", "clock", f"stream time not read ({type(exc).__name__}: {exc})"))
         return

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Final
 
 import psycopg
-import psycopg_pool
 
 from ..envelope import Row
 from .lifecycle import Lifecycle
-from .pool import MIGRATE_TIMEOUT_S, WRITE_TIMEOUT_S, Conn, Database
+from .pool import Conn, Database
 from .schema import COLUMNS, SchemaInfo, migrate
 
 _COPY_TYPES: Final = ("timestamptz", "text", "text", "text", "text", "text", "text", "text", "int4")
@@ -51,15 +50,7 @@ SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemet
 # DO NOTHING into compressed chunks at its first conflict, dropping the rows after
 # it (timescale/timescaledb#7672, fixed by #7673); with the conflicts filtered out,
 # that path is not taken.
-_MERGE_GUARDED: Final = f"""
-INSERT INTO telemetry ({_COLS})
-SELECT DISTINCT ON (tenant_id, gateway_id, sensor_id, time) {_COLS} FROM telemetry_stage s
- WHERE NOT EXISTS (
-   SELECT 1 FROM telemetry t
-    WHERE t.tenant_id = s.tenant_id AND t.gateway_id = s.gateway_id
-      AND t.time = s.time AND t.sensor_id = s.sensor_id)
-ON CONFLICT DO NOTHING
-"""
+_MERGE_GUARDED: Final = _MERGE_NOT_EXISTS + "ON CONFLICT DO NOTHING\n"
 _INSERT_REJECTED: Final = """
 INSERT INTO telemetry_rejected (received_at, subject, reason, detail, body, body_length, stream_seq)
 VALUES (%s, %s, %s, %s, %s, %s, %s)
@@ -87,18 +78,10 @@ class WriteResult:
 class Storage(Database):
     """The pool (`Database`) plus the start-up migration and the batched writer."""
 
-    def __init__(
-        self,
-        pool: psycopg_pool.ConnectionPool[Conn],
-        *,
-        write_timeout_s: float = WRITE_TIMEOUT_S,
-        migrate_timeout_s: float = MIGRATE_TIMEOUT_S,
-    ) -> None:
-        super().__init__(pool, write_timeout_s=write_timeout_s, migrate_timeout_s=migrate_timeout_s)
-        # False once the migration found the unique index impossible (schema.migrate).
-        self._dedup_index = True
-        # True once the migration found compression on (lifecycle.py): guard the merge.
-        self._compression = False
+    # What the start-up migration found (schema.migrate): False when the unique
+    # index was impossible; True when compression is on (lifecycle.py: guard the merge).
+    _dedup_index: bool = True
+    _compression: bool = False
 
     async def migrate(self, lifecycle: Lifecycle | None = None) -> SchemaInfo:
         """The start-up migration (schema.migrate); with `lifecycle`, the
