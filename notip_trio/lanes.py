@@ -135,6 +135,22 @@ class LaneIndex:
                 out.append(Due(key, entry.seen, lane.timeout_ms))
         return out
 
+    def next_due_after(self, horizon: float) -> float | None:
+        """When the first gateway not yet due at `horizon` becomes due (stream
+        time: its order key + timeout), or None if every one is due already or
+        none is tracked. Steps over the gateways already due (left online by a
+        failed publish, paused, or due this very tick): O(due + lanes)."""
+        first: float | None = None
+        for lane in self._all_lanes():
+            limit = horizon - lane.timeout_s
+            for entry in lane.order.values():
+                if entry.order_key >= limit:
+                    at = entry.order_key + lane.timeout_s
+                    if first is None or at < first:
+                        first = at
+                    break
+        return first
+
     def retime(self, changed: Iterable[tuple[Key, int]]) -> int:
         """Give the listed gateways their new timeout; returns how many moved."""
         moved = [

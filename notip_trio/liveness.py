@@ -81,6 +81,13 @@ class AlertHorizon(Protocol):
         ...
 
 
+# A tick runs early, before its slot, when a gateway that was not due at the last
+# tick's horizon becomes due (`LivenessTracker.wake_at`): this long after the
+# horizon should have passed its due time (the ack floor moves in steps), and
+# never sooner than this after the last tick began.
+WAKE_SLACK_S: Final = 0.1
+WAKE_MIN_GAP_S: Final = 0.25
+
 # Alerts held back by a horizon trailing stream-now by more than this are logged
 # (once, when it starts and when it ends).
 DEFER_LOG_LAG_S: Final = 5.0
@@ -131,6 +138,8 @@ class LivenessTracker:
             wall_clock=wall_clock,
         )
         self._cursor: int | None = None
+        self._wake_at: float | None = None
+        self._last_horizon = -float("inf")
         self._ticking = False
         self._deferring = False  # alerts held back by a trailing horizon (for the log)
         self._horizon_failing = False
@@ -145,6 +154,14 @@ class LivenessTracker:
         if key in self._index:
             return "online"
         return "offline" if key in self._offline else None
+
+    @property
+    def wake_at(self) -> float | None:
+        """Trio time at which the next gateway becomes due, judged by the last
+        tick's horizon and assuming it moves on with the clock; None when no
+        early tick is called for (no horizon, the horizon stood still since the
+        tick before, or nobody left to become due)."""
+        return self._wake_at
 
     # --- reading the state ---
 
@@ -295,6 +312,7 @@ class LivenessTracker:
             raise RuntimeError("LivenessTracker.tick is already running")
         self._ticking = True
         t0 = trio.current_time()
+        self._wake_at = None
         try:
             # The horizon first: every message below it is stored before the
             # changes are read, so the read sees all of them.
@@ -305,10 +323,10 @@ class LivenessTracker:
             if horizon is None:
                 return
             candidates = self._index.due(horizon)
-            if not candidates:
-                return
-            log.debug("offline_candidates", count=len(candidates))
-            await self._alerts.handle(candidates, t0)
+            if candidates:
+                log.debug("offline_candidates", count=len(candidates))
+                await self._alerts.handle(candidates, t0)
+            self._plan_wake(horizon, t0)
         except DatabaseError as exc:
             log.warning("liveness_tick_database_error", error=str(exc)[:300])
         finally:
@@ -341,6 +359,16 @@ class LivenessTracker:
             else:
                 log.info("offline_alerts_resumed_consumer_caught_up")
         return horizon.at
+
+    def _plan_wake(self, horizon: float, read_at: float) -> None:
+        """Set `wake_at` from the horizon read at Trio time `read_at`. A horizon
+        that stood still (a floor held by a message not yet stored) would call
+        for the same early tick again and again: the next slot serves instead."""
+        moved = horizon > self._last_horizon
+        self._last_horizon = horizon
+        due_at = self._index.next_due_after(horizon) if moved else None
+        if due_at is not None:
+            self._wake_at = read_at + (due_at - horizon) + WAKE_SLACK_S
 
     # --- helpers ---
 
@@ -440,15 +468,28 @@ async def lead_liveness(
 async def _tick_forever(
     tracker: LivenessTracker, tick_s: float, observer: TickObserver | None
 ) -> NoReturn:
+    """Tick at once (a takeover alerts whoever fell silent while nobody led), then
+    at every slot (start + n * tick_s), and early, between two slots, when a
+    gateway becomes due (`LivenessTracker.wake_at`), so an alert need not wait
+    for the next slot."""
     start = trio.current_time()
-    n = 1
+    n = 0
+    last = -float("inf")
     while True:
-        await trio.sleep_until(start + n * tick_s)
+        slot = start + n * tick_s
+        wake = slot
+        if tracker.wake_at is not None:
+            wake = min(slot, max(tracker.wake_at, last + WAKE_MIN_GAP_S))
+        early = wake < slot
+        await trio.sleep_until(wake)
+        last = trio.current_time()
         if observer is not None:
-            observer.tick_started(trio.current_time())
+            observer.tick_started(last)
         await tracker.tick()
         if observer is not None:
             observer.tick_finished(trio.current_time())
+        if early and trio.current_time() < slot:
+            continue  # the slot's own tick still runs
         # A tick that overran (slow management API) skips the slots it missed
         # instead of running back to back; the schedule keeps its phase.
         behind = int((trio.current_time() - start) // tick_s)

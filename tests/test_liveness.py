@@ -112,22 +112,26 @@ class Rig:
         await trio.testing.wait_all_tasks_blocked()
 
     def published(self) -> list[tuple[float, str, str]]:
-        """(time, subject, gatewayId) of each acknowledged alert."""
-        return [(t, subject, body["gatewayId"]) for t, subject, body, _ in self.publisher.published]
+        """(time, subject, gatewayId) of each acknowledged alert; times to the ms
+        (an early tick's wake time is computed in epoch seconds)."""
+        return [
+            (round(t, 3), subject, body["gatewayId"])
+            for t, subject, body, _ in self.publisher.published
+        ]
 
     def status_query_times(self) -> list[float]:
-        return self.requester.times(SUBJECT_GET_STATUS)
+        return [round(t, 3) for t in self.requester.times(SUBJECT_GET_STATUS)]
 
 
 @pytest.mark.parametrize(
     ("seen", "fires", "last_seen", "detected"),
     [
-        (5, 40, "2024-05-01T12:00:05Z", "2024-05-01T12:00:40Z"),
-        (10.5, 50, "2024-05-01T12:00:10.5Z", "2024-05-01T12:00:50Z"),
-        (19.25, 50, "2024-05-01T12:00:19.25Z", "2024-05-01T12:00:50Z"),
+        (5, 35.1, "2024-05-01T12:00:05Z", "2024-05-01T12:00:35.1Z"),
+        (10.5, 40.6, "2024-05-01T12:00:10.5Z", "2024-05-01T12:00:40.6Z"),
+        (19.25, 49.35, "2024-05-01T12:00:19.25Z", "2024-05-01T12:00:49.35Z"),
     ],
 )
-async def test_alert_fires_after_timeout_within_one_tick(
+async def test_alert_fires_after_timeout_without_waiting_for_the_next_slot(
     autojump_clock: trio.abc.Clock, seen: float, fires: float, last_seen: str, detected: str
 ) -> None:
     with trio.fail_after(GUARD_S):
@@ -140,7 +144,9 @@ async def test_alert_fires_after_timeout_within_one_tick(
             await trio.sleep_until(fires + 0.5)
         (t, subject, body, msg_id) = rig.publisher.published[0]
         assert len(rig.publisher.published) == 1
-        assert t == fires  # at the first tick after last-seen + timeout
+        # Not at the next slot (tick_s apart): an early tick when last-seen +
+        # timeout passes the horizon, WAKE_SLACK_S after it.
+        assert round(t, 3) == fires
         assert subject == "alert.t1.gw_offline"
         assert body == {
             "gatewayId": "gw1",
@@ -191,13 +197,17 @@ async def test_timeout_precedence_gateway_then_tenant_then_default(
         async with rig.running():
             await rig.beat_at(1, ("t1", "gwA"), ("t1", "gwB"), ("t2", "gwC"))
             await trio.sleep_until(65)
-        # gwB: tenant 20 s -> 30; gwC: default 30 s -> 40; gwA: own 50 s -> 60.
-        assert [(t, gw) for t, _, gw in rig.published()] == [(30, "gwB"), (40, "gwC"), (60, "gwA")]
+        # gwB: tenant 20 s -> 21; gwC: default 30 s -> 31; gwA: own 50 s -> 51.
+        assert [(t, gw) for t, _, gw in rig.published()] == [
+            (21.1, "gwB"),
+            (31.1, "gwC"),
+            (51.1, "gwA"),
+        ]
         timeouts = {b["gatewayId"]: b["timeoutMs"] for _, _, b, _ in rig.publisher.published}
         assert timeouts == {"gwA": 50_000, "gwB": 20_000, "gwC": 30_000}
 
 
-@pytest.mark.parametrize(("new_timeout_ms", "fires"), [(100_000, 110), (10_000, 20)])
+@pytest.mark.parametrize(("new_timeout_ms", "fires"), [(100_000, 101.1), (10_000, 11.1)])
 @pytest.mark.parametrize("gateway_entry", [False, True])
 async def test_config_change_applies_to_tracked_gateways(
     autojump_clock: trio.abc.Clock, new_timeout_ms: int, fires: float, gateway_entry: bool
@@ -206,7 +216,7 @@ async def test_config_change_applies_to_tracked_gateways(
         rig = Rig()
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await rig.beat_at(2, ("t2", "gw9"))  # stays on the default: alert at 40
+            await rig.beat_at(2, ("t2", "gw9"))  # stays on the default: alert at 32.1
             await trio.sleep_until(5)
             entry_gw = "gw1" if gateway_entry else None
             rig.cache.replace([AlertConfig("t1", new_timeout_ms, entry_gw)])
@@ -215,15 +225,17 @@ async def test_config_change_applies_to_tracked_gateways(
             await rig.beat_at(fires + 2.5, ("t1", "gw3"))  # a newcomer gets the new timeout
             await trio.sleep_until(fires + 200)
         timeout_s = new_timeout_ms / 1000
+        # Each alert WAKE_SLACK_S after last-seen + timeout (the index is retimed
+        # at the tick at 10, the new last-seens are read at the next slot).
         expected = {
             (fires, "gw1"),
-            (40, "gw9"),
-            (10 * ((fires + 1.5 + timeout_s) // 10 + 1), "gw1"),
+            (32.1, "gw9"),
+            (round(fires + 1.5 + timeout_s + 0.1, 3), "gw1"),
         }
         if not gateway_entry:
-            expected.add((10 * ((fires + 2.5 + timeout_s) // 10 + 1), "gw3"))
+            expected.add((round(fires + 2.5 + timeout_s + 0.1, 3), "gw3"))
         else:
-            expected.add((10 * ((fires + 2.5 + 30) // 10 + 1), "gw3"))
+            expected.add((round(fires + 2.5 + 30 + 0.1, 3), "gw3"))
         assert {(t, gw) for t, _, gw in rig.published()} == expected
 
 
@@ -236,16 +248,17 @@ async def test_paused_gives_no_alert_and_no_update_and_is_asked_with_back_off(
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(335)
-            # Due at 31; asked at 40, then after 60 s, then after 120 s (the
-            # ALERT_CONFIG_REFRESH_MS cap), not at every tick.
-            assert rig.status_query_times() == [40, 100, 220]
+            # Due at 31; asked at once (31.1), then at the first slot 60 s
+            # later, then after 120 s (the ALERT_CONFIG_REFRESH_MS cap), not at
+            # every tick.
+            assert rig.status_query_times() == [31.1, 100, 220]
             assert rig.publisher.published == []
             assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
             assert rig.tracker.status(*GW1) == "online"
             rig.states[GW1] = "online"  # resumed at 225, still silent
             await trio.sleep_until(355)
         # Alerted at its next check (340, the answer 3 s later).
-        assert rig.status_query_times() == [40, 100, 220, 340]
+        assert rig.status_query_times() == [31.1, 100, 220, 340]
         assert rig.published() == [(343, "alert.t1.gw_offline", "gw1")]
         assert sample(rig.metrics, "alerts_suppressed_paused_total") == 3
 
@@ -262,8 +275,15 @@ async def test_a_paused_gateway_heard_again_starts_its_back_off_afresh(
             await rig.beat_at(150.5, GW1)  # gw1 sends again; due again at 180.5
             await trio.sleep_until(505)
         queries = [(t, p["gateway_id"]) for t, _, p in rig.requester.calls]
-        assert [t for t, gw in queries if gw == "gw2"] == [40, 100, 220, 340, 460]
-        assert [t for t, gw in queries if gw == "gw1"] == [40, 100, 190, 250, 370, 490]
+        assert [round(t, 3) for t, gw in queries if gw == "gw2"] == [31.1, 100, 220, 340, 460]
+        assert [round(t, 3) for t, gw in queries if gw == "gw1"] == [
+            31.1,
+            100,
+            180.6,
+            250,
+            370,
+            490,
+        ]
         assert rig.publisher.published == []
 
 
@@ -275,7 +295,7 @@ async def test_any_other_state_alerts(autojump_clock: trio.abc.Clock, state: str
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(45)
-        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+        assert rig.published() == [(31.1, "alert.t1.gw_offline", "gw1")]
 
 
 async def _no_responders(payload: bytes) -> bytes:
@@ -302,9 +322,9 @@ async def test_failed_or_invalid_status_query_fails_open(
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(50)
-        # Tick at 40, the client's retries after 1, 2 and 4 s, then the alert.
-        assert rig.status_query_times() == [40, 41, 43, 47]
-        assert rig.published() == [(47, "alert.t1.gw_offline", "gw1")]
+        # Tick at 31.1, the client's retries after 1, 2 and 4 s, then the alert.
+        assert rig.status_query_times() == [31.1, 32.1, 34.1, 38.1]
+        assert rig.published() == [(38.1, "alert.t1.gw_offline", "gw1")]
         assert sample(rig.metrics, "lifecycle_query_errors_total") == 1
         assert rig.tracker.status(*GW1) == "offline"
 
@@ -317,15 +337,17 @@ async def test_failed_publish_stays_online_and_next_tick_retries_same_msg_id(
         rig.publisher.failures = 1
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await trio.sleep_until(45)
+            await trio.sleep_until(35)
             assert rig.publisher.published == []
             assert rig.tracker.status(*GW1) == "online"
             assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
             assert sample(rig.metrics, "alert_publish_errors_total") == 1
-            await trio.sleep_until(55)
-        assert [t for t, _ in rig.publisher.attempts] == [40, 50]
+            await trio.sleep_until(45)
+        # The early tick at 31.1 fails; the gateway, still due, waits for the
+        # next slot (no early tick is planned for a gateway already due).
+        assert [round(t, 3) for t, _ in rig.publisher.attempts] == [31.1, 40]
         assert len({msg_id for _, msg_id in rig.publisher.attempts}) == 1
-        assert rig.published() == [(50, "alert.t1.gw_offline", "gw1")]
+        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
         assert rig.sink.brief()[-1] == ("gw1", "offline", wall_at(1))
 
 
@@ -337,7 +359,7 @@ async def test_first_seen_and_recovery_each_give_one_online_update(
         async with rig.running():
             await rig.beat_at(1, GW1, GW2)
             await rig.beat_at(2, GW1)
-            await rig.beat_at(35.5, GW2)  # gw2 stays alive
+            await rig.beat_at(25.5, GW2)  # gw2 stays alive
             await trio.sleep_until(45)
             assert rig.tracker.status(*GW1) == "offline"
             await rig.beat_at(45.5, GW1)  # back
@@ -372,7 +394,7 @@ async def test_decommissioned_gateway_gets_no_alert_and_is_first_seen_again(
             assert sample(rig.metrics, "heartbeat_map_size") == 1
             assert rig.tracker.status(*GW1) is None
             await trio.sleep_until(95)
-            assert rig.published() == [(40, "alert.t1.gw_offline", "gw2")]
+            assert rig.published() == [(31.1, "alert.t1.gw_offline", "gw2")]
             await rig.beat_at(95.5, GW1)
             await trio.sleep_until(101)
         assert rig.tracker.status(*GW1) == "online"
@@ -390,8 +412,8 @@ async def test_many_candidates_are_queried_concurrently(autojump_clock: trio.abc
             await rig.beat_at(1, *gateways)
             await trio.sleep_until(45)
         # 100 queries of 3 s each: one query time, not 300 s.
-        assert rig.status_query_times() == [40] * 100
-        assert [t for t, _, _ in rig.published()] == [43] * 100
+        assert rig.status_query_times() == [31.1] * 100
+        assert [t for t, _, _ in rig.published()] == [34.1] * 100
         assert sample(rig.metrics, "heartbeat_tick_duration_seconds_sum") == 3
 
 
@@ -413,10 +435,10 @@ async def test_concurrency_is_bounded(autojump_clock: trio.abc.Clock) -> None:
             await rig.beat_at(1, *[("t1", f"gw{i}") for i in range(100)])
             await trio.sleep_until(75)
         assert peak == 10
-        assert sorted(set(rig.status_query_times())) == [40 + 3 * k for k in range(10)]
-        # One chunk: settled once its last answer is in (70), in one re-read and
+        assert sorted(set(rig.status_query_times())) == [round(31.1 + 3 * k, 3) for k in range(10)]
+        # One chunk: settled once its last answer is in (61.1), in one re-read and
         # one transition statement.
-        assert [t for t, _, _ in rig.published()] == [70] * 100
+        assert [t for t, _, _ in rig.published()] == [61.1] * 100
         assert rig.store.bulk_sizes == [("current_last_seen_many", 100), ("mark_offline_many", 100)]
 
 
@@ -427,17 +449,17 @@ async def test_heartbeat_during_status_query_cancels_the_alert(
         rig = Rig(status_delay_s=3)
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await rig.beat_at(41.5, GW1)  # while the 40 s check is asking get-status
-            await trio.sleep_until(79)
+            await rig.beat_at(32.5, GW1)  # while the check at 31.1 is asking get-status
+            await trio.sleep_until(62)
             assert rig.publisher.published == []
             assert rig.tracker.status(*GW1) == "online"
             await trio.sleep_until(85)
         # The new silence is detected on its own schedule, with its own last-seen.
         (t, _, body, _) = rig.publisher.published[0]
-        assert (t, body["lastSeen"]) == (83, "2024-05-01T12:00:41.5Z")
+        assert (round(t, 3), body["lastSeen"]) == (65.6, "2024-05-01T12:00:32.5Z")
         assert rig.sink.brief() == [
             ("gw1", "online", wall_at(1)),
-            ("gw1", "offline", wall_at(41.5)),
+            ("gw1", "offline", wall_at(32.5)),
         ]
 
 
@@ -448,19 +470,19 @@ async def test_heartbeat_during_publish_reports_offline_then_online(
         rig = Rig(publish_delay_s=2)
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await rig.beat_at(41, GW1)  # the alert is in flight from 40 to 42
-            await trio.sleep_until(43)
-            assert rig.published() == [(42, "alert.t1.gw_offline", "gw1")]
+            await rig.beat_at(32, GW1)  # the alert is in flight from 31.1 to 33.1
+            await trio.sleep_until(34)
+            assert rig.published() == [(33.1, "alert.t1.gw_offline", "gw1")]
             assert rig.sink.brief() == [
                 ("gw1", "online", wall_at(1)),
                 ("gw1", "offline", wall_at(1)),  # what the alert announced
             ]
-            await trio.sleep_until(51)
+            await trio.sleep_until(41)
             assert rig.tracker.status(*GW1) == "online"
             # ... and at the next tick, the heartbeat that followed
-            assert rig.sink.brief()[-1] == ("gw1", "online", wall_at(41))
+            assert rig.sink.brief()[-1] == ("gw1", "online", wall_at(32))
             await trio.sleep_until(85)
-        assert [t for t, _, _ in rig.published()] == [42, 82]
+        assert [t for t, _, _ in rig.published()] == [33.1, 64.1]
         ids = [msg_id for _, _, _, msg_id in rig.publisher.published]
         assert ids[0] != ids[1]  # a new silence, a new alert
 
@@ -470,10 +492,10 @@ async def test_decommission_during_check_gives_no_alert(autojump_clock: trio.abc
         rig = Rig(status_delay_s=3)
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await trio.sleep_until(41)
+            await trio.sleep_until(32)
             await rig.store.decommission(GW1)  # while get-status is asked
             await trio.sleep_until(100)
-        assert rig.status_query_times() == [40]
+        assert rig.status_query_times() == [31.1]
         assert rig.publisher.published == []
         assert rig.sink.brief() == [("gw1", "online", wall_at(1))]
 
@@ -496,16 +518,17 @@ async def test_a_tick_that_overruns_skips_the_slots_it_missed(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     with trio.fail_after(GUARD_S):
-        # Six candidates asked one at a time, 4 s each: the tick at 40 runs until 64.
+        # Six candidates asked one at a time, 4 s each: the early tick at 31.1
+        # (when they become due) runs until 55.1.
         rig = Rig(status_delay_s=4, concurrency=1)
         async with rig.running():
             await rig.beat_at(1, *[("t1", f"gw{i}") for i in range(6)])
             await trio.sleep_until(95)
-        # 50 and 60 are skipped; the schedule keeps its phase (70, 80, 90).
-        assert rig.status_query_times() == [40, 44, 48, 52, 56, 60]
-        assert [t for t, _, _ in rig.published()] == [64] * 6
+        # 40 and 50 are skipped; the schedule keeps its phase (60, 70, 80, 90).
+        assert rig.status_query_times() == [31.1, 35.1, 39.1, 43.1, 47.1, 51.1]
+        assert [t for t, _, _ in rig.published()] == [55.1] * 6
         ticks = sample(rig.metrics, "heartbeat_tick_duration_seconds_count")
-        assert ticks == 7  # 10, 20, 30, 40 (until 64), 70, 80, 90
+        assert ticks == 9  # 0 (after the load), 10, 20, 30, 31.1 (until 55.1), 60, 70, 80, 90
 
 
 # --- state that outlives the leader -------------------------------------------
@@ -520,10 +543,10 @@ async def test_restart_alerts_the_gateway_that_fell_silent_around_it_once(
         gw_a, gw_b, gw_c = ("t1", "A"), ("t1", "B"), ("t1", "C")
         async with rig.running():
             await rig.beat_at(1, gw_a, gw_b, gw_c)
-            await rig.beat_at(21, gw_a, gw_c)  # B silent since 1: alerted at 40
+            await rig.beat_at(21, gw_a, gw_c)  # B silent since 1: alerted at 31.1
             await rig.beat_at(41, gw_c)
             await trio.sleep_until(45)
-        assert rig.published() == [(40, "alert.t1.gw_offline", "B")]
+        assert rig.published() == [(31.1, "alert.t1.gw_offline", "B")]
         before = rig.sink.brief()
         # Killed at 45, back at 50 as a new leader; C kept sending meanwhile.
         await rig.beat_at(47, gw_c)
@@ -533,11 +556,12 @@ async def test_restart_alerts_the_gateway_that_fell_silent_around_it_once(
             for t in range(57, 120, 10):
                 await rig.beat_at(t, gw_c)
             await trio.sleep_until(120)
-        # A (silent since 21): alerted once, at the first tick after 51, with its
+        # A (silent since 21): alerted once, just after 51 (the new leader ticks
+        # at once after its load at 50, and early when A becomes due), with its
         # true last-seen; B not again; C never; no repeated online update.
         assert rig.published() == [
-            (40, "alert.t1.gw_offline", "B"),
-            (60, "alert.t1.gw_offline", "A"),
+            (31.1, "alert.t1.gw_offline", "B"),
+            (51.1, "alert.t1.gw_offline", "A"),
         ]
         assert rig.publisher.published[1][2]["lastSeen"] == "2024-05-01T12:00:21Z"
         assert rig.sink.brief()[len(before) :] == [("A", "offline", wall_at(21))]
@@ -573,7 +597,7 @@ async def test_a_database_error_ends_the_tick_and_the_next_one_recovers(
         rig = Rig()
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await trio.sleep_until(35)
+            await trio.sleep_until(25)  # gw1 due at 31
             rig.store.down = True
             await trio.sleep_until(55)
             assert rig.publisher.published == []  # nothing decided blind
@@ -593,12 +617,14 @@ async def test_the_state_is_loaded_again_until_the_database_answers(
             await trio.sleep_until(25)
             assert rig.store.calls["load_chunk"] == 3  # at 0, 10, 20 (each at its first chunk)
             rig.store.down = False
-            await trio.sleep_until(31)
+            await trio.sleep_until(30.2)
             assert rig.store.calls["load_chunk"] == 4
             assert rig.sink.brief() == [("gw1", "online", wall_at(0))]
             await trio.sleep_until(75)
-        # Ticks count from the load at 30: the alert at the first one after 30 s.
-        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+        # Loaded at 30, ticked at once: gw1 (seen at 0) is not due yet (due means
+        # strictly past the timeout), so an early tick alerts it, no sooner than
+        # WAKE_MIN_GAP_S after the one before.
+        assert rig.published() == [(30.25, "alert.t1.gw_offline", "gw1")]
 
 
 # --- the alert horizon ----------------------------------------------------------
@@ -660,7 +686,7 @@ async def test_no_alert_while_a_heartbeat_is_held_unacknowledged(
             rig.store.record(GW1, wall_at(20))  # redelivered, stored, then acked
             position.ack(held)
             await trio.sleep_until(65)
-        # gw2 (silent since 1) is alerted at the first tick after the floor moved;
+        # gw2 (silent since 1) is alerted at the first slot after the floor moved;
         # gw1 (seen at 20, due at 50, nothing newer) at that tick as well.
         assert rig.published() == [
             (60, "alert.t1.gw_offline", "gw2"),
@@ -671,6 +697,8 @@ async def test_no_alert_while_a_heartbeat_is_held_unacknowledged(
             ("gw1", "offline", wall_at(20)),
             ("gw2", "offline", wall_at(1)),
         ]
+        # A horizon standing still plans no early tick: the slots only (0 to 60).
+        assert sample(rig.metrics, "heartbeat_tick_duration_seconds_count") == 7
 
 
 async def test_a_floor_that_never_moves_delays_alerts_by_the_bound_only(
@@ -683,9 +711,10 @@ async def test_a_floor_that_never_moves_delays_alerts_by_the_bound_only(
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(105)
-        # Due at 31 on a settled consumer; held back until now - 60 passes 31: at 91,
-        # so the tick at 100 alerts it.
-        assert rig.published() == [(100, "alert.t1.gw_offline", "gw1")]
+        # Due at 31 on a settled consumer; held back until now - 60 passes 31: at
+        # 91. The bounded horizon moves on with the clock, so an early tick
+        # alerts it then, not the slot at 100.
+        assert rig.published() == [(91.1, "alert.t1.gw_offline", "gw1")]
 
 
 async def test_a_leader_whose_clock_runs_ahead_does_not_alert_early(
@@ -704,10 +733,10 @@ async def test_a_leader_whose_clock_runs_ahead_does_not_alert_early(
         clock.observe(wall_now() + 15.0, wall_now())  # a delivery: 15 s apart
         async with rig.running():
             await rig.beat_at(1, GW1)
-            await trio.sleep_until(35)
+            await trio.sleep_until(31)
             assert rig.published() == []  # by the leader's clock it was due at 16
             await trio.sleep_until(45)
-        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+        assert rig.published() == [(31.1, "alert.t1.gw_offline", "gw1")]
 
 
 async def test_an_unreadable_horizon_holds_alerts_but_not_onlines(
@@ -738,7 +767,7 @@ async def test_a_late_old_message_does_not_bring_an_offline_gateway_back(
         async with rig.running():
             await rig.beat_at(1, GW1)
             await trio.sleep_until(45)
-            assert rig.store.status(GW1) == "offline"  # alerted at 40, last-seen 1 s
+            assert rig.store.status(GW1) == "offline"  # alerted at 31.1, last-seen 1 s
             rig.store.record(GW1, wall_at(2))  # late, and older than its timeout
             await trio.sleep_until(55)
             assert rig.tracker.status(*GW1) == "offline"
@@ -750,7 +779,7 @@ async def test_a_late_old_message_does_not_bring_an_offline_gateway_back(
             ("gw1", "offline", wall_at(1)),
             ("gw1", "online", wall_at(56)),
         ]
-        assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
+        assert rig.published() == [(31.1, "alert.t1.gw_offline", "gw1")]
 
 
 # --- faults inside a tick ---------------------------------------------------------
@@ -770,17 +799,18 @@ async def test_the_store_going_down_during_a_check_ends_the_tick_not_the_leader(
         async with rig.running():
             await rig.beat_at(1, GW1, GW2, gw3)
             await rig.beat_at(2)  # nothing heard after 1 s
-            await trio.sleep_until(41)
+            await trio.sleep_until(36)
             rig.store.down = True
-            await trio.sleep_until(47)
+            await trio.sleep_until(38)
             rig.store.down = False
             await trio.sleep_until(65)
-        # The tick at 40 asked until 46, then its re-read failed.
-        assert rig.status_query_times() == [40, 42, 44, 50, 52, 54]
+        # The early tick at 31.1 (all three due at 31) asked until 37.1, then its
+        # re-read failed; the slot at 40 asks again.
+        assert rig.status_query_times() == [31.1, 33.1, 35.1, 40, 42, 44]
         assert rig.published() == [
-            (56, "alert.t1.gw_offline", "gw1"),
-            (56, "alert.t1.gw_offline", "gw2"),
-            (56, "alert.t1.gw_offline", "gw3"),
+            (46, "alert.t1.gw_offline", "gw1"),
+            (46, "alert.t1.gw_offline", "gw2"),
+            (46, "alert.t1.gw_offline", "gw3"),
         ]
         errors = [r for r in caplog.records if r.getMessage() == "liveness_tick_database_error"]
         assert len(errors) == 1
@@ -805,14 +835,14 @@ async def test_a_database_error_in_one_chunk_ends_the_tick_while_the_next_is_ask
         rig = Rig(status_delay_s=2, concurrency=count, store=_SlowReread())
         async with rig.running():
             await rig.beat_at(1, *gateways)
-            await trio.sleep_until(41)
+            await trio.sleep_until(32)  # the early tick at 31.1 is asking
             rig.store.down = True
-            await trio.sleep_until(45)
+            await trio.sleep_until(36)
             rig.store.down = False
             await trio.sleep_until(65)
         asked = Counter(rig.status_query_times())
-        assert asked == {40: BULK_ROWS, 42: 500, 50: BULK_ROWS, 52: 500}
-        assert Counter(t for t, _, _ in rig.published()) == {52.5: BULK_ROWS, 54.5: 500}
+        assert asked == {31.1: BULK_ROWS, 33.1: 500, 40: BULK_ROWS, 42: 500}
+        assert Counter(t for t, _, _ in rig.published()) == {42.5: BULK_ROWS, 44.5: 500}
         assert sorted(g for _, _, g in rig.published()) == [g for _, g in gateways]
         errors = [r for r in caplog.records if r.getMessage() == "liveness_tick_database_error"]
         assert len(errors) == 1
@@ -828,13 +858,13 @@ async def test_a_database_error_in_one_of_many_workers_ends_the_tick(
         gateways = [("t1", f"gw{i}") for i in range(10)]
         async with rig.running():
             await rig.beat_at(1, *gateways)
-            await trio.sleep_until(41)
+            await trio.sleep_until(32)  # the early tick at 31.1 is asking
             rig.store.down = True
-            await trio.sleep_until(45)
+            await trio.sleep_until(36)
             rig.store.down = False
             await trio.sleep_until(65)
         assert sorted(g for _, _, g in rig.published()) == sorted(g for _, g in gateways)
-        assert {t for t, _, _ in rig.published()} == {52}
+        assert {t for t, _, _ in rig.published()} == {42}
 
 
 class _FailsMarkOnlineOnce(FakeStore):
@@ -876,7 +906,7 @@ async def test_a_takeover_judges_every_gateway_on_its_own_last_seen(
 ) -> None:
     """The state is loaded newest first (gw0 was recorded first, and keeps
     sending); gw1 and gw2 fell silent at 1 s. The new leader takes over at 25 s
-    and alerts both at the first tick after 31 s, not a timeout later."""
+    and alerts both just after 31 s, not a timeout later."""
     gw0 = ("t1", "gw0")
     with trio.fail_after(GUARD_S):
         rig = Rig()
@@ -892,10 +922,10 @@ async def test_a_takeover_judges_every_gateway_on_its_own_last_seen(
             for t in range(25, 45):
                 await rig.beat_at(t + 0.5, gw0)
             await trio.sleep_until(45)
-        # Ticks count from the load at 25: 35 is the first after 31 s.
+        # The tick right after the load at 25 plans an early one just after 31.
         assert rig.published() == [
-            (35, "alert.t1.gw_offline", "gw1"),
-            (35, "alert.t1.gw_offline", "gw2"),
+            (31.1, "alert.t1.gw_offline", "gw1"),
+            (31.1, "alert.t1.gw_offline", "gw2"),
         ]
 
 
@@ -926,7 +956,9 @@ async def test_a_chunk_is_marked_in_one_statement_and_only_the_winners_report(
     with trio.fail_after(GUARD_S):
         store = _RacingLeader()
         store.race = gw_b
-        rig = Rig(store=store, status_delay_s=2)
+        # The grace period holds every alert until the slot at 40: all four are
+        # due by then (otherwise each would be alerted at its own early tick).
+        rig = Rig(store=store, status_delay_s=2, grace_s=40)
         async with rig.running():
             await rig.beat_at(1, gw_c)
             await rig.beat_at(2, gw_a)
@@ -966,7 +998,7 @@ async def test_a_management_api_that_never_answers_costs_one_attempt_then_fails_
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """50 gateways silent at once, get-status never answers: 32 first attempts
-    (the Rig's concurrency) time out at 45, the breaker opens at the 10th
+    (the Rig's concurrency) time out at 36.1, the breaker opens at the 10th
     failure, and every candidate is alerted then, without more queries. At the
     next tick with candidates one probe is asked (and times out: open again);
     once the API answers, the probe closes the breaker and every candidate is
@@ -981,19 +1013,19 @@ async def test_a_management_api_that_never_answers_costs_one_attempt_then_fails_
         async with rig.running():
             await rig.beat_at(1, *first, *second, *third)
             await rig.beat_at(25, *second, *third)  # due at 55
-            await rig.beat_at(45.5, *third)  # due at 75.5
-            await trio.sleep_until(46)
-            assert rig.status_query_times() == [40] * 32
-            assert [t for t, _, _ in rig.published()] == [45] * 50
+            await trio.sleep_until(37)
+            assert rig.status_query_times() == [31.1] * 32
+            assert [t for t, _, _ in rig.published()] == [36.1] * 50
             assert sample(rig.metrics, "lifecycle_breaker_open") == 1
-            await trio.sleep_until(66)
-            # 50: no candidates; 60: one probe, 5 s, then the rest fail open.
-            assert rig.status_query_times() == [40] * 32 + [60]
-            assert [t for t, _, _ in rig.published()] == [45] * 50 + [65] * 20
+            await rig.beat_at(45.5, *third)  # due at 75.5
+            await trio.sleep_until(61)
+            # 40, 50: no candidates; 55.1: one probe, 5 s, then the rest fail open.
+            assert rig.status_query_times() == [31.1] * 32 + [55.1]
+            assert [t for t, _, _ in rig.published()] == [36.1] * 50 + [60.1] * 20
             rig.requester.handlers[SUBJECT_GET_STATUS] = status_handler(rig.states)
             await trio.sleep_until(85)
-        assert rig.status_query_times() == [40] * 32 + [60] + [80] * 5
-        assert [t for t, _, _ in rig.published()] == [45] * 50 + [65] * 20 + [80] * 5
+        assert rig.status_query_times() == [31.1] * 32 + [55.1] + [75.6] * 5
+        assert [t for t, _, _ in rig.published()] == [36.1] * 50 + [60.1] * 20 + [75.6] * 5
         assert sample(rig.metrics, "lifecycle_breaker_trips_total") == 1
         assert sample(rig.metrics, "lifecycle_breaker_open") == 0
         assert sample(rig.metrics, "lifecycle_queries_skipped_total") == 50 + 20
@@ -1016,6 +1048,6 @@ async def test_no_responders_opens_the_breaker_after_ten_queries(
         async with rig.running():
             await rig.beat_at(1, *gateways)
             await trio.sleep_until(45)
-        assert rig.status_query_times() == [40] * 10
-        assert [t for t, _, _ in rig.published()] == [40] * 100
+        assert rig.status_query_times() == [31.1] * 10
+        assert [t for t, _, _ in rig.published()] == [31.1] * 100
         assert sample(rig.metrics, "lifecycle_queries_skipped_total") == 100
