@@ -11,7 +11,7 @@ refresh every `ALERT_CONFIG_REFRESH_MS`. A failed fetch never empties the cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,16 +78,14 @@ class AlertConfigCache:
             return found
         return table.by_tenant.get(tenant_id, self.default_timeout_ms)
 
-    def with_timeouts(
-        self, items: Iterable[tuple[tuple[str, str], float]]
-    ) -> list[tuple[tuple[str, str], float, int]]:
-        """(key, seen) → (key, seen, `timeout_ms(*key)`): the bulk form (a takeover)."""
-        get, tenant = self.table.by_gateway.get, self.table.by_tenant.get
-        default = self.default_timeout_ms
-        return [
-            (key, seen, t if (t := get(key)) is not None else tenant(key[0], default))
-            for key, seen in items
-        ]
+    def tenant_timeouts(self) -> Callable[[str], int | None]:
+        """The bulk form (a takeover): a lookup giving a tenant's timeout for all
+        its gateways, or None when some of them have an entry of their own (ask
+        `timeout_ms` for each then). For the current table."""
+        table = self.table
+        mixed = {tenant for tenant, _ in table.by_gateway}
+        get, default = table.by_tenant.get, self.default_timeout_ms
+        return lambda tenant: None if tenant in mixed else get(tenant, default)
 
     def replace(self, configs: Iterable[AlertConfig]) -> bool:
         """Install a freshly fetched list; return True if any timeout changed."""

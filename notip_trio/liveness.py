@@ -48,7 +48,7 @@ import contextlib
 import gc
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from operator import itemgetter
+from itertools import repeat
 from typing import Final, NoReturn, Protocol
 
 import trio
@@ -65,9 +65,6 @@ from .metrics import Metrics
 from .mgmt import ReportedStatus
 
 log = get_logger(__name__)
-
-# Gateways put into the index between two checkpoints at a takeover (~20 ms).
-_INDEX_SLICE: Final = 50_000
 
 
 def _utcnow() -> datetime:
@@ -170,16 +167,18 @@ class LivenessTracker:
 
         Chunk by chunk (`StateStore.load_chunk`, each round trip under its own
         deadline), the next chunk read while this one is taken in; the online
-        gateways go into the index together at the end, oldest first, in slices
-        with a checkpoint between (the lock check must not starve). A
-        DatabaseError leaves the tracker as it was, ready for another try.
+        gateways go into the index together at the end, oldest first, one lane
+        at a time (`LaneIndex.fill`), with a checkpoint between slices (the lock
+        check must not starve). A DatabaseError leaves the tracker as it was,
+        ready for another try.
         """
         t0 = trio.current_time()
-        online: list[tuple[Key, float, int]] = []
+        online: dict[int, tuple[list[Key], list[float]]] = {}  # by timeout
         others: list[GatewayRow] = []
         cursor: int | None = None
         chunks = 0
         failed: DatabaseError | None = None
+        tenant_timeout = self._configs.tenant_timeouts()
         send, receive = trio.open_memory_channel[LoadChunk | DatabaseError](1)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_chunks, send)
@@ -191,26 +190,46 @@ class LivenessTracker:
                     chunks += 1
                     if chunk.cursor is not None:
                         cursor = chunk.cursor
-                    online += self._configs.with_timeouts(chunk.online)
+                    for tenant, gateways, seen in chunk.online:
+                        self._add_online(online, tenant_timeout(tenant), tenant, gateways, seen)
                     others += chunk.rows
         if failed is not None:
             raise failed
         assert cursor is not None
-        online.sort(key=itemgetter(1))
         with _gc_paused():
-            for start in range(0, len(online), _INDEX_SLICE):
-                self._index.set_sorted(online[start : start + _INDEX_SLICE])
-                await trio.lowlevel.checkpoint()
+            for timeout_ms, (keys, seen) in online.items():
+                for _ in self._index.fill(timeout_ms, keys, seen):
+                    await trio.lowlevel.checkpoint()
         await self._apply(others)
         self._cursor = cursor
         log.info(
             "liveness_state_loaded",
-            gateways=len(online) + len(others),
+            gateways=sum(len(keys) for keys, _ in online.values()) + len(others),
             online=len(self._index),
             offline=len(self._offline),
             chunks=chunks,
             seconds=round(trio.current_time() - t0, 3),
         )
+
+    def _add_online(
+        self,
+        online: dict[int, tuple[list[Key], list[float]]],
+        timeout_ms: int | None,
+        tenant: str,
+        gateways: list[str],
+        seen: list[float],
+    ) -> None:
+        """One tenant's online gateways into the lists by timeout: all at once
+        when they share the tenant's, else one by one."""
+        if timeout_ms is not None:
+            keys, seens = online.setdefault(timeout_ms, ([], []))
+            keys += zip(repeat(tenant), gateways)
+            seens += seen
+            return
+        for gateway, at in zip(gateways, seen, strict=True):
+            keys, seens = online.setdefault(self._configs.timeout_ms(tenant, gateway), ([], []))
+            keys.append((tenant, gateway))
+            seens.append(at)
 
     async def _read_chunks(self, send: trio.MemorySendChannel[LoadChunk | DatabaseError]) -> None:
         """Every chunk of the state in order, then the end of `send`; a

@@ -56,7 +56,7 @@ the ingest transactions of every replica never deadlock.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, TypeVar
 
@@ -115,13 +115,21 @@ class Changes:
 class LoadChunk:
     """One round trip of the takeover load, in key order."""
 
-    online: list[tuple[Key, float]]  # online gateways, last-seen in epoch seconds
+    # Online gateways by tenant: (tenant_id, gateway ids, their last-seen in
+    # epoch seconds), so a million of them cost no Python step each.
+    online: list[tuple[str, list[str], list[float]]]
     rows: list[GatewayRow]  # every other tracked one (new, offline)
     last: Key | None  # pass as `after` for the next chunk; None: this was the last
     cursor: int | None  # for `changes`, from the first chunk (read before it)
 
     def __len__(self) -> int:
-        return len(self.online) + len(self.rows)
+        return sum(len(gateways) for _, gateways, _ in self.online) + len(self.rows)
+
+    def online_keys(self) -> Iterator[tuple[Key, float]]:
+        """The online gateways one by one (tests, tools)."""
+        for tenant, gateways, seen in self.online:
+            for gateway, at in zip(gateways, seen, strict=True):
+                yield (tenant, gateway), at
 
 
 class Purger(Protocol):
@@ -175,9 +183,7 @@ class StateStore(Purger, Protocol):
         """`current_last_seen` for many gateways (those gone are left out)."""
         ...
 
-    async def mark_offline_many(
-        self, alerted: Mapping[Key, dt.datetime]
-    ) -> dict[Key, dt.datetime]:
+    async def mark_offline_many(self, alerted: Mapping[Key, dt.datetime]) -> dict[Key, dt.datetime]:
         """`mark_offline` for many gateways (key: the last-seen its alert was for),
         in key order; returns those this call changed, with their current last-seen.
         Each `BULK_ROWS` commit on their own: on DatabaseError the ones before stay

@@ -275,11 +275,13 @@ class FakeStore:
             for k, r in self.rows.items()
             if r["status"] != "decommissioned" and (after is None or k > after)
         )[: self.load_chunk_size]
-        online = [
-            (k, self.rows[k]["last_seen"].timestamp())
-            for k in keys
-            if self.rows[k]["status"] == "online"
-        ]
+        online: list[tuple[str, list[str], list[float]]] = []
+        for k in keys:
+            if self.rows[k]["status"] == "online":
+                if not online or online[-1][0] != k[0]:
+                    online.append((k[0], [], []))
+                online[-1][1].append(k[1])
+                online[-1][2].append(self.rows[k]["last_seen"].timestamp())
         rows = [self._row(k, self.rows[k]) for k in keys if self.rows[k]["status"] != "online"]
         last = keys[-1] if len(keys) >= self.load_chunk_size else None
         return LoadChunk(online, rows, last, self._xid + 1 if after is None else None)

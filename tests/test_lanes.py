@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import random
 
-from notip_trio.lanes import Due, LaneIndex
+from notip_trio.lanes import Due, Key, LaneIndex
 
 A, B, C = ("t1", "a"), ("t1", "b"), ("t2", "c")
 
@@ -37,6 +38,22 @@ def test_an_out_of_order_arrival_is_clamped_in_the_order_but_keeps_its_time() ->
     # Behind A in the lane, so judged as if seen at 120; its true last-seen is kept.
     assert index.due(145.0) == []
     assert index.due(150.5) == [Due(A, 120.0, 30_000), Due(B, 110.0, 30_000)]
+
+
+def test_next_due_after_skips_the_due_and_the_stale() -> None:
+    index = LaneIndex()
+    assert index.next_due_after(100.0) is None  # nobody tracked
+    index.set(A, 100.0, 30_000)
+    index.set(B, 105.0, 30_000)
+    index.set(C, 121.0, 10_000)
+    assert index.next_due_after(120.0) == 130.0  # A: due once the horizon passes 130
+    assert index.next_due_after(130.5) == 131.0  # A is due already: C next
+    index.set(C, 125.0, 10_000)  # refreshed: its old slot is stale
+    assert index.next_due_after(130.5) == 135.0  # B (105 + 30) and C (125 + 10)
+    index.discard(B)
+    assert index.next_due_after(130.5) == 135.0
+    assert index.next_due_after(136.0) is None  # every one due: nothing to wait for
+    assert [d.key for d in index.due(136.0)] == [A, C]  # untouched by the look
 
 
 def test_discard_and_membership() -> None:
@@ -82,3 +99,139 @@ def test_set_many_judges_every_gateway_on_its_own_last_seen_whatever_the_order()
         assert [d.key for d in index.due(130.5)] in ([B, C], [C, B])
         assert [d.key for d in index.due(140.5)][2:] == [("t1", "d")]
         assert index.due(150.5)[-1] == Due(A, 120.0, 30_000)
+
+
+def _fill(index: LaneIndex, timeout_ms: int, items: list[tuple[Key, float]]) -> int:
+    """Runs `fill` to the end; returns how many times it yielded."""
+    return sum(1 for _ in index.fill(timeout_ms, [k for k, _ in items], [s for _, s in items]))
+
+
+def test_fill_adds_in_last_seen_order_whatever_the_order_given() -> None:
+    index = LaneIndex()
+    assert _fill(index, 30_000, [(A, 105.0), (B, 100.0), (C, 101.0)]) == 3  # 1 + sort + 1
+    assert len(index) == 3
+    assert [d.key for d in index.due(200.0)] == [B, C, A]
+    assert index.slot_count() == 3
+    index.set(B, 110.0, 30_000)  # a refresh after the fill: to the end
+    assert [d.key for d in index.due(200.0)] == [C, A, B]
+
+
+def test_fill_of_keys_already_there_or_older_than_the_lane_goes_through_set() -> None:
+    index = LaneIndex()
+    index.set(A, 120.0, 30_000)
+    _fill(index, 30_000, [(A, 110.0), (B, 100.0), (C, 130.0)])
+    # A keeps its newer time; B, older than the lane's newest, is clamped behind A.
+    assert (index.seen(A), index.seen(B), index.seen(C)) == (120.0, 100.0, 130.0)
+    assert index.due(150.5) == [Due(A, 120.0, 30_000), Due(B, 100.0, 30_000)]
+    assert len(index) == 3
+
+
+def test_stale_slots_are_dropped_by_due_and_compacted_past_the_slack() -> None:
+    index = LaneIndex(slack=2)
+    for i, key in enumerate((A, B, C)):
+        index.set(key, 100.0 + i, 30_000)
+    index.set(A, 110.0, 30_000)  # A's first slot is stale now
+    index.set(B, 111.0, 30_000)
+    assert index.slot_count() == 5
+    index.set(C, 112.0, 30_000)
+    index.set(A, 113.0, 30_000)
+    assert index.slot_count() == 7  # 4 stale, 3 live: not beyond 3 + 2
+    index.set(B, 114.0, 30_000)
+    assert index.slot_count() == 8  # 5 stale: not beyond 3 + 2 either
+    index.set(C, 115.0, 30_000)  # 6 stale > 3 + 2: compacted
+    assert index.slot_count() == 3
+    assert [d.key for d in index.due(200.0)] == [A, B, C]
+    index.discard(A)
+    index.set(B, 120.0, 30_000)
+    # The stale in front (A's, B's) are dropped; the due one stays for the next call.
+    assert [d.key for d in index.due(145.5)] == [C]
+    assert index.slot_count() == 2
+    assert [d.key for d in index.due(145.5)] == [C]
+
+
+def test_stale_slots_between_due_ones_are_dropped_once() -> None:
+    index = LaneIndex()
+    index.set(A, 100.0, 30_000)
+    index.set(B, 101.0, 30_000)
+    index.set(C, 102.0, 30_000)
+    index.discard(B)  # between two due gateways
+    assert [d.key for d in index.due(140.0)] == [A, C]
+    assert index.slot_count() == 2
+    assert [d.key for d in index.due(140.0)] == [A, C]
+
+
+def test_retime_leaves_stale_slots_behind_and_drops_empty_lanes() -> None:
+    index = LaneIndex()
+    index.set(A, 100.0, 30_000)
+    index.set(B, 101.0, 30_000)
+    assert index.retime([(A, 10_000), (B, 10_000), (A, 10_000)]) == 2
+    assert index.lane_count() == 1
+    assert index.slot_count() == 2
+    assert [d.key for d in index.due(111.5)] == [A, B]
+    assert index.timeout_ms(A) == 10_000
+
+
+class _Model:
+    """What the index must answer, the simple way: a dict and a sort."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Key, float] = {}
+        self.order: dict[Key, float] = {}
+        self.timeout: dict[Key, int] = {}
+        self.tails: dict[int, float] = {}
+
+    def set(self, key: Key, seen: float, timeout_ms: int) -> None:
+        if key in self.seen:
+            if seen <= self.seen[key]:
+                return
+            timeout_ms = self.timeout[key]
+        tail = max(self.tails.get(timeout_ms, -1e18), seen)
+        self.tails[timeout_ms] = tail
+        self.seen[key], self.order[key], self.timeout[key] = seen, tail, timeout_ms
+
+    def discard(self, key: Key) -> None:
+        for table in (self.seen, self.order, self.timeout):
+            table.pop(key, None)
+
+    def due(self, horizon: float) -> set[Due]:
+        return {
+            Due(k, self.seen[k], self.timeout[k])
+            for k in self.seen
+            if self.order[k] < horizon - self.timeout[k] / 1000
+        }
+
+    def next_due_after(self, horizon: float) -> float | None:
+        ats = [
+            self.order[k] + self.timeout[k] / 1000
+            for k in self.seen
+            if self.order[k] >= horizon - self.timeout[k] / 1000
+        ]
+        return min(ats, default=None)
+
+
+def test_random_operations_match_a_simple_model() -> None:
+    rng = random.Random(20)
+    keys = [(f"t{i % 3}", f"g{i}") for i in range(40)]
+    for _ in range(30):
+        index, model = LaneIndex(slack=rng.choice([0, 1, 5])), _Model()
+        now = 1000.0
+        for _ in range(300):
+            op = rng.random()
+            key = rng.choice(keys)
+            if op < 0.6:
+                seen = now - rng.uniform(0, 20)
+                timeout_ms = rng.choice([10_000, 20_000])
+                index.set(key, seen, timeout_ms)
+                model.set(key, seen, timeout_ms)
+            elif op < 0.8:
+                index.discard(key)
+                model.discard(key)
+            else:
+                now += rng.uniform(0, 10)
+            assert index.next_due_after(now) == model.next_due_after(now)
+            due = index.due(now)
+            assert set(due) == model.due(now)
+            assert len(due) == len(set(due))
+            assert len(index) == len(model.seen)
+            assert all(index.seen(k) == model.seen.get(k) for k in keys)
+            assert index.slot_count() <= 2 * len(index) + index._slack

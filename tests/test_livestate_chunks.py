@@ -91,13 +91,13 @@ async def test_the_load_reads_every_gateway_once_in_chunks(pg_database: PgDataba
             assert runner.trips == 4
             assert chunks[0].cursor is not None
             assert all(c.cursor is None for c in chunks[1:])
-            online = [key for c in chunks for key, _ in c.online]
+            online = [key for c in chunks for key, _ in c.online_keys()]
             others = [(row.key, row.status) for c in chunks for row in c.rows]
             assert online == sorted(KEYS[1:6])
             assert sorted(others) == sorted(
                 [(KEYS[0], "offline"), (KEYS[6], "new"), (KEYS[7], "new"), (KEYS[8], "new")]
             )
-            seen = {key: s for c in chunks for key, s in c.online}
+            seen = {key: s for c in chunks for key, s in c.online_keys()}
             assert seen[KEYS[3]] == at(3).timestamp()
             # The last chunk short of the limit ends the load at once.
             store4 = PgStateStore(runner, load_chunk=4)
