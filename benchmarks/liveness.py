@@ -15,7 +15,10 @@
   JetStream stand-ins that answer in 1 ms, and with a management API that
   never answers. Timed: the tick (every one alerted and marked offline: counted
   in the table and the outbox afterwards), then the median of 5 ticks with none
-  due.
+  due. Then the same wave through the leader's real loop (`lead_liveness`,
+  HEARTBEAT_TICK_MS as by default): the 10% become due together WAVE_LEAD_S
+  after the table was filled, after the takeover; timed from that moment until
+  the first and the last of them is alerted and marked offline.
 - `rss`: the takeover's memory per tracked gateway: RSS before and after, and
   what tracemalloc counts as still allocated by it (the tracker's own objects).
 - `flush`: the last-seen flush after a database outage: a `SeenBuffer` holding
@@ -33,6 +36,7 @@ from __future__ import annotations
 # trio_asyncio must be imported before psycopg (docs/pitfalls.md).
 import contextlib
 import datetime as dt
+import functools
 import gc
 import json
 import statistics
@@ -57,13 +61,15 @@ from notip_trio.ingest import SeenBuffer, flush_seen
 from notip_trio.js.bridge import AlertPublisher
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.liveness import LivenessTracker
+from notip_trio.liveness import LivenessTracker, lead_liveness
 from notip_trio.log import setup_logging
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import CallGate, GatewayState, MgmtClient
 
 TIMEOUT_MS = 60_000
 STANDIN_DELAY_S = 0.001
+# The wave becomes due this long after the fill: past the takeover (3 s at 1M).
+WAVE_LEAD_S = 12.0
 
 
 class _Instant:
@@ -100,6 +106,7 @@ class _Standins:
         self.never = never
         self.requests = 0
         self.alerts = 0
+        self.first_alert: float | None = None  # time.time()
         self._beats = [trio.Event(), trio.Event()]
 
     async def run(self) -> None:
@@ -123,15 +130,19 @@ class _Standins:
     async def publish(self, subject: str, payload: bytes, *, msg_id: str) -> None:
         await self._answer()
         self.alerts += 1
+        if self.first_alert is None:
+            self.first_alert = time.time()
 
 
 def _keys(count: int) -> list[Key]:
     return [(f"tenant-{i % 100:03d}", f"gw-{i // 100:06d}-{i % 100:03d}") for i in range(count)]
 
 
-def _fill(conninfo: str, keys: list[Key], due: int) -> None:
+def _fill(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5.0) -> None:
+    """`keys` online, seen now; the first `due` of them seen so as to become due
+    `due_in_s` from now (already due by default)."""
     now = dt.datetime.now(dt.UTC)
-    old = now - dt.timedelta(milliseconds=TIMEOUT_MS + 5000)
+    old = now - dt.timedelta(milliseconds=TIMEOUT_MS) + dt.timedelta(seconds=due_in_s)
     with psycopg.connect(conninfo) as conn:
         conn.execute("TRUNCATE gateway_liveness, gateway_status_outbox")
         with conn.cursor().copy(
@@ -164,6 +175,7 @@ def _tracker(
     fake: _Instant,
     status: StatusQuery | None = None,
     publisher: AlertPublisher | None = None,
+    metrics: Metrics | None = None,
 ) -> LivenessTracker:
     return LivenessTracker(
         PgStateStore(storage),
@@ -171,7 +183,7 @@ def _tracker(
         status or fake,
         publisher or fake,
         fake,
-        Metrics(),
+        metrics or Metrics(),
         fake,
         grace_until=0.0,
         concurrency=int(DEFAULTS["LIVENESS_QUERY_CONCURRENCY"]),
@@ -262,11 +274,60 @@ async def _outage_one(size: int, api: str) -> dict[str, Any]:
     }
 
 
+async def _wave_one(size: int, api: str) -> dict[str, Any]:
+    """The wave through `lead_liveness`: see the module docstring."""
+    storage, conninfo = await _storage()
+    try:
+        keys = _keys(size)
+        silent = size // 10
+        due_at = time.time() + WAVE_LEAD_S
+        await trio.to_thread.run_sync(
+            functools.partial(_fill, conninfo, keys, silent, due_in_s=WAVE_LEAD_S)
+        )
+        standins = _Standins(STANDIN_DELAY_S, never=api == "never")
+        metrics = Metrics()
+        tracker = _tracker(storage, _Instant(), MgmtClient(standins), standins, metrics)
+        tick_s = int(DEFAULTS["HEARTBEAT_TICK_MS"]) / 1000
+        with trio.fail_after(WAVE_LEAD_S + 120):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(standins.run)
+                nursery.start_soon(lead_liveness, tracker, tick_s)
+                gauge = "notip_consumer_gateways_offline"
+                # The gauge has no event to wait on: polled (20 ms, in the leader's thread).
+                while metrics.registry.get_sample_value(gauge) != silent:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+                done = time.time()
+                nursery.cancel_scope.cancel()
+        offline, queued = await trio.to_thread.run_sync(_offline_counts, conninfo)
+        if not standins.alerts == offline == queued == silent:
+            raise RuntimeError(
+                f"{silent} silent: {standins.alerts} alerts, {offline} offline, {queued} queued"
+            )
+        ticks = metrics.registry.get_sample_value(
+            "notip_consumer_heartbeat_tick_duration_seconds_count"
+        )
+    finally:
+        await storage.close()
+    assert standins.first_alert is not None
+    return {
+        "api": api,
+        "silent": silent,
+        "tick_interval_s": tick_s,
+        "first_alert_s": standins.first_alert - due_at,
+        "all_offline_s": done - due_at,
+        "ticks": ticks,
+    }
+
+
 def _outage(spec: dict[str, Any]) -> dict[str, Any]:
     # Logged like the daemon (one line per alert), into a pipe the parent drains.
     setup_logging("INFO")
     size = int(spec["size"])
-    out = {api: trio.run(_outage_one, size, api) for api in spec.get("apis", ["1ms", "never"])}
+    apis = spec.get("apis", ["1ms", "never"])
+    out = {api: trio.run(_outage_one, size, api) for api in apis}
+    for api in apis:
+        gc.collect()
+        out[api]["wave"] = trio.run(_wave_one, size, api)
     return {"size": size, "tick_interval_ms": int(DEFAULTS["HEARTBEAT_TICK_MS"]), **out}
 
 
