@@ -87,7 +87,7 @@ _CURRENT: Final = (
 )
 _LOCK_ROWS: Final = """
 SELECT 1 FROM gateway_liveness g
-  JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
+  JOIN unnest(%b::text[], %b::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
  ORDER BY g.tenant_id COLLATE "C", g.gateway_id COLLATE "C"
    FOR UPDATE OF g
 """
@@ -97,7 +97,7 @@ WITH won AS (
     UPDATE gateway_liveness g
        SET status = 'online', status_last_seen = g.last_seen, status_at = now(),
            changed_xid = pg_current_xact_id()
-      FROM unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id)
+      FROM unnest(%b::text[], %b::text[]) AS k(tenant_id, gateway_id)
      WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
        AND (g.status = 'new' OR (g.status = 'offline' AND g.last_seen > g.status_last_seen))
     RETURNING g.tenant_id, g.gateway_id, g.last_seen
@@ -127,7 +127,7 @@ SELECT last_seen FROM won
 # order (`_LOCK_ROWS`); only the rows that change report, queued in key order.
 _CURRENT_MANY: Final = """
 SELECT g.tenant_id, g.gateway_id, g.last_seen FROM gateway_liveness g
-  JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
+  JOIN unnest(%b::text[], %b::text[]) AS k(tenant_id, gateway_id) USING (tenant_id, gateway_id)
  WHERE g.status <> 'decommissioned'
 """
 _MARK_OFFLINE_MANY: Final = """
@@ -135,7 +135,7 @@ WITH won AS (
     UPDATE gateway_liveness g
        SET status = 'offline', status_last_seen = k.alerted, status_at = now(),
            changed_xid = pg_current_xact_id()
-      FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS k(tenant_id, gateway_id, alerted)
+      FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) AS k(tenant_id, gateway_id, alerted)
      WHERE g.tenant_id = k.tenant_id AND g.gateway_id = k.gateway_id
        AND g.status = 'online' AND g.last_seen >= k.alerted
     RETURNING g.tenant_id, g.gateway_id, g.last_seen, k.alerted
@@ -299,8 +299,10 @@ class PgStateStore:
         args = ([k[0] for k in ordered], [k[1] for k in ordered])
 
         def mark(conn: Conn) -> list[tuple[Key, dt.datetime]]:
-            conn.execute(_LOCK_ROWS, args)
-            rows = conn.execute(_MARK_ONLINE, args).fetchall()
+            with conn.pipeline():  # one round trip for both
+                conn.execute(_LOCK_ROWS, args)
+                cur = conn.execute(_MARK_ONLINE, args)
+            rows = cur.fetchall()
             return [((str(t), str(g)), seen) for t, g, seen in rows]  # type: ignore[misc]
 
         return await self._runner.run_in_transaction(mark)
@@ -335,8 +337,10 @@ class PgStateStore:
             def mark(
                 conn: Conn, keys: tuple[list[str], list[str]] = keys, args: tuple[Any, ...] = args
             ) -> list[Any]:
-                conn.execute(_LOCK_ROWS, keys)
-                return conn.execute(_MARK_OFFLINE_MANY, args).fetchall()
+                with conn.pipeline():  # one round trip for both
+                    conn.execute(_LOCK_ROWS, keys)
+                    cur = conn.execute(_MARK_OFFLINE_MANY, args)
+                return cur.fetchall()
 
             for t, g, seen in await self._runner.run_in_transaction(mark):
                 won[(str(t), str(g))] = seen
