@@ -11,10 +11,11 @@ gateways for every measurement, and prints one table:
 4. Naive port: pull_subscribe + fetch + 100 INSERTs (`benchmarks.pull`).
 5. The daemon end to end as a subprocess, throughput and latency (`benchmarks.daemon`).
 6. Liveness with its state in PostgreSQL: takeover, tick, memory (`benchmarks.liveness`).
+7. A database outage under the daemon: last-seen after the return (`benchmarks.dbdown`).
 
 plus the two decision benchmarks (`benchmarks.pg` copy-compare, `benchmarks.decode`).
 Every measurement runs in a process of its own; this one only orchestrates.
-`--quick` uses small counts (a smoke run in under a minute).
+`--quick` uses small counts (a smoke run of a few minutes).
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ from typing import Any
 
 from benchmarks.common import BenchError, make_message_file, run_child
 from benchmarks.daemon import run_daemon_bench
+from benchmarks.dbdown import run_db_outage_bench
 from benchmarks.replicas import run_replicas_bench
 from benchmarks.report import render
 from benchmarks.stack import Stack, nats_server_version
 from notip_trio.config import DEFAULTS
 
-SECTIONS = ("n0", "n", "p", "g", "naive", "daemon", "replicas", "liveness", "decisions")
+SECTIONS = (
+    "n0", "n", "p", "g", "naive", "daemon", "replicas", "liveness", "dbdown", "decisions",
+)  # fmt: skip
 DEFAULT_CONFIG = "default"
 FULL_CONFIGS = (DEFAULT_CONFIG, "1000x2", "2000x2", "5000x2", "10000x2")
 LIGHT_RATE = 500.0  # msgs/s: the light-load latency measurement
@@ -46,7 +50,7 @@ LIGHT_RATE = 500.0  # msgs/s: the light-load latency measurement
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small counts: a smoke run, < 60 s")
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke run, a few minutes")
     p.add_argument("--messages", type=int, help="pre-published messages (200000; quick 20000)")
     p.add_argument(
         "--configs",
@@ -56,6 +60,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"latency use (default {','.join(FULL_CONFIGS)}; quick default)",
     )
     p.add_argument("--latency-seconds", type=float, help="live publishing time (20; quick 4)")
+    p.add_argument(
+        "--outage-gateways", type=int, help="gateways of the database outage (1000000; quick 10000)"
+    )
+    p.add_argument(
+        "--outage-seconds", type=float, help="length of the database outage (60; quick 20)"
+    )
+    p.add_argument(
+        "--outage-no-leader",
+        action="store_true",
+        help="database outage: the harness holds the liveness lock (ingest alone; a diagnosis)",
+    )
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--profile", action="store_true", help="run the daemon under py-spy (raw)")
     p.add_argument(
@@ -209,6 +224,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
             except BenchError as exc:  # the table still shows what was measured
                 _failed(results, "liveness", exc)
+        if "dbdown" in only:
+            step("database outage")
+            try:
+                results["dbdown"] = run_db_outage_bench(
+                    stack,
+                    gateways=args.outage_gateways or (10_000 if quick else 1_000_000),
+                    outage_s=args.outage_seconds or (20.0 if quick else 60.0),
+                    leader=not args.outage_no_leader,
+                )
+            except BenchError as exc:
+                _failed(results, "dbdown", exc)
         if "decisions" in only:
             step("decisions")
             with stack.nats(None) as server, stack.database() as db:

@@ -134,13 +134,15 @@ class _Standins:
             self.first_alert = time.time()
 
 
-def _keys(count: int) -> list[Key]:
+def fleet_keys(count: int) -> list[Key]:
+    """`count` gateway keys over 100 tenants (also the database-outage benchmark's fleet)."""
     return [(f"tenant-{i % 100:03d}", f"gw-{i // 100:06d}-{i % 100:03d}") for i in range(count)]
 
 
-def _fill(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5.0) -> None:
-    """`keys` online, seen now; the first `due` of them seen so as to become due
-    `due_in_s` from now (already due by default)."""
+def fill_state(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5.0) -> dt.datetime:
+    """`keys` online in a truncated `gateway_liveness`, seen now; the first `due`
+    of them seen so as to become due `due_in_s` from now (already due by
+    default); returns that now."""
     now = dt.datetime.now(dt.UTC)
     old = now - dt.timedelta(milliseconds=TIMEOUT_MS) + dt.timedelta(seconds=due_in_s)
     with psycopg.connect(conninfo) as conn:
@@ -153,6 +155,7 @@ def _fill(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5.0) -
                 seen = old if i < due else now
                 copy.write_row((tenant, gateway, seen, "online", seen))
         conn.execute("ANALYZE gateway_liveness")
+    return now
 
 
 def _touch(conninfo: str, keys: list[Key]) -> None:
@@ -199,9 +202,9 @@ async def _timed(fn: Any) -> float:
 async def _tick_one(size: int) -> dict[str, Any]:
     storage, conninfo = await _storage()
     try:
-        keys = _keys(size)
+        keys = fleet_keys(size)
         due = size // 100
-        await trio.to_thread.run_sync(_fill, conninfo, keys, due)
+        await trio.to_thread.run_sync(fill_state, conninfo, keys, due)
         fake = _Instant()
         tracker = _tracker(storage, fake)
         load_ms = await _timed(tracker.take_over)
@@ -246,9 +249,9 @@ def _offline_counts(conninfo: str) -> tuple[int, int]:
 async def _outage_one(size: int, api: str) -> dict[str, Any]:
     storage, conninfo = await _storage()
     try:
-        keys = _keys(size)
+        keys = fleet_keys(size)
         silent = size // 10
-        await trio.to_thread.run_sync(_fill, conninfo, keys, silent)
+        await trio.to_thread.run_sync(fill_state, conninfo, keys, silent)
         standins = _Standins(STANDIN_DELAY_S, never=api == "never")
         tracker = _tracker(storage, _Instant(), MgmtClient(standins), standins)
         await tracker.take_over()
@@ -278,11 +281,11 @@ async def _wave_one(size: int, api: str) -> dict[str, Any]:
     """The wave through `lead_liveness`: see the module docstring."""
     storage, conninfo = await _storage()
     try:
-        keys = _keys(size)
+        keys = fleet_keys(size)
         silent = size // 10
         due_at = time.time() + WAVE_LEAD_S
         await trio.to_thread.run_sync(
-            functools.partial(_fill, conninfo, keys, silent, due_in_s=WAVE_LEAD_S)
+            functools.partial(fill_state, conninfo, keys, silent, due_in_s=WAVE_LEAD_S)
         )
         standins = _Standins(STANDIN_DELAY_S, never=api == "never")
         metrics = Metrics()
@@ -334,7 +337,7 @@ def _outage(spec: dict[str, Any]) -> dict[str, Any]:
 async def _rss_one(count: int) -> dict[str, Any]:
     storage, conninfo = await _storage()
     try:
-        await trio.to_thread.run_sync(_fill, conninfo, _keys(count), 0)
+        await trio.to_thread.run_sync(fill_state, conninfo, fleet_keys(count), 0)
         tracker = _tracker(storage, _Instant())
         gc.collect()
         base = rss_bytes()
@@ -393,8 +396,8 @@ class _CountingAcker:
 async def _flush_one(count: int) -> dict[str, Any]:
     storage, conninfo = await _storage()
     try:
-        keys = _keys(count)
-        await trio.to_thread.run_sync(_fill, conninfo, keys, 0)
+        keys = fleet_keys(count)
+        await trio.to_thread.run_sync(fill_state, conninfo, keys, 0)
         heard = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)  # after the outage
         buffer = SeenBuffer()
         buffer.add(

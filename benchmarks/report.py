@@ -146,6 +146,20 @@ def render(r: dict[str, Any]) -> str:
                 f"{f['transactions']} transactions of at most 10,000 gateways; acked after all",
             )
         )
+    if "dbdown" in r:
+        d = r["dbdown"]
+        rows.append(
+            (
+                f"7. Database down {d['outage_s']:.0f} s, {_n(d['gateways'])} gateways heard "
+                f"meanwhile{'' if d.get('leader', True) else ' (no leader: ingest alone)'}",
+                f"last-seen flushed {d['flushed_s']:.1f} s after its return",
+                f"rows committed at {d['written_s']:.1f} s, acked at {d['settled_s']:.1f} s; "
+                f"{d['false_alerts']} false alerts, {_n(int(d['alerts_published']))} alerts "
+                f"(timeout {d['alert_timeout_ms'] / 1000:.0f} s); "
+                f"{_n(int(d['write_errors']))} failed writes, leader "
+                f"{'lost' if d['leader_during_outage'] == 0 else 'kept'} during the outage",
+            )
+        )
     out = ["| measurement | result | detail |", "|---|---:|---|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out += ["", *_ratios(r, ours), "", *_decisions(r), "", *_context(r)]
@@ -205,6 +219,14 @@ def _ratios(r: dict[str, Any], ours: float | None) -> list[str]:
     if r.get("flush", {}).get("count") == 1_000_000:
         v = r["flush"]["flush_s"]
         out.append(f"- last-seen backlog 1M flushed in {v:.1f} s (goal <= 10 s: {_check(v <= 10)})")
+    if r.get("dbdown", {}).get("gateways") == 1_000_000:
+        d = r["dbdown"]
+        v, ok = d["flushed_s"], d["false_alerts"] == 0 and d["alerts_published"] == 0
+        out.append(
+            f"- database down {d['outage_s']:.0f} s, 1M heard: last-seen flushed {v:.1f} s after "
+            f"its return, {'no false alert' if ok else 'ALERTS'} (goal <= 10 s, none: "
+            f"{_check(v <= 10 and ok)})"
+        )
     if "1000000" in tick:
         v = tick["1000000"]["none_due_ms"]
         out.append(f"- tick 1M none due {_ms(v)} (goal <= 100 ms: {_check(v <= 100)})")

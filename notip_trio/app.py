@@ -355,6 +355,7 @@ async def _ingest_layer(
                     max_body=settings.telemetry_max_body_bytes,
                     rejected_body_max=settings.rejected_body_max_bytes,
                     clock=parts.clock,
+                    probe=parts.storage.answers,
                 ),
                 parts.pulled_rx,
                 parts.storage,

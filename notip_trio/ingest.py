@@ -21,6 +21,9 @@ alive. A bad message is terminated as soon as its `telemetry_rejected` record
 commits (it keeps nobody alive, so it waits for no last-seen). When the write
 fails, the whole batch is nak'ed with a delay (it comes back by
 redelivery) and the writer backs off; nothing is acked, nothing is lost.
+When the database did not answer (an outage), the writer waits for it to
+answer again instead of for the back-off, so the backlog is written the
+moment it returns (`probe`).
 Closing the input channel means "drain and stop": what is in hand is written
 and acked before `run_ingest` returns.
 """
@@ -30,7 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NoReturn, Protocol
 
@@ -52,6 +55,11 @@ log = get_logger(__name__)
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
+# While the database does not answer, how often the writer asks again.
+PROBE_S: Final = 0.5
+
+# Whether the database answers right now (a `SELECT 1` under its own deadline).
+Probe = Callable[[], Awaitable[bool]]
 
 
 class Writer(Protocol):
@@ -163,12 +171,15 @@ async def run_ingest(
     rejected_body_max: int,
     clock: StreamClock | None = None,
     wall: Callable[[], float] = time.time,
+    probe: Probe | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run both stages until `pulled` is closed and drained, then return.
 
     `clock`, if given, learns this host's skew against the stream's clock from
-    each batch's newest stream timestamp (`wall` at receipt)."""
+    each batch's newest stream timestamp (`wall` at receipt). `probe`, if
+    given, tells after a failed write whether the database answers (see
+    `_back_off`)."""
     prepared_tx, prepared_rx = trio.open_memory_channel[Prepared](1)
     state.running = True
     try:
@@ -184,7 +195,9 @@ async def run_ingest(
                 clock,
                 wall,
             )
-            nursery.start_soon(_write_stage, prepared_rx, writer, acker, metrics, state, seen)
+            nursery.start_soon(
+                _write_stage, prepared_rx, writer, acker, metrics, state, seen, probe
+            )
             task_status.started()
     finally:
         state.running = False
@@ -223,6 +236,7 @@ async def _write_stage(
     metrics: Metrics,
     state: IngestState,
     seen: SeenBuffer,
+    probe: Probe | None,
 ) -> None:
     backoff = 0.0
     async with prepared_rx:
@@ -245,7 +259,7 @@ async def _write_stage(
                 state.progress.settled(
                     len(batch.good) + len(batch.bad), committed=False, now=trio.current_time()
                 )
-                await trio.sleep(backoff)
+                await _back_off(backoff, probe)
                 continue
             if not state.last_write_ok:
                 log.info("batch_write_recovered")
@@ -274,6 +288,24 @@ async def _write_stage(
             if result.duplicates:
                 metrics.duplicates_skipped.inc(result.duplicates)
                 log.info("duplicates_skipped", count=result.duplicates)
+
+
+async def _back_off(backoff_s: float, probe: Probe | None) -> None:
+    """The writer's wait after a failed write: `backoff_s` while the database
+    answers (the write failed for another reason: do not hammer it), but while
+    it does not (an outage), until it answers again, however long or short.
+
+    Sleeping out the back-off (doubling to BACKOFF_MAX_S) left a backlog
+    untouched for up to 30 s after a database came back (BENCHMARKS.md, issue
+    20: the database outage). The batch was nak'ed with the delay of this
+    back-off, so while the database is down it comes back within
+    BACKOFF_INITIAL_S and waits in the pipeline; one failed write per outage."""
+    if probe is None or await probe():
+        await trio.sleep(backoff_s)
+        return
+    await trio.sleep(PROBE_S)
+    while not await probe():  # noqa: ASYNC110 - the database, not a task, is waited for
+        await trio.sleep(PROBE_S)
 
 
 # How often, at most, the last-seen of committed batches is written (and their

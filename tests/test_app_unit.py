@@ -51,7 +51,7 @@ DRAIN_S = 3.0
 
 
 class FakeStorage(FakeWriter):
-    """`Storage` as the task tree uses it: write_batch (FakeWriter) and ping."""
+    """`Storage` as the task tree uses it: write_batch (FakeWriter), ping and answers."""
 
     def __init__(self, events: Events, *, hold_s: float = 0.0, ping_error: str = "") -> None:
         super().__init__(events, hold_s=hold_s)
@@ -60,6 +60,9 @@ class FakeStorage(FakeWriter):
     async def ping(self, *, timeout_s: float = 2.0) -> None:
         if self.ping_error:
             raise DatabaseError(self.ping_error)
+
+    async def answers(self, *, timeout_s: float = 1.0) -> bool:
+        return not self.ping_error
 
 
 class FakeBridge(FakeAcker):

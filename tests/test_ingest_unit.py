@@ -23,7 +23,9 @@ from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.ingest import (
     BACKOFF_INITIAL_S,
     BACKOFF_MAX_S,
+    PROBE_S,
     IngestState,
+    Probe,
     SeenBuffer,
     flush_seen,
     run_ingest,
@@ -84,6 +86,7 @@ async def running_ingest(
     max_body: int = MAX_BODY,
     rejected_body_max: int = MAX_BODY,
     store: FakeStore | None = None,
+    probe: Probe | None = None,
 ) -> AsyncIterator[Rig]:
     """`run_ingest` on fakes, with the last-seen flusher writing to `store` (a
     fresh `FakeStore` if none) and acking. On exit the input closes and the block
@@ -106,6 +109,7 @@ async def running_ingest(
             rig.seen,
             max_body=max_body,
             rejected_body_max=rejected_body_max,
+            probe=probe,
             task_status=task_status,
         )
         rig.returned_at = trio.current_time()
@@ -250,6 +254,69 @@ async def test_write_failures_back_off_from_half_a_second_doubling_to_30_s_then_
     assert [e[0] for e in rig.events.only("write")] == [e[0] for e in expected]
     assert value(rig.metrics, "write_errors_total") == 9
     assert rig.returned_at == 100.5  # the last back-off is served before it returns
+
+
+class _Database:
+    """A `Probe`: the database answers from `up_at` (virtual time) on; logs each
+    question in `asked_at`."""
+
+    def __init__(self, up_at: float) -> None:
+        self.up_at = up_at
+        self.asked_at: list[float] = []
+
+    async def __call__(self) -> bool:
+        self.asked_at.append(trio.current_time())
+        return trio.current_time() >= self.up_at
+
+
+async def test_after_an_outage_the_next_write_comes_when_the_database_answers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The database is down from 0 to 7.2: one failed write, then the writer
+    asks every PROBE_S, and writes the moment it answers (7.5), not after a
+    back-off doubling with each failure."""
+    database = _Database(up_at=7.2)
+    with trio.fail_after(GUARD_S):
+        async with running_ingest(fail=1, probe=database) as rig:
+            await rig.send(good(1))
+            await rig.send(good(2))
+            await trio.sleep(10)
+            await rig.send(good(1))  # the redelivery
+    assert rig.events.log == [
+        (0, "write", 1, 0),
+        (0, "fail"),
+        (0, "nak", [1], BACKOFF_INITIAL_S),
+        (7.5, "write", 1, 0),
+        (7.5, "commit", ["s2"], []),
+        (7.5, "ack", [2]),
+        (10, "write", 1, 0),
+        (10, "commit", ["s1"], []),
+        (10, "ack", [1]),
+    ]
+    assert PROBE_S == 0.5
+    assert database.asked_at == [i * PROBE_S for i in range(16)]
+    assert value(rig.metrics, "write_errors_total") == 1
+
+
+async def test_a_write_failing_while_the_database_answers_still_backs_off(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The probe answers at once: the write failed for another reason, so the
+    writer waits out its back-off as without a probe."""
+    database = _Database(up_at=0)
+    with trio.fail_after(GUARD_S):
+        async with running_ingest(fail=2, probe=database) as rig:
+            await rig.send(good(1))
+            await rig.send(good(2))
+            await rig.send(good(3))
+            await trio.sleep(5)
+    assert [(e[0], e[1]) for e in rig.events.only("write", "ack")] == [
+        (0, "write"),
+        (0.5, "write"),
+        (1.5, "write"),
+        (1.5, "ack"),
+    ]
+    assert database.asked_at == [0, 0.5]
 
 
 async def test_ingest_waits_out_the_back_off_before_the_next_write(

@@ -293,12 +293,26 @@ class Database:
 
     # ---- statements ------------------------------------------------------
 
-    async def ping(self, *, timeout_s: float = 2.0) -> None:
+    async def ping(self, *, timeout_s: float = 2.0, deadline_s: float | None = None) -> None:
+        """`SELECT 1`, waiting at most `timeout_s` for a connection, under a
+        deadline of `deadline_s` (`timeout_s` unless given)."""
+
         def _ping() -> None:
             with self._pool.connection(timeout=timeout_s) as conn:
                 conn.execute("SELECT 1")
 
-        await self._run(_ping, timeout_s=timeout_s)
+        await self._run(_ping, timeout_s=timeout_s if deadline_s is None else deadline_s)
+
+    async def answers(self, *, timeout_s: float = 1.0) -> bool:
+        """Whether a `SELECT 1` gets a connection within `timeout_s` and succeeds
+        (ingest's probe after a failed write). The deadline is a second longer,
+        so an outage ends each probe with the pool's timeout, not the deadline's
+        warning."""
+        try:
+            await self.ping(timeout_s=timeout_s, deadline_s=timeout_s + 1.0)
+        except DatabaseError:
+            return False
+        return True
 
     async def run_in_transaction(self, fn: Callable[[Conn], T]) -> T:
         """`fn(conn)` in a worker thread, inside one transaction on a pooled connection."""
