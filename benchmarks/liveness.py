@@ -70,6 +70,8 @@ TIMEOUT_MS = 60_000
 STANDIN_DELAY_S = 0.001
 # The wave becomes due this long after the fill: past the takeover (3 s at 1M).
 WAVE_LEAD_S = 12.0
+# The others were last heard over this span before the fill (none due during a run).
+SPREAD_S = 20.0
 
 
 class _Instant:
@@ -140,9 +142,10 @@ def fleet_keys(count: int) -> list[Key]:
 
 
 def fill_state(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5.0) -> dt.datetime:
-    """`keys` online in a truncated `gateway_liveness`, seen now; the first `due`
-    of them seen so as to become due `due_in_s` from now (already due by
-    default); returns that now."""
+    """`keys` online in a truncated `gateway_liveness`, seen over the last
+    SPREAD_S (as a live fleet's heartbeats are: the takeover sorts them); the
+    first `due` of them seen so as to become due together `due_in_s` from now
+    (already due by default); returns that now."""
     now = dt.datetime.now(dt.UTC)
     old = now - dt.timedelta(milliseconds=TIMEOUT_MS) + dt.timedelta(seconds=due_in_s)
     with psycopg.connect(conninfo) as conn:
@@ -152,7 +155,8 @@ def fill_state(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5
             " FROM STDIN"
         ) as copy:
             for i, (tenant, gateway) in enumerate(keys):
-                seen = old if i < due else now
+                spread = dt.timedelta(seconds=SPREAD_S * (i * 0.6180339887 % 1))
+                seen = old if i < due else now - spread
                 copy.write_row((tenant, gateway, seen, "online", seen))
         conn.execute("ANALYZE gateway_liveness")
     return now

@@ -134,6 +134,8 @@ class LaneIndex:
         step per gateway; any other slice goes through `set`.
         """
         lane = self._lanes.get(timeout_ms) or self._new_lane(timeout_ms)
+        # None of them indexed yet (a takeover's): no slice needs the check.
+        fresh = not self._entries or self._entries.keys().isdisjoint(keys)
         slots: list[_Slot] = []
         for start in range(0, len(keys), FILL_SLICE):
             end = start + FILL_SLICE
@@ -144,7 +146,9 @@ class LaneIndex:
         entries = self._entries
         for start in range(0, len(slots), FILL_SLICE):
             part = slots[start : start + FILL_SLICE]
-            if part[0][0] >= lane.tail and entries.keys().isdisjoint(map(_slot_key, part)):
+            if part[0][0] >= lane.tail and (
+                fresh or entries.keys().isdisjoint(map(_slot_key, part))
+            ):
                 before = len(entries)
                 entries.update(
                     zip(map(_slot_key, part), part, strict=True)

@@ -75,11 +75,18 @@ SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
  ORDER BY changed_xid, tenant_id, gateway_id
  LIMIT %(limit)s
 """
+# The first page and the snapshot it was read under, in one round trip: xmin is
+# the next read's cursor, xmax this read's bound (and the next pages'). One row
+# with NULL columns when nothing changed.
 _CHANGES_FIRST: Final = f"""
-SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
- WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < %(upto)s::text::xid8
- ORDER BY changed_xid, tenant_id, gateway_id
- LIMIT %(limit)s
+SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text, c.*
+  FROM pg_current_snapshot() s
+  LEFT JOIN LATERAL (
+    SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
+     WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < pg_snapshot_xmax(s)
+     ORDER BY changed_xid, tenant_id, gateway_id
+     LIMIT %(limit)s
+  ) c ON true
 """
 _CURRENT: Final = (
     "SELECT last_seen FROM gateway_liveness"
@@ -269,9 +276,9 @@ class PgStateStore:
         params: dict[str, object] = {"from": str(cursor), "limit": limit}
 
         def first(conn: Conn) -> tuple[int, list[tuple[object, ...]]]:
-            # The new cursor before the read (conservative), and this read's bound.
-            new_cursor, params["upto"] = _snapshot(conn)
-            return new_cursor, conn.execute(_CHANGES_FIRST, params).fetchall()
+            rows = conn.execute(_CHANGES_FIRST, params).fetchall()
+            params["upto"] = str(rows[0][1])
+            return int(str(rows[0][0])), [r[2:] for r in rows if r[2] is not None]
 
         def more(conn: Conn) -> list[tuple[object, ...]]:
             return conn.execute(_CHANGES, params).fetchall()
