@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 
@@ -235,3 +236,17 @@ def test_random_operations_match_a_simple_model() -> None:
             assert len(index) == len(model.seen)
             assert all(index.seen(k) == model.seen.get(k) for k in keys)
             assert index.slot_count() <= 2 * len(index) + index._slack
+
+
+def test_slots_hold_only_atomic_values_so_the_collector_untracks_them() -> None:
+    """A million slots must cost the cyclic collector nothing: a slot refers to
+    its lane by number, so a collection untracks it (a reference to the lane
+    kept each one tracked, and every full collection traversed them all)."""
+    index = LaneIndex()
+    index.set(A, 100.0, 30_000)
+    for _ in index.fill(10_000, [B, C], [101.0, 102.0]):
+        pass
+    gc.collect()
+    slots = [index._entries[key] for key in (A, B, C)]
+    assert [gc.is_tracked(slot) for slot in slots] == [False, False, False]
+    assert [index.timeout_ms(key) for key in (A, B, C)] == [30_000, 10_000, 10_000]
