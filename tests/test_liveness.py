@@ -13,6 +13,7 @@ coincide with a tick. Every test has a hang guard.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -349,6 +350,23 @@ async def test_failed_publish_stays_online_and_next_tick_retries_same_msg_id(
         assert len({msg_id for _, msg_id in rig.publisher.attempts}) == 1
         assert rig.published() == [(40, "alert.t1.gw_offline", "gw1")]
         assert rig.sink.brief()[-1] == ("gw1", "offline", wall_at(1))
+
+
+async def test_the_takeover_freezes_its_objects_for_the_collector_until_leading_ends(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A million tracked gateways must not be traversed by every full
+    collection: the takeover freezes what it built (`gc.freeze`), and the end
+    of leading unfreezes it, so a tracker that is dropped can be collected."""
+    with trio.fail_after(GUARD_S):
+        rig = Rig()
+        rig.store.record(GW1, wall_at(0))
+        gc.unfreeze()
+        async with rig.running():
+            await trio.sleep(1)
+            assert gc.get_freeze_count() > 0
+            assert rig.tracker.status(*GW1) == "online"
+        assert gc.get_freeze_count() == 0
 
 
 async def test_first_seen_and_recovery_each_give_one_online_update(
