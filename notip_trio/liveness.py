@@ -166,14 +166,13 @@ class LivenessTracker:
         """Load the whole state (once, when this replica becomes the leader).
 
         Chunk by chunk (`StateStore.load_chunk`, each round trip under its own
-        deadline), the next chunk read while this one is taken in; the online
-        gateways go into the index together at the end, oldest first, one lane
-        at a time (`LaneIndex.fill`), with a checkpoint between slices (the lock
-        check must not starve). A DatabaseError leaves the tracker as it was,
-        ready for another try.
+        deadline), the next chunk read while this one is taken in: its online
+        gateways go into the index's key dict at once (`LaneIndex.stage`), and
+        into their lanes' order, oldest first, at the end (`settle`), with a
+        checkpoint between slices (the lock check must not starve). A
+        DatabaseError leaves the tracker empty, ready for another try.
         """
         t0 = trio.current_time()
-        online: dict[int, tuple[list[Key], list[float]]] = {}  # by timeout
         others: list[GatewayRow] = []
         cursor: int | None = None
         chunks = 0
@@ -192,44 +191,41 @@ class LivenessTracker:
                         if chunk.cursor is not None:
                             cursor = chunk.cursor
                         for tenant, gateways, seen in chunk.online:
-                            self._add_online(online, tenant_timeout(tenant), tenant, gateways, seen)
+                            self._stage(tenant_timeout(tenant), tenant, gateways, seen)
                         others += chunk.rows
             if failed is not None:
+                self._index.clear()
                 raise failed
             assert cursor is not None
-            for timeout_ms, (keys, seen) in online.items():
-                for _ in self._index.fill(timeout_ms, keys, seen):
-                    await trio.lowlevel.checkpoint()
+            for _ in self._index.settle():
+                await trio.lowlevel.checkpoint()
+        loaded = len(self._index) + len(others)
         await self._apply(others)
         self._cursor = cursor
         log.info(
             "liveness_state_loaded",
-            gateways=sum(len(keys) for keys, _ in online.values()) + len(others),
+            gateways=loaded,
             online=len(self._index),
             offline=len(self._offline),
             chunks=chunks,
             seconds=round(trio.current_time() - t0, 3),
         )
 
-    def _add_online(
-        self,
-        online: dict[int, tuple[list[Key], list[float]]],
-        timeout_ms: int | None,
-        tenant: str,
-        gateways: list[str],
-        seen: list[float],
+    def _stage(
+        self, timeout_ms: int | None, tenant: str, gateways: list[str], seen: list[float]
     ) -> None:
-        """One tenant's online gateways into the lists by timeout: all at once
-        when they share the tenant's, else one by one."""
+        """One tenant's online gateways into the index (`LaneIndex.stage`): all
+        at once when they share the tenant's timeout, else by timeout."""
         if timeout_ms is not None:
-            keys, seens = online.setdefault(timeout_ms, ([], []))
-            keys += zip(repeat(tenant), gateways)
-            seens += seen
+            self._index.stage(timeout_ms, list(zip(repeat(tenant), gateways)), seen)
             return
+        by_timeout: dict[int, tuple[list[Key], list[float]]] = {}
         for gateway, at in zip(gateways, seen, strict=True):
-            keys, seens = online.setdefault(self._configs.timeout_ms(tenant, gateway), ([], []))
+            keys, seens = by_timeout.setdefault(self._configs.timeout_ms(tenant, gateway), ([], []))
             keys.append((tenant, gateway))
             seens.append(at)
+        for timeout, (keys, seens) in by_timeout.items():
+            self._index.stage(timeout, keys, seens)
 
     async def _read_chunks(self, send: trio.MemorySendChannel[LoadChunk | DatabaseError]) -> None:
         """Every chunk of the state in order, then the end of `send`; a

@@ -102,29 +102,63 @@ def test_set_many_judges_every_gateway_on_its_own_last_seen_whatever_the_order()
         assert index.due(150.5)[-1] == Due(A, 120.0, 30_000)
 
 
-def _fill(index: LaneIndex, timeout_ms: int, items: list[tuple[Key, float]]) -> int:
-    """Runs `fill` to the end; returns how many times it yielded."""
-    return sum(1 for _ in index.fill(timeout_ms, [k for k, _ in items], [s for _, s in items]))
+def _stage(index: LaneIndex, timeout_ms: int, *chunks: list[tuple[Key, float]]) -> int:
+    """Stages each chunk, then settles; returns how many times `settle` yielded."""
+    for items in chunks:
+        index.stage(timeout_ms, [k for k, _ in items], [s for _, s in items])
+    return sum(1 for _ in index.settle())
 
 
-def test_fill_adds_in_last_seen_order_whatever_the_order_given() -> None:
+def test_staged_chunks_go_in_last_seen_order_whatever_the_order_given() -> None:
     index = LaneIndex()
-    assert _fill(index, 30_000, [(A, 105.0), (B, 100.0), (C, 101.0)]) == 3  # 1 + sort + 1
+    index.stage(30_000, [A, B], [105.0, 100.0])
+    index.stage(30_000, [C], [101.0])
     assert len(index) == 3
+    assert A in index
+    assert index.seen(B) == 100.0
+    assert index.due(200.0) == []  # staged: not in a lane's order yet
+    assert sum(1 for _ in index.settle()) == 2  # the sort + one slice
     assert [d.key for d in index.due(200.0)] == [B, C, A]
     assert index.slot_count() == 3
-    index.set(B, 110.0, 30_000)  # a refresh after the fill: to the end
+    index.set(B, 110.0, 30_000)  # a refresh after the load: to the end
     assert [d.key for d in index.due(200.0)] == [C, A, B]
 
 
-def test_fill_of_keys_already_there_or_older_than_the_lane_goes_through_set() -> None:
+def test_a_key_staged_again_goes_through_set_and_the_newest_time_wins() -> None:
+    index = LaneIndex()
+    _stage(index, 30_000, [(A, 100.0), (B, 101.0)], [(A, 104.0)])
+    assert len(index) == 2
+    assert index.seen(A) == 104.0
+    # A was `set` (to 104) before the settle: B settles clamped behind it.
+    assert index.due(200.0) == [Due(A, 104.0, 30_000), Due(B, 101.0, 30_000)]
+    assert index.slot_count() == 2  # A's staged slot was never put in the lane
+
+
+def test_staging_keys_already_there_or_behind_the_lane_goes_through_set() -> None:
     index = LaneIndex()
     index.set(A, 120.0, 30_000)
-    _fill(index, 30_000, [(A, 110.0), (B, 100.0), (C, 130.0)])
+    _stage(index, 30_000, [(A, 110.0), (B, 100.0), (C, 130.0)])
     # A keeps its newer time; B, older than the lane's newest, is clamped behind A.
     assert (index.seen(A), index.seen(B), index.seen(C)) == (120.0, 100.0, 130.0)
     assert index.due(150.5) == [Due(A, 120.0, 30_000), Due(B, 100.0, 30_000)]
     assert len(index) == 3
+    fresh = LaneIndex()
+    fresh.stage(30_000, [B], [100.0])
+    fresh.set(C, 130.0, 30_000)  # set while B is staged: B settles clamped behind C
+    assert sum(1 for _ in fresh.settle()) == 1
+    assert fresh.due(150.5) == []
+    assert fresh.due(160.5) == [Due(C, 130.0, 30_000), Due(B, 100.0, 30_000)]
+
+
+def test_clear_forgets_staged_and_settled_gateways() -> None:
+    index = LaneIndex()
+    index.set(A, 100.0, 30_000)
+    index.stage(30_000, [B], [100.0])
+    index.clear()
+    assert len(index) == 0
+    assert list(index.settle()) == []
+    assert index.due(1000.0) == []
+    assert index.lane_count() == 0
 
 
 def test_stale_slots_are_dropped_by_due_and_compacted_past_the_slack() -> None:
@@ -244,8 +278,7 @@ def test_slots_hold_only_atomic_values_so_the_collector_untracks_them() -> None:
     kept each one tracked, and every full collection traversed them all)."""
     index = LaneIndex()
     index.set(A, 100.0, 30_000)
-    for _ in index.fill(10_000, [B, C], [101.0, 102.0]):
-        pass
+    _stage(index, 10_000, [(B, 101.0), (C, 102.0)])
     gc.collect()
     slots = [index._entries[key] for key in (A, B, C)]
     assert [gc.is_tracked(slot) for slot in slots] == [False, False, False]
