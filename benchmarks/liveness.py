@@ -141,9 +141,16 @@ def fleet_keys(count: int) -> list[Key]:
     return [(f"tenant-{i % 100:03d}", f"gw-{i // 100:06d}-{i % 100:03d}") for i in range(count)]
 
 
-def fill_state(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5.0) -> dt.datetime:
+def fill_state(
+    conninfo: str,
+    keys: list[Key],
+    due: int,
+    *,
+    due_in_s: float = -5.0,
+    spread_s: float = SPREAD_S,
+) -> dt.datetime:
     """`keys` online in a truncated `gateway_liveness`, seen over the last
-    SPREAD_S (as a live fleet's heartbeats are: the takeover sorts them); the
+    `spread_s` (as a live fleet's heartbeats are: the takeover sorts them); the
     first `due` of them seen so as to become due together `due_in_s` from now
     (already due by default); returns that now."""
     now = dt.datetime.now(dt.UTC)
@@ -155,7 +162,7 @@ def fill_state(conninfo: str, keys: list[Key], due: int, *, due_in_s: float = -5
             " FROM STDIN"
         ) as copy:
             for i, (tenant, gateway) in enumerate(keys):
-                spread = dt.timedelta(seconds=SPREAD_S * (i * 0.6180339887 % 1))
+                spread = dt.timedelta(seconds=spread_s * (i * 0.6180339887 % 1))
                 seen = old if i < due else now - spread
                 copy.write_row((tenant, gateway, seen, "online", seen))
         conn.execute("ANALYZE gateway_liveness")

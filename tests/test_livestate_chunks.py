@@ -154,6 +154,28 @@ async def test_changes_are_read_in_pages_and_none_is_skipped(pg_database: PgData
             await storage.close()
 
 
+async def test_changes_page_in_xid_order_across_a_digit_boundary(pg_database: PgDatabase) -> None:
+    """Rows changed by transactions 99 and 100 (set by hand): as text '100'
+    sorts before '99', and a page ordered so ended on 100 and the next page
+    began after it, skipping every 99. Read in xid order, each comes once."""
+    with trio.fail_after(GUARD_S):
+        storage = await _storage(pg_database.conninfo)
+        try:
+            store = PgStateStore(storage, changes_chunk=3)
+            await store.record_seen({key: at(i) for i, key in enumerate(KEYS[:7])})
+            with psycopg.connect(pg_database.conninfo) as conn:
+                conn.execute(
+                    "UPDATE gateway_liveness SET changed_xid ="
+                    " CASE WHEN gateway_id = ANY(%s) THEN '99'::xid8 ELSE '100'::xid8 END",
+                    ([g for _, g in KEYS[:2]],),
+                )
+            changed = await store.changes(1)
+            assert sorted(row.key for row in changed.rows) == sorted(KEYS[:7])
+            assert len(changed.rows) == 7
+        finally:
+            await storage.close()
+
+
 async def test_the_purge_deletes_only_old_retired_rows_in_batches(pg_database: PgDatabase) -> None:
     conninfo = pg_database.conninfo
     with trio.fail_after(GUARD_S):

@@ -68,8 +68,12 @@ SELECT tenant_id, count(*)::int8, max(gateway_id),
 """
 _LOAD_FIRST: Final = _LOAD_CHUNK.replace("(tenant_id, gateway_id) > (%s, %s) AND ", "")
 assert _LOAD_FIRST != _LOAD_CHUNK
+# The xid goes out as text under another name: named `changed_xid`, the output
+# column would be what ORDER BY sorts by, as text ('100' < '99'), so a page
+# could end on a row the next page's (xid8) bound skips rows before, and every
+# page sorted the whole window (no index order).
 _CHANGES: Final = f"""
-SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
+SELECT {_COLUMNS}, changed_xid::text AS xid FROM gateway_liveness
  WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < %(upto)s::text::xid8
    AND (changed_xid, tenant_id, gateway_id) > (%(from)s::text::xid8, %(tenant)s, %(gateway)s)
  ORDER BY changed_xid, tenant_id, gateway_id
@@ -82,7 +86,7 @@ _CHANGES_FIRST: Final = f"""
 SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text, c.*
   FROM pg_current_snapshot() s
   LEFT JOIN LATERAL (
-    SELECT {_COLUMNS}, changed_xid::text FROM gateway_liveness
+    SELECT {_COLUMNS}, changed_xid::text AS xid FROM gateway_liveness
      WHERE changed_xid >= %(from)s::text::xid8 AND changed_xid < pg_snapshot_xmax(s)
      ORDER BY changed_xid, tenant_id, gateway_id
      LIMIT %(limit)s

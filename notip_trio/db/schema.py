@@ -47,7 +47,7 @@ INDEXES: Final = (
     DEDUP_INDEX,
     "telemetry_rejected_stream_seq",
     "telemetry_rejected_received_at",
-    "gateway_liveness_changed",
+    "gateway_liveness_changed_key",
     "gateway_liveness_retired",
     "gateway_status_outbox_gateway",
 )
@@ -115,7 +115,13 @@ CREATE TABLE IF NOT EXISTS gateway_liveness (
     changed_xid      XID8        NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (tenant_id, gateway_id)
 );
-CREATE INDEX IF NOT EXISTS gateway_liveness_changed ON gateway_liveness (changed_xid);
+-- A change read pages by (changed_xid, key): this index gives the pages in
+-- order (0.2.0). It replaces one on changed_xid alone, with which every page
+-- sorted all the rows of its transactions (a million rows changed in one
+-- transaction: ~1 s per 20,000-row page).
+CREATE INDEX IF NOT EXISTS gateway_liveness_changed_key
+    ON gateway_liveness (changed_xid, tenant_id, gateway_id);
+DROP INDEX IF EXISTS gateway_liveness_changed;
 -- The janitor's purge of retired rows (janitor.py): only those rows, a small index.
 -- Additive: a release without it runs beside one with it.
 CREATE INDEX IF NOT EXISTS gateway_liveness_retired ON gateway_liveness (status_at)
