@@ -59,7 +59,7 @@ from .errors import DatabaseError, NatsRequestError
 from .horizon import Horizon, HorizonError
 from .js.bridge import AlertPublisher
 from .lanes import Key, LaneIndex
-from .livestate import GatewayRow, LoadChunk, StateStore
+from .livestate import GatewayRow, LoadChunk, LoadPosition, StateStore
 from .log import get_logger
 from .metrics import Metrics
 from .mgmt import ReportedStatus
@@ -232,7 +232,7 @@ class LivenessTracker:
         DatabaseError is sent as the last item (not raised: it must reach
         `take_over` as itself, not inside an ExceptionGroup)."""
         async with send:
-            after: Key | None = None
+            after: LoadPosition | None = None
             while True:
                 try:
                     chunk = await self._store.load_chunk(after)
@@ -240,9 +240,9 @@ class LivenessTracker:
                     await send.send(exc)
                     return
                 await send.send(chunk)
-                if chunk.last is None:
+                if chunk.resume is None:
                     return
-                after = chunk.last
+                after = chunk.resume
 
     def forget_retired(self, keys: Iterable[Key]) -> int:
         """Drop offline gateways whose rows the janitor purged (`janitor.py`);

@@ -24,8 +24,11 @@ One row per gateway in `gateway_liveness`, beside `telemetry`:
   be read twice; applying it is idempotent. Cost: O(changed), never O(tracked).
 
 Every read and write is bounded per round trip, each under its own deadline
-(`db/pool.py`), so none grows with the fleet: the takeover load reads in key
-order, `LOAD_CHUNK` rows per round trip (keyset on the primary key); a change
+(`db/pool.py`), so none grows with the fleet: the takeover load reads the
+table in ranges of its blocks, about `LOAD_CHUNK` rows per round trip (a row
+that changes meanwhile may be missed or read twice there: its new
+transaction id is at or above the load's cursor, so the first change read
+after the load has it); a change
 read pages by (changed_xid, key), `CHANGES_CHUNK` rows per round trip, up to
 the first read's snapshot (its `xmax`): a transaction that started later has
 an id at or above the new cursor, so the next read has it, and a busy table
@@ -111,15 +114,20 @@ class Changes:
     cursor: int  # pass to the next `changes` call
 
 
+# Where the next chunk of a takeover load starts: opaque to the tracker, each
+# store its own (PostgreSQL: a block range).
+LoadPosition = tuple[object, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class LoadChunk:
-    """One round trip of the takeover load, in key order."""
+    """One round trip of the takeover load."""
 
     # Online gateways by tenant: (tenant_id, gateway ids, their last-seen in
     # epoch seconds), so a million of them cost no Python step each.
     online: list[tuple[str, list[str], list[float]]]
     rows: list[GatewayRow]  # every other tracked one (new, offline)
-    last: Key | None  # pass as `after` for the next chunk; None: this was the last
+    resume: LoadPosition | None  # pass as `after` for the next chunk; None: the last
     cursor: int | None  # for `changes`, from the first chunk (read before it)
 
     def __len__(self) -> int:
@@ -154,9 +162,11 @@ class StateStore(Purger, Protocol):
         """Write gateways' last-seen (never backwards; a tombstone becomes new)."""
         ...
 
-    async def load_chunk(self, after: Key | None) -> LoadChunk:
-        """The next tracked gateways (not decommissioned) in key order, after
-        `after` (from the start, with the cursor for `changes`, when None)."""
+    async def load_chunk(self, after: LoadPosition | None) -> LoadChunk:
+        """The next tracked gateways (not decommissioned), from `after` (from the
+        start, with the cursor for `changes`, when None). A gateway changed
+        during the load may be missing or come twice: the first `changes(cursor)`
+        after the load reads it again."""
         ...
 
     async def changes(self, cursor: int) -> Changes:

@@ -19,7 +19,15 @@ from notip_trio.errors import DatabaseError, NatsRequestError
 from notip_trio.horizon import AckFloor, Horizon
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.livestate import Changes, GatewayRow, LoadChunk, Report, Reports, RowStatus
+from notip_trio.livestate import (
+    Changes,
+    GatewayRow,
+    LoadChunk,
+    LoadPosition,
+    Report,
+    Reports,
+    RowStatus,
+)
 from notip_trio.metrics import Metrics
 
 # Wall time that corresponds to Trio time 0 in tests (see `wall_at`).
@@ -267,13 +275,13 @@ class FakeStore:
         rows = [self._row(k, r) for k, r in self.rows.items() if r["status"] != "decommissioned"]
         return Changes(rows, self._xid + 1)
 
-    async def load_chunk(self, after: Key | None) -> LoadChunk:
-        """`load_chunk_size` tracked rows in key order after `after`."""
+    async def load_chunk(self, after: LoadPosition | None) -> LoadChunk:
+        """`load_chunk_size` tracked rows in key order after `after` (a key)."""
         await self._enter("load_chunk")
         keys = sorted(
             k
             for k, r in self.rows.items()
-            if r["status"] != "decommissioned" and (after is None or k > after)
+            if r["status"] != "decommissioned" and (after is None or k > after)  # type: ignore[operator]
         )[: self.load_chunk_size]
         online: list[tuple[str, list[str], list[float]]] = []
         for k in keys:
@@ -283,8 +291,8 @@ class FakeStore:
                 online[-1][1].append(k[1])
                 online[-1][2].append(self.rows[k]["last_seen"].timestamp())
         rows = [self._row(k, self.rows[k]) for k in keys if self.rows[k]["status"] != "online"]
-        last = keys[-1] if len(keys) >= self.load_chunk_size else None
-        return LoadChunk(online, rows, last, self._xid + 1 if after is None else None)
+        resume = keys[-1] if len(keys) >= self.load_chunk_size else None
+        return LoadChunk(online, rows, resume, self._xid + 1 if after is None else None)
 
     async def purge_retired(self, older_than_s: float, limit: int) -> list[tuple[Key, RowStatus]]:
         """Purges those in `retired` (the fake keeps no times), `limit` at a time."""

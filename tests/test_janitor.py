@@ -11,7 +11,7 @@ import trio.testing
 from notip_trio.errors import DatabaseError
 from notip_trio.janitor import run_janitor
 from notip_trio.lanes import Key
-from notip_trio.livestate import LoadChunk
+from notip_trio.livestate import LoadChunk, LoadPosition
 from tests.liveness_fakes import FakeStore, sample, wall_at
 from tests.test_liveness import Rig
 
@@ -27,7 +27,7 @@ class FailingChunk(FakeStore):
         self.fail_at = fail_at
         self.chunks = 0
 
-    async def load_chunk(self, after: Key | None) -> LoadChunk:
+    async def load_chunk(self, after: LoadPosition | None) -> LoadChunk:
         self.chunks += 1
         if self.chunks == self.fail_at:
             raise DatabaseError("OperationalError: the database is down (fake)")

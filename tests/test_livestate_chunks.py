@@ -67,6 +67,11 @@ def _one(conninfo: str, sql: str, *args: object) -> object:
     return row[0]
 
 
+def _analyze(conninfo: str) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("ANALYZE gateway_liveness")
+
+
 def _record(conninfo: str, seen: dict[Key, dt.datetime]) -> None:
     with psycopg.connect(conninfo) as conn, conn.transaction():
         record_seen(conn, seen)
@@ -84,14 +89,12 @@ async def test_the_load_reads_every_gateway_once_in_chunks(pg_database: PgDataba
             await store.decommission(KEYS[9], at(20))  # not tracked: not loaded
             runner.trips = 0
             chunks = [await store.load_chunk(None)]
-            while (last := chunks[-1].last) is not None:
-                chunks.append(await store.load_chunk(last))
-            # 9 tracked rows, 3 per round trip: 3 full chunks and an empty last one.
-            assert [len(c) for c in chunks] == [3, 3, 3, 0]
-            assert runner.trips == 4
+            while (resume := chunks[-1].resume) is not None:
+                chunks.append(await store.load_chunk(resume))
+            # A never-analysed table of one block: one chunk, one round trip.
+            assert runner.trips == len(chunks) == 1
             assert chunks[0].cursor is not None
-            assert all(c.cursor is None for c in chunks[1:])
-            online = [key for c in chunks for key, _ in c.online_keys()]
+            online = sorted(key for c in chunks for key, _ in c.online_keys())
             others = [(row.key, row.status) for c in chunks for row in c.rows]
             assert online == sorted(KEYS[1:6])
             assert sorted(others) == sorted(
@@ -99,13 +102,42 @@ async def test_the_load_reads_every_gateway_once_in_chunks(pg_database: PgDataba
             )
             seen = {key: s for c in chunks for key, s in c.online_keys()}
             assert seen[KEYS[3]] == at(3).timestamp()
-            # The last chunk short of the limit ends the load at once.
-            store4 = PgStateStore(runner, load_chunk=4)
-            first = await store4.load_chunk(None)
-            assert len(first) == 4
-            second = await store4.load_chunk(first.last)
-            third = await store4.load_chunk(second.last)
-            assert (len(second), len(third), third.last) == (4, 1, None)
+        finally:
+            await storage.close()
+
+
+async def test_a_load_in_block_ranges_and_the_next_change_read_see_every_gateway(
+    pg_database: PgDatabase,
+) -> None:
+    """3,000 gateways over many blocks, about 400 rows per chunk; between two
+    chunks a third of them are heard again (each new row version lands in some
+    block, read already or not). Every gateway comes in the load at most twice,
+    and the load plus the first change read from its cursor give each one's
+    latest last-seen."""
+    keys = [(f"t{i % 7}", f"gw-{i:05d}") for i in range(3000)]
+    with trio.fail_after(GUARD_S):
+        storage = await _storage(pg_database.conninfo)
+        try:
+            store = PgStateStore(storage, load_chunk=400)
+            await store.record_seen({key: at(1) for key in keys})
+            assert len(await store.mark_online(keys)) == len(keys)
+            await trio.to_thread.run_sync(_analyze, pg_database.conninfo)
+            first = await store.load_chunk(None)
+            heard = keys[::3]
+            await store.record_seen({key: at(2) for key in heard})
+            chunks = [first]
+            while (resume := chunks[-1].resume) is not None:
+                chunks.append(await store.load_chunk(resume))
+            assert len(chunks) >= 5
+            loaded = [key for c in chunks for key, _ in c.online_keys()]
+            assert set(loaded) <= set(keys)
+            assert max(loaded.count(key) for key in heard) <= 2
+            state = {key: s for c in chunks for key, s in c.online_keys()}
+            assert first.cursor is not None
+            changes = await store.changes(first.cursor)
+            state.update({row.key: row.last_seen.timestamp() for row in changes.rows})
+            again = set(heard)
+            assert state == {key: (at(2) if key in again else at(1)).timestamp() for key in keys}
         finally:
             await storage.close()
 

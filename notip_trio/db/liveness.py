@@ -19,6 +19,7 @@ from ..livestate import (
     Changes,
     GatewayRow,
     LoadChunk,
+    LoadPosition,
     Report,
     Reports,
     RowStatus,
@@ -43,31 +44,35 @@ _SNAPSHOT: Final = (
     "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text FROM pg_current_snapshot() s"
 )
 _COLUMNS: Final = "tenant_id, gateway_id, last_seen, status, status_last_seen"
-# One row per tenant in the chunk (LIMIT rows in key order): its online
-# gateways as two arrays, ids and last-seen in epoch seconds (no Python object
-# per gateway but its id and its float, which is most of a takeover's cost), the
-# others as arrays of their columns. The LIMIT'd subquery feeds one aggregate
-# node, serially (no parallel plan above a LIMIT), which advances every
-# aggregate on each input row in turn: arrays under the same FILTER pair up (an
-# ORDER BY in each costs a sort each on PostgreSQL 15: +60% on the server).
+# One row per tenant in the chunk (a range of the table's blocks, read by a TID
+# range scan: in the table's own order, ~3x cheaper than the key index's one heap
+# fetch per row): its online gateways as two arrays, ids and last-seen in epoch
+# seconds (no Python object per gateway but its id and its float, which is most
+# of a takeover's cost), the others as arrays of their columns. An aggregate node
+# advances every aggregate on each input row in turn (and combines parallel
+# partial states a group at a time), so arrays under the same FILTER pair up.
 # date_part: float8 at once (extract's numeric cast doubled the server's time).
 _LOAD_CHUNK: Final = """
-SELECT tenant_id, count(*)::int8, max(gateway_id),
+SELECT tenant_id, count(*)::int8,
        array_agg(gateway_id) FILTER (WHERE status = 'online'),
        array_agg(date_part('epoch', last_seen)) FILTER (WHERE status = 'online'),
        array_agg(gateway_id) FILTER (WHERE status <> 'online'),
        array_agg(status) FILTER (WHERE status <> 'online'),
        array_agg(last_seen) FILTER (WHERE status <> 'online'),
        array_agg(status_last_seen) FILTER (WHERE status <> 'online')
-  FROM (SELECT * FROM gateway_liveness
-         WHERE (tenant_id, gateway_id) > (%s, %s) AND status <> 'decommissioned'
-         ORDER BY tenant_id, gateway_id
-         LIMIT %s) AS c
+  FROM gateway_liveness
+ WHERE ctid >= %s::text::tid AND ctid < %s::text::tid AND status <> 'decommissioned'
  GROUP BY tenant_id
- ORDER BY tenant_id
 """
-_LOAD_FIRST: Final = _LOAD_CHUNK.replace("(tenant_id, gateway_id) > (%s, %s) AND ", "")
-assert _LOAD_FIRST != _LOAD_CHUNK
+# The table's size in blocks now (every row committed before the load's snapshot
+# lies below it), and its rows per block as last analysed (0: never).
+_LOAD_EXTENT: Final = """
+SELECT pg_relation_size(c.oid) / current_setting('block_size')::int8,
+       CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 0 END
+  FROM pg_class c WHERE c.oid = 'gateway_liveness'::regclass
+"""
+# Rows per block assumed for a table never analysed (short rows: ~60 fit).
+_ROWS_PER_BLOCK_GUESS: Final = 40.0
 # The xid goes out as text under another name: named `changed_xid`, the output
 # column would be what ORDER BY sorts by, as text ('100' < '99'), so a page
 # could end on a row the next page's (xid8) bound skips rows before, and every
@@ -241,20 +246,32 @@ class PgStateStore:
         self._load_chunk = load_chunk
         self._changes_chunk = changes_chunk
 
-    async def load_chunk(self, after: Key | None) -> LoadChunk:
-        limit = self._load_chunk
+    async def load_chunk(self, after: LoadPosition | None) -> LoadChunk:
+        """Blocks of the table, about `load_chunk` rows' worth each. A row that
+        changes during the load may move to a block already read (missed) or
+        not yet read (read twice): its new version has a `changed_xid` at or
+        above the cursor, so the first change read after the load has it."""
 
         def load(conn: Conn) -> LoadChunk:
             cursor = None
-            # Binary: arrays of float8 and text parse faster (measured for a million
-            # gateways: 0.33 s of CPU against 0.65 s in text; 1.2 s as a row each).
-            cur = conn.cursor(binary=True)
             if after is None:
                 cursor = _snapshot(conn)[0]  # before the read: a conservative cursor
-                rows = cur.execute(_LOAD_FIRST, (limit,)).fetchall()
+                extent = conn.execute(_LOAD_EXTENT).fetchone()
+                assert extent is not None
+                per_block = float(extent[1]) or _ROWS_PER_BLOCK_GUESS  # type: ignore[arg-type]
+                step = max(1, int(self._load_chunk / per_block))
+                start, end = 0, int(extent[0])  # type: ignore[call-overload]
             else:
-                rows = cur.execute(_LOAD_CHUNK, (*after, limit)).fetchall()
-            return _load_chunk(rows, limit, cursor)
+                start, step, end = (int(x) for x in after)  # type: ignore[call-overload]
+            # Binary: arrays of float8 and text parse faster (measured for a million
+            # gateways: 0.33 s of CPU against 0.65 s in text; 1.2 s as a row each).
+            rows = (
+                conn.cursor(binary=True)
+                .execute(_LOAD_CHUNK, (f"({start},0)", f"({start + step},0)"))
+                .fetchall()
+            )
+            nxt = start + step
+            return _load_chunk(rows, (nxt, step, end) if nxt < end else None, cursor)
 
         return await self._runner.run_in_transaction(load)
 
@@ -269,9 +286,9 @@ class PgStateStore:
                 for key, seen in chunk.online_keys()
             ]
             rows += chunk.rows
-            if chunk.last is None:
+            if chunk.resume is None:
                 break
-            chunk = await self.load_chunk(chunk.last)
+            chunk = await self.load_chunk(chunk.resume)
         assert first.cursor is not None
         return Changes(sorted(rows, key=lambda row: row.key), first.cursor)
 
@@ -413,12 +430,12 @@ def _snapshot(conn: Conn) -> tuple[int, str]:
     return int(str(row[0])), str(row[1])
 
 
-def _load_chunk(rows: list[tuple[Any, ...]], limit: int, cursor: int | None) -> LoadChunk:
+def _load_chunk(
+    rows: list[tuple[Any, ...]], resume: LoadPosition | None, cursor: int | None
+) -> LoadChunk:
     online: list[tuple[str, list[str], list[float]]] = []
     others: list[GatewayRow] = []
-    count = 0
-    for tenant, n, _, gateways, seen, other_ids, statuses, last_seen, status_seen in rows:
-        count += n
+    for tenant, _, gateways, seen, other_ids, statuses, last_seen, status_seen in rows:
         # One str object per tenant (interned), not one per row: the leader keeps these keys.
         tenant = intern(tenant)
         if gateways:
@@ -430,8 +447,7 @@ def _load_chunk(rows: list[tuple[Any, ...]], limit: int, cursor: int | None) -> 
                     other_ids, statuses, last_seen, status_seen, strict=True
                 )
             ]
-    last = (str(rows[-1][0]), str(rows[-1][2])) if count >= limit else None
-    return LoadChunk(online, others, last, cursor)
+    return LoadChunk(online, others, resume, cursor)
 
 
 def _rows(rows: list[tuple[object, ...]]) -> list[GatewayRow]:
