@@ -139,8 +139,8 @@ class LaneIndex:
         next one is read: into the key dict at once (the costly part, ~0.65 s
         for 1,000,000 keys, done while the main thread would wait for the
         database), into their lane's order only by `settle`. Until then they
-        are in the index (`in`, `seen`, `len`) but never due. A key already
-        indexed goes through `set`."""
+        are in the index (`in`, `seen`, `len`) but never due. A batch with a
+        key already indexed (a row the load read twice) goes through `set`."""
         lane = self._lanes.get(timeout_ms) or self._new_lane(timeout_ms)
         entries = self._entries
         if entries and not entries.keys().isdisjoint(keys):
