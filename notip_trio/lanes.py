@@ -127,11 +127,7 @@ class LaneIndex:
     def set_many(self, items: Iterable[tuple[Key, float, int]]) -> None:
         """`set` each (key, seen, timeout_ms), oldest last-seen first: the order of
         `items` clamps nobody."""
-        self.set_sorted(sorted(items, key=itemgetter(1)))
-
-    def set_sorted(self, items: Iterable[tuple[Key, float, int]]) -> None:
-        """`set_many` for items already sorted by last-seen."""
-        for key, seen, timeout_ms in items:
+        for key, seen, timeout_ms in sorted(items, key=itemgetter(1)):
             self.set(key, seen, timeout_ms)
 
     def stage(self, timeout_ms: int, keys: list[Key], seen: list[float]) -> None:

@@ -53,7 +53,7 @@ _COLUMNS: Final = "tenant_id, gateway_id, last_seen, status, status_last_seen"
 # partial states a group at a time), so arrays under the same FILTER pair up.
 # date_part: float8 at once (extract's numeric cast doubled the server's time).
 _LOAD_CHUNK: Final = """
-SELECT tenant_id, count(*)::int8,
+SELECT tenant_id,
        array_agg(gateway_id) FILTER (WHERE status = 'online'),
        array_agg(date_part('epoch', last_seen)) FILTER (WHERE status = 'online'),
        array_agg(gateway_id) FILTER (WHERE status <> 'online'),
@@ -435,7 +435,7 @@ def _load_chunk(
 ) -> LoadChunk:
     online: list[tuple[str, list[str], list[float]]] = []
     others: list[GatewayRow] = []
-    for tenant, _, gateways, seen, other_ids, statuses, last_seen, status_seen in rows:
+    for tenant, gateways, seen, other_ids, statuses, last_seen, status_seen in rows:
         # One str object per tenant (interned), not one per row: the leader keeps these keys.
         tenant = intern(tenant)
         if gateways:
