@@ -61,10 +61,11 @@ from notip_trio.ingest import SeenBuffer, flush_seen
 from notip_trio.js.bridge import AlertPublisher
 from notip_trio.js.delivery import JsMsg
 from notip_trio.lanes import Key
-from notip_trio.liveness import LivenessTracker, lead_liveness
+from notip_trio.liveness import LivenessTracker
 from notip_trio.log import setup_logging
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import CallGate, GatewayState, MgmtClient
+from notip_trio.ticking import lead_liveness
 
 TIMEOUT_MS = 60_000
 STANDIN_DELAY_S = 0.001

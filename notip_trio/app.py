@@ -61,12 +61,13 @@ from .js.bridge import Acker, NatsBridge
 from .js.delivery import JsMsg
 from .js.specs import decommission_spec, telemetry_spec
 from .leader import AdvisoryLock, Lock, run_leadership
-from .liveness import LivenessTracker, lead_liveness
+from .liveness import LivenessTracker
 from .livestate import StateStore
 from .log import get_logger, setup_logging
 from .metrics import Metrics
 from .mgmt import MgmtClient
 from .progress import ProgressWatchdog
+from .ticking import lead_liveness
 
 log = get_logger(__name__)
 

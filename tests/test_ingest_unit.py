@@ -32,9 +32,10 @@ from notip_trio.ingest import (
     run_seen_flusher,
 )
 from notip_trio.js.delivery import JsMsg
-from notip_trio.liveness import LivenessTracker, lead_liveness
+from notip_trio.liveness import LivenessTracker
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient
+from notip_trio.ticking import lead_liveness
 from tests.ingest_fakes import (
     Events,
     FakeAcker,

@@ -29,10 +29,11 @@ from notip_trio.alertconfig import AlertConfigCache
 from notip_trio.errors import DatabaseError
 from notip_trio.horizon import AckFloorHorizon, Horizon, StreamClock
 from notip_trio.lanes import Key
-from notip_trio.liveness import AlertHorizon, LivenessTracker, lead_liveness
+from notip_trio.liveness import AlertHorizon, LivenessTracker
 from notip_trio.livestate import BULK_ROWS
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, AlertConfig, MgmtClient
+from notip_trio.ticking import lead_liveness
 from tests.liveness_fakes import (
     WALL0,
     CaughtUp,

@@ -12,10 +12,11 @@ import trio
 import trio.testing
 
 from notip_trio.alertconfig import AlertConfigCache
-from notip_trio.liveness import LivenessTracker, lead_liveness
+from notip_trio.liveness import LivenessTracker
 from notip_trio.metrics import Metrics
 from notip_trio.mgmt import SUBJECT_GET_STATUS, MgmtClient
 from notip_trio.progress import TICK_MAX_S, ProgressWatchdog
+from notip_trio.ticking import lead_liveness
 from tests.liveness_fakes import (
     CaughtUp,
     FakePublisher,
