@@ -113,6 +113,13 @@ class Rig:
             self.store.record(key, wall_at(t))
         await trio.testing.wait_all_tasks_blocked()
 
+    async def store_down(self, start: float, end: float) -> None:
+        """The store fails every call from `start` to `end` (Trio time)."""
+        await trio.sleep_until(start)
+        self.store.down = True
+        await trio.sleep_until(end)
+        self.store.down = False
+
     def published(self) -> list[tuple[float, str, str]]:
         """(time, subject, gatewayId) of each acknowledged alert; times to the ms
         (an early tick's wake time is computed in epoch seconds)."""
@@ -818,10 +825,7 @@ async def test_the_store_going_down_during_a_check_ends_the_tick_not_the_leader(
         async with rig.running():
             await rig.beat_at(1, GW1, GW2, gw3)
             await rig.beat_at(2)  # nothing heard after 1 s
-            await trio.sleep_until(36)
-            rig.store.down = True
-            await trio.sleep_until(38)
-            rig.store.down = False
+            await rig.store_down(36, 38)
             await trio.sleep_until(65)
         # The early tick at 31.1 (all three due at 31) asked until 37.1, then its
         # re-read failed; the slot at 40 asks again.
@@ -854,10 +858,7 @@ async def test_a_database_error_in_one_chunk_ends_the_tick_while_the_next_is_ask
         rig = Rig(status_delay_s=2, concurrency=count, store=_SlowReread())
         async with rig.running():
             await rig.beat_at(1, *gateways)
-            await trio.sleep_until(32)  # the early tick at 31.1 is asking
-            rig.store.down = True
-            await trio.sleep_until(36)
-            rig.store.down = False
+            await rig.store_down(32, 36)  # while the early tick at 31.1 is asking
             await trio.sleep_until(65)
         asked = Counter(rig.status_query_times())
         assert asked == {31.1: BULK_ROWS, 33.1: 500, 40: BULK_ROWS, 42: 500}
@@ -877,10 +878,7 @@ async def test_a_database_error_in_one_of_many_workers_ends_the_tick(
         gateways = [("t1", f"gw{i}") for i in range(10)]
         async with rig.running():
             await rig.beat_at(1, *gateways)
-            await trio.sleep_until(32)  # the early tick at 31.1 is asking
-            rig.store.down = True
-            await trio.sleep_until(36)
-            rig.store.down = False
+            await rig.store_down(32, 36)  # while the early tick at 31.1 is asking
             await trio.sleep_until(65)
         assert sorted(g for _, _, g in rig.published()) == sorted(g for _, g in gateways)
         assert {t for t, _, _ in rig.published()} == {42}
